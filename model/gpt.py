@@ -1,0 +1,319 @@
+"""The treespec network: a nanoGPT-style GPT with several exit heads.
+
+Read top to bottom:
+
+* ``CausalSelfAttention``, ``MLP``, ``Block``: GPT-2's pre-LayerNorm block.
+  Attention either runs causally over the whole input (training) or writes its
+  keys/values into a ``KVCache`` by position and attends over the cache
+  (inference; see ``GPT.forward_step``).
+* Exits: the output of every block listed in ``config.exit_layers`` gets its
+  own LayerNorm and vocabulary head (tied to the token embedding by default).
+  The last exit is the model's real output. Intermediate exits are trained with
+  small loss weights (the seed design's 0.05/0.15/0.8): they act as deep
+  supervision, and at inference their agreement with the final exit is a cheap
+  confidence signal for the drafter.
+* DenseFormer depth-weighted averaging (DWA; Pagliardini et al., 2024,
+  arXiv 2402.02622): with ``config.dwa`` the input to block i+1 is a learned
+  weighted average of the embedding output and the outputs of blocks 1..i,
+  instead of block i's output alone. Initialised to the identity, so a DWA
+  model starts out as exactly the plain model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+from .kv_cache import KVCache
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's cannot drop just the bias)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+@dataclass
+class _CacheStep:
+    """What attention needs to run against the KV cache for one forward."""
+
+    cache: KVCache
+    pos: torch.Tensor  # (T,) positions of the new tokens
+    end: int  # attend over cache positions 0..end-1
+    mask: torch.Tensor | None  # (T, end) bool, None when T == 1
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, layer: int, step: _CacheStep | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if step is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        else:
+            step.cache.write(layer, step.pos, k, v)
+            K, V = step.cache.view(layer, step.end)
+            # One new token may see every cached position; several new tokens
+            # (a prompt chunk, or [last token] + drafts) see the cache plus the
+            # new tokens up to and including themselves.
+            y = F.scaled_dot_product_attention(q, K, V, attn_mask=step.mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, layer: int, step: _CacheStep | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), layer, step)
+        return x + self.mlp(self.ln_2(x))
+
+
+def dwa_sources(block: int, dilation: int) -> list[int]:
+    """Indices of the representations DWA averages after ``block`` (1-based).
+
+    Index 0 is the embedding output, index j >= 1 the output of block j. With
+    dilation k only every k-th one counting back from ``block`` takes part
+    (DenseFormer's "kxp" variants), which cuts the cost of the averages.
+    """
+    return list(range(block % dilation, block + 1, dilation))
+
+
+@dataclass
+class GPTOutput:
+    """What the training forward returns.
+
+    ``logits[i]`` belongs to exit ``config.exit_layers[i]``. Intermediate
+    exits whose loss was computed on a sample of positions have ``None``
+    logits (only the sampled rows were ever materialised).
+    """
+
+    logits: list[torch.Tensor | None]
+    loss: torch.Tensor | None = None
+    exit_losses: list[torch.Tensor] | None = None
+
+
+@dataclass
+class StepOutput:
+    """What the inference forward returns for the new positions.
+
+    logits:      (B, T, vocab) final-exit logits (T=1 with ``last_only``).
+    hidden:      (B, T, C) final hidden state, after the final LayerNorm: the
+                 vector the output head reads, and the drafter's main feature.
+    exit_hidden: one (B, T, C) residual stream per intermediate exit, before
+                 that exit's LayerNorm. ``GPT.exit_logits`` turns a row of it
+                 into that exit's prediction, so the drafter pays for a head
+                 only on the rows (and tokens) it needs.
+    """
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    exit_hidden: list[torch.Tensor]
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.exit_ln = nn.ModuleList([LayerNorm(config.n_embd, config.bias) for _ in config.exit_layers])
+        self.exit_heads = nn.ModuleList(
+            [nn.Linear(config.n_embd, config.vocab_size, bias=False) for _ in config.exit_layers])
+        # Map block index (1-based) -> exit index, for the forward loops.
+        self._exit_at = {layer: i for i, layer in enumerate(config.exit_layers)}
+
+        # DWA weights: one vector per DWA module, over dwa_sources(block).
+        self.dwa_blocks: list[int] = []
+        self.dwa_weights = nn.ParameterList()
+        if config.dwa:
+            for block in range(1, config.n_layer + 1):
+                if block % config.dwa_period == 0:
+                    self.dwa_blocks.append(block)
+                    self.dwa_weights.append(nn.Parameter(torch.zeros(len(dwa_sources(block, config.dwa_dilation)))))
+        self._dwa_index = {b: i for i, b in enumerate(self.dwa_blocks)}
+
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the
+        # residual stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        with torch.no_grad():
+            for w in self.dwa_weights:  # identity: all weight on the current block
+                w.zero_()
+                w[-1] = 1.0
+        if config.tie_embeddings:
+            # Every exit reads the vocabulary through the token embedding
+            # (Press & Wolf, 2017): one matrix, shared storage.
+            for head in self.exit_heads:
+                head.weight = self.wte.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        seen, n = set(), 0
+        for p in self.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                n += p.numel()
+        if non_embedding:
+            n -= self.wpe.weight.numel()
+        return n
+
+    # --- the shared trunk ------------------------------------------------
+
+    def _trunk(self, idx: torch.Tensor, pos: torch.Tensor, step: _CacheStep | None):
+        """Run the blocks; yield (exit index, residual stream) at each exit."""
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        history = [x] if self.dwa_blocks else None  # DWA's X_0, X_1, ...
+        for i, block in enumerate(self.blocks, start=1):
+            x = block(x, i - 1, step)
+            if history is not None:
+                history.append(x)
+                if i in self._dwa_index:
+                    w = self.dwa_weights[self._dwa_index[i]]
+                    srcs = dwa_sources(i, self.config.dwa_dilation)
+                    x = sum(w[j] * history[s] for j, s in enumerate(srcs))
+            if i in self._exit_at:
+                yield self._exit_at[i], x
+
+    def exit_logits(self, exit_index: int, h: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Exit ``exit_index``'s logits for residual stream ``h`` (..., C).
+
+        With ``tokens`` (a 1-D index tensor) only those vocabulary rows are
+        computed: a few hundred dot products instead of 50k.
+        """
+        z = self.exit_ln[exit_index](h)
+        w = self.exit_heads[exit_index].weight
+        return F.linear(z, w if tokens is None else w[tokens])
+
+    # --- training forward ------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                exit_sample_frac: float = 1.0, generator: torch.Generator | None = None) -> GPTOutput:
+        """Training/evaluation forward over whole sequences.
+
+        ``exit_sample_frac`` < 1 computes each intermediate exit's loss on
+        that random fraction of positions only: the full-vocabulary head is
+        the most expensive layer of a small model, and the intermediate exits
+        carry small weights, so a sampled (unbiased but noisier) estimate of
+        their loss costs little quality for a large saving.
+        """
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        n_exits = len(self.config.exit_layers)
+        logits: list[torch.Tensor | None] = [None] * n_exits
+        losses: list[torch.Tensor] = []
+        for e, h in self._trunk(idx, pos, None):
+            final = e == n_exits - 1
+            if targets is None or final or exit_sample_frac >= 1.0:
+                logits[e] = self.exit_logits(e, h)
+                if targets is not None:
+                    losses.append(F.cross_entropy(logits[e].view(-1, logits[e].size(-1)),
+                                                  targets.reshape(-1), ignore_index=-1))
+            else:
+                n = B * T
+                k = max(1, int(round(exit_sample_frac * n)))
+                rows = torch.randperm(n, device=idx.device, generator=generator)[:k]
+                sub = self.exit_logits(e, h.reshape(n, -1)[rows])
+                losses.append(F.cross_entropy(sub, targets.reshape(-1)[rows], ignore_index=-1))
+        if targets is None:
+            return GPTOutput(logits=logits)
+        weights = self.config.exit_loss_weights
+        loss = sum(w * l for w, l in zip(weights, losses))
+        return GPTOutput(logits=logits, loss=loss, exit_losses=losses)
+
+    # --- inference forward -----------------------------------------------
+
+    @torch.no_grad()
+    def forward_step(self, idx: torch.Tensor, input_pos: torch.Tensor | int, cache: KVCache,
+                     last_only: bool = False) -> StepOutput:
+        """Run new tokens ``idx`` (B, T) at positions ``input_pos`` over ``cache``.
+
+        ``input_pos`` is the position of the first new token (an int) or the
+        tensor of all T positions, which must be consecutive. The first
+        position may be anywhere up to ``cache.length``: writing below the
+        current length overwrites (that is how rejected drafts are discarded).
+        Afterwards ``cache.length`` is the last new position + 1.
+
+        ``last_only`` computes logits for the last new position only, which
+        is all a prompt prefill needs.
+        """
+        B, T = idx.shape
+        start = int(input_pos) if isinstance(input_pos, int) else int(input_pos[0])
+        if start > cache.length:
+            raise ValueError(f"input starts at position {start} but the cache holds only {cache.length}")
+        end = start + T
+        if end > cache.max_len:
+            raise ValueError(f"{end} tokens exceed the KV cache's {cache.max_len} positions "
+                             f"(block_size {self.config.block_size})")
+        pos = torch.arange(start, end, device=idx.device)
+        mask = None
+        if T > 1:
+            mask = torch.arange(end, device=idx.device)[None, :] <= pos[:, None]
+        step = _CacheStep(cache, pos, end, mask)
+        exit_hidden = []
+        n_exits = len(self.config.exit_layers)
+        for e, h in self._trunk(idx, pos, step):
+            if e < n_exits - 1:
+                exit_hidden.append(h)
+            else:
+                hidden = self.exit_ln[e](h)
+        cache.length = end
+        head_in = hidden[:, -1:] if last_only else hidden
+        logits = F.linear(head_in, self.exit_heads[-1].weight)
+        return StepOutput(logits=logits, hidden=hidden, exit_hidden=exit_hidden)
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        p = self.wte.weight
+        return KVCache.for_model(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
