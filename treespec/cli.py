@@ -16,6 +16,8 @@ from . import __version__
 # subcommand -> module that defines add_parser(subparsers) and run(args)
 COMMANDS = {
     "inspect": "treespec.model.inspect",
+    "prepare-data": "treespec.training.data",
+    "train": "treespec.training.train",
 }
 
 
@@ -29,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `treespec train` takes free-form --key=value overrides; nothing else does.
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     return int(args.func(args) or 0)
 
 

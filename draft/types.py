@@ -1,0 +1,104 @@
+"""The data the speculative engine, its drafters and the server exchange.
+
+No fastapi or prometheus here: the engine returns ``SpecStats`` as data and
+the server turns it into metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import torch
+
+FINISH_LENGTH = "length"
+FINISH_EOS = "eos_token"
+FINISH_STOP = "stop_sequence"
+FINISH_CANCELLED = "cancelled"
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 means greedy (argmax)
+    top_k: int = 0  # 0 means off
+    top_p: float = 1.0  # 1.0 means off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    k_max: int | None = None  # cap on draft length; None: the drafter's own
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class ModelFeatures:
+    """What one verify step leaves for the drafter: the model's view at the
+    last accepted position, i.e. the position whose logits chose the bonus
+    token (the newest token, not yet run through the model)."""
+
+    logits: torch.Tensor  # (vocab,) final-exit logits there
+    hidden: torch.Tensor  # (C,) final hidden state there (after the final LayerNorm)
+    exit_hidden: list[torch.Tensor]  # (C,) residual stream at each intermediate exit there
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    # True when drafting stopped because the drafter handed control back to
+    # the model (the tree predicted __MODEL__), not because it hit k_max.
+    handback: bool = False
+    # Per drafted token, the drafter's full distribution q over the vocabulary
+    # when it sampled the token from q; None for deterministic proposals
+    # (then acceptance uses p(d) and the residual excludes d).
+    q: list[torch.Tensor] | None = None
+
+
+class Drafter(Protocol):
+    name: str
+
+    def propose(self, context: list[int], features: ModelFeatures | None, k_max: int) -> Draft:
+        """Up to ``k_max`` tokens to follow ``context`` (prompt + generated so far)."""
+        ...
+
+
+@dataclass
+class SpecStats:
+    drafter: str = "none"
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    verify_steps: int = 0  # forwards after the prefill (each verifies [last] + drafts)
+    draft_tokens: int = 0  # tokens proposed by the drafter
+    accepted_tokens: int = 0  # drafted tokens the model accepted (bonus tokens excluded)
+    accepted_per_position: list[int] = field(default_factory=list)  # [j]: accepted at draft position j
+    drafted_per_position: list[int] = field(default_factory=list)  # [j]: proposed at draft position j
+    model_handbacks: int = 0  # drafts that ended in __MODEL__
+    drafter_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    prefill_time_s: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """tau: tokens produced per verify step, the bonus token included."""
+        return (self.accepted_tokens + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["acceptance_rate"] = self.acceptance_rate
+        d["mean_accepted_length"] = self.mean_accepted_length
+        return d
+
+
+@dataclass
+class StepEvent:
+    """One verify step's output, as the generator yields it."""
+
+    tokens: list[int]  # newly generated tokens (accepted drafts + bonus), after stop handling
+    logprobs: list[float]  # the model's log-probability of each (after temperature/top-k/top-p)
+    finish_reason: str | None  # set on the last event only
+    stats: SpecStats  # running totals for the request so far

@@ -1,0 +1,167 @@
+"""TrainConfig: every knob of a training run, with presets and overrides.
+
+Precedence, lowest first: the dataclass defaults, the preset (``--preset``),
+a config file (``--config FILE.json``), then ``--key=value`` arguments.
+Model architecture fields are set with ``--model.FIELD=value`` (any
+``GPTConfig`` field) on top of the preset named by ``model``; they are not
+repeated here, so the saved bundle's config.json stays the one source.
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..model.config import GPTConfig, PRESETS
+
+
+class TrainConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "cpu-default"  # a model preset from model/config.py
+    model_overrides: dict = field(default_factory=dict)  # --model.FIELD=value
+    data_dir: str = "data/default"
+    out_dir: str = "runs/default"
+    # batch: tokens per optimizer step = batch_size * seq_len * grad_accum * world size
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 4
+    max_steps: int = 2000
+    # AdamW; weight decay on matrices only
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # cosine | constant | hypergradient
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # hypergradient descent (Baydin et al., 2018): lr += -beta * g_t . (dθ_{t-1}/dlr)
+    hypergrad_beta: float = 1e-7
+    hypergrad_lr_min: float = 1e-5
+    hypergrad_lr_max: float = 3e-3
+    # intermediate exits' loss on this fraction of positions (1.0 = all)
+    exit_sample_frac: float = 0.25
+    # evaluation, logging, checkpoints
+    eval_interval: int = 200
+    eval_tokens: int = 16384  # per domain per evaluation
+    log_interval: int = 10
+    ckpt_interval: int = 100
+    # hardware
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # bf16 autocast: on CUDA, and on CPUs with AVX-512 BF16 it doubled
+    # training throughput here (bench/train_throughput.py); weights stay fp32
+    autocast_bf16: bool = True
+    compile: bool = False  # torch.compile, on CUDA only
+    threads: int = 0  # CPU threads (0 = torch's default)
+    seed: int = 1337
+    save_dtype: str = "float16"  # bundle weights: float32 | float16 | bfloat16
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.model not in PRESETS:
+            raise TrainConfigError(f"unknown model preset {self.model!r}; choose one of {sorted(PRESETS)}")
+        if self.lr_schedule not in ("cosine", "constant", "hypergradient"):
+            raise TrainConfigError(f"lr_schedule must be cosine, constant or hypergradient, got {self.lr_schedule!r}")
+        if not 0 < self.exit_sample_frac <= 1:
+            raise TrainConfigError(f"exit_sample_frac must be in (0, 1], got {self.exit_sample_frac}")
+        for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_interval", "ckpt_interval",
+                     "log_interval"):
+            if getattr(self, name) <= 0:
+                raise TrainConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.save_dtype not in ("float32", "float16", "bfloat16"):
+            raise TrainConfigError(f"save_dtype must be float32, float16 or bfloat16, got {self.save_dtype!r}")
+        cfg = self.gpt_config()
+        if self.seq_len > cfg.block_size:
+            raise TrainConfigError(f"seq_len={self.seq_len} exceeds the model's block_size={cfg.block_size}")
+
+    def gpt_config(self) -> GPTConfig:
+        return GPTConfig(**{**PRESETS[self.model], **self.model_overrides})
+
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum * world_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# A run is a preset of TrainConfig plus overrides.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # The shipped models/default: ~4M+ tokens on a 2-core CPU.
+    "cpu-default": dict(model="cpu-default", batch_size=4, seq_len=512, grad_accum=2, max_steps=1100,
+                        lr=1.2e-3, min_lr=1.2e-4, warmup_steps=60, eval_interval=100, ckpt_interval=25,
+                        threads=2),
+    # The seed design on one GPU.
+    "gpt2-small": dict(model="gpt2-small", batch_size=16, seq_len=1024, grad_accum=8, max_steps=20000,
+                       lr=6e-4, min_lr=6e-5, warmup_steps=700, eval_interval=500, ckpt_interval=500,
+                       exit_sample_frac=1.0, compile=True),
+}
+
+
+def _coerce(name: str, typ: Any, raw: str) -> Any:
+    typ = typing.get_origin(typ) or typ
+    try:
+        if typ is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if typ in (int, float, str):
+            return typ(raw)
+        return json.loads(raw)
+    except (ValueError, json.JSONDecodeError):
+        raise TrainConfigError(f"--{name}={raw!r}: expected {getattr(typ, '__name__', typ)}") from None
+
+
+def _model_field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(GPTConfig)
+    return {f.name: hints[f.name] for f in fields(GPTConfig)}
+
+
+def build_train_config(preset: str | None = None, config_file: str | None = None,
+                       overrides: list[str] | None = None) -> TrainConfig:
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in TRAIN_PRESETS:
+            raise TrainConfigError(f"unknown training preset {preset!r}; choose one of {sorted(TRAIN_PRESETS)}")
+        values.update(TRAIN_PRESETS[preset])
+    if config_file is not None:
+        try:
+            values.update(json.loads(Path(config_file).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise TrainConfigError(f"cannot read config file {config_file}: {e}") from None
+    hints = typing.get_type_hints(TrainConfig)
+    known = {f.name for f in fields(TrainConfig)}
+    model_types = _model_field_types()
+    model_overrides = dict(values.pop("model_overrides", {}))
+    for arg in overrides or []:
+        if not arg.startswith("--") or "=" not in arg:
+            raise TrainConfigError(f"expected --key=value, got {arg!r}")
+        key, raw = arg[2:].split("=", 1)
+        if key.startswith("model."):
+            mk = key[len("model."):]
+            if mk not in model_types:
+                raise TrainConfigError(f"unknown model field {mk!r}; GPTConfig has {sorted(model_types)}")
+            t = model_types[mk]
+            model_overrides[mk] = _coerce(key, t if t in (int, float, str, bool) else list, raw)
+            continue
+        if key not in known or key == "model_overrides":
+            raise TrainConfigError(f"unknown training option {key!r}; known: {sorted(known - {'model_overrides'})}")
+        values[key] = _coerce(key, hints[key], raw)
+    unknown = set(values) - known
+    if unknown:
+        raise TrainConfigError(f"unknown training option(s) {sorted(unknown)}")
+    cfg = TrainConfig(**values, model_overrides=model_overrides)
+    try:
+        cfg.validate()
+    except ValueError as e:  # includes GPTConfig's ConfigError
+        raise TrainConfigError(str(e)) from None
+    return cfg

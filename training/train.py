@@ -1,0 +1,480 @@
+"""``treespec train``: train a multi-exit GPT from scratch, end to end.
+
+One process on a CPU or GPU, or several under ``torchrun`` (DistributedDataParallel;
+each rank samples its own batches, rank 0 alone evaluates, logs and saves).
+
+A run's folder holds ``ckpt.pt`` (everything ``--resume`` needs to continue
+bit for bit), ``metrics.jsonl``, ``loss.png`` and, at the end, ``bundle/``
+(the servable model) with ``training_summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..model.bundle import _DTYPES, save_bundle
+from ..model.gpt import GPT
+from .config import TrainConfig, TrainConfigError, build_train_config
+from .data import load_meta, load_split
+
+CKPT_FILE = "ckpt.pt"
+CKPT_VERSION = 1
+
+
+# --- data --------------------------------------------------------------------
+
+class Batcher:
+    """Random training windows; its generator state is part of the checkpoint,
+    so a resumed run draws exactly the batches the uninterrupted run would."""
+
+    def __init__(self, data, batch_size: int, seq_len: int, seed: int):
+        self.data = data
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        if len(data) <= seq_len + 1:
+            raise TrainConfigError(f"training split has {len(data)} tokens, fewer than seq_len+1={seq_len + 1}")
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ix = torch.randint(len(self.data) - self.seq_len - 1, (self.batch_size,), generator=self.gen)
+        rows = [torch.from_numpy(self.data[i:i + self.seq_len + 1].astype("int64")) for i in ix.tolist()]
+        xy = torch.stack(rows)
+        return xy[:, :-1], xy[:, 1:]
+
+
+def eval_windows(data, span: dict, seq_len: int, n_tokens: int) -> torch.Tensor:
+    """Evenly spaced, fixed windows over one domain's span: the same every eval."""
+    start, end = span["start"], span["end"]
+    avail = end - start - seq_len - 1
+    n = max(1, min(n_tokens // seq_len, avail // seq_len if avail > 0 else 1))
+    if avail <= 0:
+        offsets = [start]
+    else:
+        offsets = [start + (avail * k) // max(1, n - 1) if n > 1 else start for k in range(n)]
+    rows = [torch.from_numpy(data[o:o + seq_len + 1].astype("int64")) for o in offsets
+            if o + seq_len + 1 <= len(data)]
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, data, split_meta: dict, cfg: TrainConfig, device: torch.device) -> dict:
+    """Mean loss per exit per domain: {"exit_4": {"stdlib": 2.1, ...}, ...}."""
+    was_training = model.training
+    model.eval()
+    layers = model.config.exit_layers
+    out = {f"exit_{l}": {} for l in layers}
+    for domain, span in split_meta["domains"].items():
+        windows = eval_windows(data, span, cfg.seq_len, cfg.eval_tokens)
+        sums = [0.0] * len(layers)
+        for i in range(0, len(windows), cfg.batch_size):
+            xy = windows[i:i + cfg.batch_size].to(device)
+            res = model(xy[:, :-1], xy[:, 1:])
+            for e, l in enumerate(res.exit_losses):
+                sums[e] += l.item() * len(xy)
+        for e, l in enumerate(layers):
+            out[f"exit_{l}"][domain] = sums[e] / len(windows)
+    model.train(was_training)
+    return out
+
+
+# --- learning rate -----------------------------------------------------------
+
+def scheduled_lr(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr (or constant)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+class HypergradientLR:
+    """Hypergradient descent on the learning rate (Baydin et al., ICLR 2018).
+
+    The loss after step t-1 depends on the learning rate α through that
+    step's update, θ_t = θ_{t-1} + α·d_{t-1}, where d is the update direction
+    AdamW chose (its update is linear in α). So ∂L(θ_t)/∂α = g_t · d_{t-1}, and
+    gradient descent on α gives  α_t = α_{t-1} − β · g_t · d_{t-1}:  when the
+    new gradient still points along the last step (g·d < 0) the step was too
+    short and α grows; when it points back (g·d > 0) it overshot and α shrinks.
+    We read d off the parameters themselves, d = (θ_t − θ_{t-1}) / α, and keep
+    α inside [lr_min, lr_max]. Warmup runs first, on the fixed schedule.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.beta = cfg.hypergrad_beta
+        self.lo, self.hi = cfg.hypergrad_lr_min, cfg.hypergrad_lr_max
+        self.lr = cfg.lr
+        self.prev_dir: list[torch.Tensor] | None = None
+        self.last_h = 0.0
+
+    def update(self, params: list[torch.Tensor]) -> float:
+        """Before the optimizer step: move α using the current gradients."""
+        if self.prev_dir is not None:
+            h = sum(torch.dot(p.grad.flatten().float(), d.flatten()) for p, d in zip(params, self.prev_dir)
+                    if p.grad is not None)
+            self.last_h = float(h)
+            self.lr = min(self.hi, max(self.lo, self.lr - self.beta * self.last_h))
+        return self.lr
+
+    def record(self, before: list[torch.Tensor], params: list[torch.Tensor], lr_used: float) -> None:
+        """After the optimizer step: remember the direction it took."""
+        self.prev_dir = [(p.detach().float() - b) / lr_used for p, b in zip(params, before)]
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, "prev_dir": self.prev_dir, "last_h": self.last_h}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.lr, self.prev_dir, self.last_h = s["lr"], s["prev_dir"], s["last_h"]
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms, DWA weights)."""
+    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+# --- the run -------------------------------------------------------------------
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def hardware_summary(device: torch.device, world: int) -> dict:
+    d = {"device": str(device), "world_size": world, "torch": torch.__version__,
+         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+         "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        d["gpu"] = torch.cuda.get_device_name(device)
+    return d
+
+
+class Run:
+    """One training run: state, the loop, checkpoints and outputs."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, command_line: str | None = None):
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.command_line = command_line or shlex.join(sys.argv)
+        # distributed setup: torchrun sets these
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.ddp = self.world > 1
+        self.device = resolve_device(cfg.device, self.local_rank)
+        if self.ddp and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.master = self.rank == 0
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)  # denormals made CPU backward passes ~20x slower
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+        torch.manual_seed(cfg.seed)
+        self.gpt_config = cfg.gpt_config()
+        self.model = GPT(self.gpt_config).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.hyper = HypergradientLR(cfg) if cfg.lr_schedule == "hypergradient" else None
+        self.meta = load_meta(cfg.data_dir)
+        self.train_data = load_split(cfg.data_dir, "train")
+        self.val_data = load_split(cfg.data_dir, "val")
+        self.batcher = Batcher(self.train_data, cfg.batch_size, cfg.seq_len, cfg.seed + self.rank)
+        self.exit_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1000 + self.rank)
+        self.step = 0
+        self.tokens_seen = 0
+        self.wall_time = 0.0
+        self.last_eval: dict | None = None
+        self.stop_requested = False
+
+        if resume:
+            self._load_checkpoint()
+        elif self.master and (self.out / CKPT_FILE).exists():
+            raise TrainConfigError(f"{self.out / CKPT_FILE} exists: pass --resume to continue it, "
+                                   f"or choose another out_dir")
+
+        self.train_model: torch.nn.Module = self.model
+        if cfg.compile and self.device.type == "cuda":
+            self.train_model = torch.compile(self.model)
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.train_model = DDP(self.train_model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+
+    # --- checkpoints -----------------------------------------------------------
+
+    def _checkpoint_state(self) -> dict:
+        return {
+            "version": CKPT_VERSION,
+            "train_config": self.cfg.to_dict(),
+            "model_config": self.gpt_config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "hyper": self.hyper.state_dict() if self.hyper else None,
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "wall_time": self.wall_time,
+            "batcher_rng": self.batcher.gen.get_state(),
+            "exit_rng": self.exit_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "last_eval": self.last_eval,
+        }
+
+    def save_checkpoint(self) -> None:
+        if not self.master:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / (CKPT_FILE + ".tmp")
+        torch.save(self._checkpoint_state(), tmp)
+        os.replace(tmp, self.out / CKPT_FILE)  # atomic: a kill mid-save leaves the old one
+
+    def _load_checkpoint(self) -> None:
+        path = self.out / CKPT_FILE
+        if not path.exists():
+            raise TrainConfigError(f"--resume: no checkpoint at {path}")
+        # Our own file, but still: tensors and plain containers only, never arbitrary pickles.
+        ck = torch.load(path, map_location=self.device, weights_only=True)
+        if ck.get("version") != CKPT_VERSION:
+            raise TrainConfigError(f"{path}: checkpoint version {ck.get('version')} is not {CKPT_VERSION}")
+        if ck["model_config"] != self.gpt_config.to_dict():
+            raise TrainConfigError(f"{path}: the checkpoint's model config differs from this run's; "
+                                   f"resume with the same preset and --model.* overrides")
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if self.hyper and ck["hyper"]:
+            self.hyper.load_state_dict(ck["hyper"])
+        self.step, self.tokens_seen, self.wall_time = ck["step"], ck["tokens_seen"], ck["wall_time"]
+        self.last_eval = ck["last_eval"]
+        if self.world == 1:  # each rank's own streams are only in a single-process checkpoint
+            self.batcher.gen.set_state(ck["batcher_rng"])
+            self.exit_gen.set_state(ck["exit_rng"])
+        else:  # re-derive per-rank streams deterministically from the step
+            self.batcher.gen.manual_seed(self.cfg.seed + self.rank + 7919 * self.step)
+            self.exit_gen.manual_seed(self.cfg.seed + 1000 + self.rank + 7919 * self.step)
+        torch.set_rng_state(ck["torch_rng"].cpu())
+        if ck["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), self.device)
+        # Drop log records from after the checkpoint: the resumed run rewrites them.
+        log = self.out / "metrics.jsonl"
+        if self.master and log.exists():
+            keep = [l for l in log.read_text().splitlines() if l and json.loads(l).get("step", 0) <= self.step]
+            log.write_text("".join(k + "\n" for k in keep))
+
+    # --- one optimizer step -------------------------------------------------------
+
+    def train_step(self) -> dict:
+        """Forward/backward over grad_accum micro-batches, then one AdamW step."""
+        cfg = self.cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        exit_losses = None
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = self.batcher.next()
+            x, y = x.to(self.device), y.to(self.device)
+            sync = contextlib.nullcontext()
+            if self.ddp and micro < cfg.grad_accum - 1:
+                sync = self.train_model.no_sync()  # all-reduce once, on the last micro-batch
+            amp = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.autocast_bf16
+                   else contextlib.nullcontext())
+            with sync, amp:
+                out = self.train_model(x, y, exit_sample_frac=cfg.exit_sample_frac, generator=self.exit_gen)
+                (out.loss / cfg.grad_accum).backward()
+            total += out.loss.item() / cfg.grad_accum
+            el = [l.item() / cfg.grad_accum for l in out.exit_losses]
+            exit_losses = el if exit_losses is None else [a + b for a, b in zip(exit_losses, el)]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip > 0 else 0.0
+
+        if self.hyper and self.step >= cfg.warmup_steps:
+            lr = self.hyper.update(params)
+        else:
+            lr = scheduled_lr(self.step, cfg)
+            if self.hyper:
+                self.hyper.lr = cfg.lr  # hypergradient takes over from the peak lr after warmup
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        before = [p.detach().float().clone() for p in params] if self.hyper else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.hyper:
+            self.hyper.record(before, params, lr)
+        self.step += 1
+        self.tokens_seen += cfg.tokens_per_step(self.world)
+        rec = {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen}
+        rec.update({f"loss_exit_{l}": v for l, v in zip(self.gpt_config.exit_layers, exit_losses)})
+        if self.hyper:
+            rec["hypergradient"] = self.hyper.last_h
+        return rec
+
+    # --- outputs --------------------------------------------------------------------
+
+    def log(self, rec: dict) -> None:
+        if not self.master:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def run_eval(self) -> dict:
+        res = evaluate(self.model, self.val_data, self.meta["splits"]["val"], self.cfg, self.device)
+        self.last_eval = res
+        self.log({"step": self.step, "tokens": self.tokens_seen, "val": res})
+        return res
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self.stop_requested = True  # finish the current step, checkpoint, exit
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, handler)
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        if self.master:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        self._install_signal_handlers()
+        self.model.train()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.master),
+                   desc="train", unit="step", dynamic_ncols=True)
+        t_last, tok_last = time.time(), self.tokens_seen
+        while self.step < cfg.max_steps and not self.stop_requested:
+            t0 = time.time()
+            rec = self.train_step()
+            self.wall_time += time.time() - t0
+            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                now = time.time()
+                rec["tokens_per_s"] = (self.tokens_seen - tok_last) / max(1e-9, now - t_last)
+                t_last, tok_last = now, self.tokens_seen
+                self.log(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}",
+                                tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.update(1)
+            if self.master and (self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps):
+                res = self.run_eval()
+                final = res[f"exit_{self.gpt_config.n_layer}"]
+                bar.write(f"step {self.step}: val " + ", ".join(f"{d} {v:.3f}" for d, v in final.items()))
+                plot_run(self.out)
+            if self.step % cfg.ckpt_interval == 0 or self.stop_requested:
+                self.save_checkpoint()
+            if self.ddp:
+                dist.barrier()
+        bar.close()
+        if self.stop_requested:
+            self.save_checkpoint()
+            if self.master:
+                print(f"stopped at step {self.step}; checkpoint in {self.out / CKPT_FILE} (continue with --resume)")
+            return {"stopped_at": self.step}
+        self.save_checkpoint()
+        return self.finish() if self.master else {}
+
+    def finish(self) -> dict:
+        """Write the bundle and training_summary.json."""
+        bundle_dir = self.out / "bundle"
+        save_bundle(bundle_dir, self.model, dtype=_DTYPES[self.cfg.save_dtype])
+        test_data = load_split(self.cfg.data_dir, "test")
+        summary = {
+            "command_line": self.command_line,
+            "train_config": self.cfg.to_dict(),
+            "model_config": self.gpt_config.to_dict(),
+            "parameters": self.model.num_params(non_embedding=False),
+            "tokens_seen": self.tokens_seen,
+            "steps": self.step,
+            "wall_time_s": round(self.wall_time, 1),
+            "tokens_per_s": round(self.tokens_seen / max(1e-9, self.wall_time), 1),
+            "hardware": hardware_summary(self.device, self.world),
+            "data": {"sources": self.meta["sources"],
+                     "train_tokens": self.meta["splits"]["train"]["tokens"]},
+            "final_val_loss": self.last_eval or self.run_eval(),
+            "final_test_loss": evaluate(self.model, test_data, self.meta["splits"]["test"], self.cfg, self.device),
+        }
+        (bundle_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (self.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_run(self.out)
+        return summary
+
+
+# --- plots ---------------------------------------------------------------------------
+
+def plot_run(out_dir: str | os.PathLike) -> Path | None:
+    """loss.png beside metrics.jsonl: train loss per exit, val loss per exit, and the LR."""
+    out_dir = Path(out_dir)
+    log = out_dir / "metrics.jsonl"
+    if not log.exists():
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
+    train = [r for r in recs if "loss" in r]
+    val = [r for r in recs if "val" in r]
+    if not train:
+        return None
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    exits = sorted({k for r in train for k in r if k.startswith("loss_exit_")}, key=lambda k: int(k.split("_")[-1]))
+    for k in exits:
+        ax.plot([r["tokens"] for r in train], [r[k] for r in train], lw=1, alpha=0.6, label=f"train {k[5:]}")
+    for ex in (val[-1]["val"] if val else {}):
+        for domain in val[-1]["val"][ex]:
+            ax.plot([r["tokens"] for r in val], [r["val"][ex][domain] for r in val], marker="o", ms=3,
+                    label=f"val {ex} {domain}")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    ax_lr.plot([r["tokens"] for r in train], [r["lr"] for r in train], color="k", lw=1)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("tokens seen")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --- CLI -------------------------------------------------------------------------------
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help="train a multi-exit GPT (any TrainConfig field as --key=value)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default=None, help="cpu-default | gpt2-small")
+    p.add_argument("--config", default=None, help="JSON file of TrainConfig fields")
+    p.add_argument("--resume", action="store_true", help="continue the run in out_dir from ckpt.pt")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        cfg = build_train_config(args.preset, args.config, args.overrides)
+        result = Run(cfg, resume=args.resume).train()
+    except TrainConfigError as e:
+        print(f"treespec train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if "final_val_loss" in result:
+        print(json.dumps({"bundle": str(Path(cfg.out_dir) / "bundle"), "tokens_seen": result["tokens_seen"],
+                          "final_val_loss": result["final_val_loss"]}, indent=2))
+    return 0
