@@ -100,5 +100,10 @@ class StepEvent:
 
     tokens: list[int]  # newly generated tokens (accepted drafts + bonus), after stop handling
     logprobs: list[float]  # the model's log-probability of each (after temperature/top-k/top-p)
+    # Text released with each token: whole UTF-8 only, and text that could
+    # still turn into a stop sequence is held back (so often ""). The last
+    # event's last entry also carries what was held back and is now final.
+    # The stop sequence itself is never included.
+    texts: list[str]
     finish_reason: str | None  # set on the last event only
     stats: SpecStats  # running totals for the request so far
