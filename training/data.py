@@ -224,9 +224,13 @@ def prepare(sources: list[str], out_dir: str | os.PathLike, cache_dir: str | os.
     ranks = str(find_ranks_file(tokenizer))
     docs = collect_documents(sources, cache)
     workers = workers or min(4, os.cpu_count() or 1)
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(ranks,)) as pool:
-        it = pool.imap(_encode, (d.text for d in docs), chunksize=8)
-        encoded = list(tqdm(it, total=len(docs), desc="tokenising", unit="doc", disable=not progress))
+    bar = dict(total=len(docs), desc="tokenising", unit="doc", disable=not progress)
+    if workers == 1:  # in this process: starting a pool costs more than a small corpus takes
+        _init_worker(ranks)
+        encoded = [_encode(d.text) for d in tqdm(docs, **bar)]
+    else:
+        with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(ranks,)) as pool:
+            encoded = list(tqdm(pool.imap(_encode, (d.text for d in docs), chunksize=8), **bar))
     assignment = split_documents(docs, val_frac, test_frac, seed)
 
     out.mkdir(parents=True, exist_ok=True)
