@@ -18,6 +18,7 @@ COMMANDS = {
     "inspect": "treespec.model.inspect",
     "prepare-data": "treespec.training.data",
     "train": "treespec.training.train",
+    "serve": "treespec.server.serve",
 }
 
 

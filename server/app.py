@@ -1,0 +1,376 @@
+"""The HTTP layer: ``build_app(settings)`` returns a FastAPI app with thin routes.
+
+Routes parse the body themselves (``_read_body``) rather than through
+FastAPI's body parameters, so that every bad body gets TGI's error shape and
+the status the issue asks for: 413 before an oversized body is read, 422 for
+invalid UTF-8, non-JSON, NaN/Infinity and wrong types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from treespec import __version__
+from treespec.draft.types import FINISH_CANCELLED, SamplingParams, StepEvent
+
+from . import protocol as P
+from .engine import Engine, GenerationFailed, InvalidRequest, Job, NotReady, Overloaded
+from .metrics import CONTENT_TYPE, Metrics
+from .settings import Settings
+
+log = logging.getLogger("treespec.server")
+
+GENERATE_ROUTES = ("/generate", "/generate_stream", "/v1/completions")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ApiError(Exception):
+    """An error response in TGI's shape. ``counted`` is False for errors the
+    engine has already counted (a request that failed or was cancelled while
+    generating)."""
+
+    def __init__(self, status: int, error: str, error_type: str, headers: dict | None = None,
+                 counted: bool = True):
+        super().__init__(error)
+        self.status, self.error, self.error_type, self.headers = status, error, error_type, headers
+        self.counted = counted
+
+
+def _error(status: int, error: str, error_type: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "error_type": error_type}, status_code=status, headers=headers)
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_strings(value: Any, where: str = "body") -> None:
+    """JSON may escape lone surrogates (\\ud800), which no UTF-8 can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(422, f"Input validation error: {where} is not valid UTF-8 "
+                                f"(it contains a lone surrogate escape)", "validation") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_strings(v, f"{where}.{k}" if where != "body" else str(k))
+    elif isinstance(value, list):
+        for v in value:
+            _check_strings(v, where)
+
+
+def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metrics | None = None,
+              load: bool = True, on_load_failed: Callable[[], None] | None = None) -> FastAPI:
+    """The app. With ``load`` the lifespan loads the bundle in a thread (so
+    /health answers 503 until it is ready) and stops the engine on shutdown."""
+    metrics = metrics or (engine.metrics if engine else Metrics())
+    engine = engine or Engine(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = None
+        if load:
+            async def load_in_thread():
+                try:
+                    await asyncio.to_thread(engine.load)
+                except Exception:
+                    if on_load_failed is not None:
+                        on_load_failed()
+            loader = asyncio.create_task(load_in_thread())
+        try:
+            yield
+        finally:
+            if loader is not None and not loader.done():
+                await asyncio.wait([loader], timeout=settings.graceful_timeout_s + 60)
+            await asyncio.to_thread(engine.shutdown, settings.graceful_timeout_s)
+
+    app = FastAPI(title="treespec", version=__version__, lifespan=lifespan)
+    app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    # ------------------------------------------------------------ errors
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        if e.counted and request.url.path in GENERATE_ROUTES:
+            reason = {401: "unauthorized", 413: "too_large", 422: "validation", 429: "overloaded",
+                      503: "unavailable"}.get(e.status, "internal")
+            metrics.failure.labels(getattr(request.state, "drafter", "unknown"), reason).inc()
+        return _error(e.status, e.error, e.error_type, e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http")
+        return _error(e.status_code, str(e.detail), kind, getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, f"Internal server error: {type(e).__name__}: {e}", "internal")
+
+    # ------------------------------------------------------------ request plumbing
+
+    def check_auth(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise ApiError(401, "Missing or invalid API key: send Authorization: Bearer <key>", "unauthorized",
+                           {"WWW-Authenticate": "Bearer"})
+
+    async def read_body(request: Request, model: type[BaseModel]) -> Any:
+        limit = settings.max_body_bytes
+        too_large = ApiError(413, f"Request body is larger than {limit} bytes", "payload_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large  # refuse before reading a byte of it
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        try:
+            text = bytes(body).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ApiError(422, f"Input validation error: request body is not valid UTF-8 "
+                                f"(byte {body[e.start]:#04x} at offset {e.start})", "validation") from None
+        try:
+            data = json.loads(text, parse_constant=_no_constants)
+        except ValueError as e:
+            raise ApiError(422, f"Input validation error: request body is not valid JSON ({e})", "validation") from None
+        _check_strings(data)
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise ApiError(422, P.validation_message(e), "validation") from None
+
+    def start(prompt: str, params: SamplingParams, drafter: str | None, request: Request) -> Job:
+        if drafter is not None:  # label errors with the drafter asked for, if it is one we know
+            request.state.drafter = drafter if drafter in engine.drafter_names else "unknown"
+        try:
+            prepared = engine.prepare(prompt, params, drafter)
+            request.state.drafter = prepared.drafter
+            return engine.submit(prepared)
+        except InvalidRequest as e:
+            raise ApiError(422, str(e), "validation") from None
+        except Overloaded:
+            raise ApiError(429, "Model is overloaded", "overloaded") from None
+        except NotReady as e:
+            raise ApiError(503, str(e), "unavailable") from None
+
+    async def start_generate(request: Request) -> tuple[P.GenerateRequest, Job]:
+        check_auth(request)
+        req = await read_body(request, P.GenerateRequest)
+        p = req.parameters
+        params = SamplingParams(
+            max_new_tokens=p.max_new_tokens or settings.default_max_new_tokens,
+            temperature=p.sampling_temperature(), top_k=p.top_k or 0,
+            top_p=1.0 if p.top_p is None else p.top_p, seed=p.seed, stop=list(p.stop or []), k_max=p.k_max)
+        return req, start(req.inputs, params, p.drafter, request)
+
+    async def start_completion(request: Request) -> tuple[P.CompletionRequest, Job]:
+        check_auth(request)
+        req = await read_body(request, P.CompletionRequest)
+        params = SamplingParams(
+            max_new_tokens=req.max_tokens or settings.default_max_new_tokens,
+            temperature=req.sampling_temperature(), top_k=req.top_k or 0,
+            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=list(req.stop), k_max=req.k_max)
+        return req, start(req.prompt, params, req.drafter, request)
+
+    async def watch_disconnect(request: Request, job: Job) -> None:
+        """For non-streaming routes: cancel the job if the client goes away."""
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                job.abort()
+                return
+
+    async def collect(request: Request, job: Job) -> tuple[list[StepEvent], StepEvent]:
+        watcher = asyncio.create_task(watch_disconnect(request, job))
+        try:
+            events = [ev async for ev in job.events()]
+        except GenerationFailed as e:
+            raise ApiError(500, str(e), "generation", counted=False) from None
+        finally:
+            watcher.cancel()
+        last = events[-1]
+        if last.finish_reason == FINISH_CANCELLED:
+            raise ApiError(503, "Request cancelled (the server is shutting down or the client left)", "cancelled",
+                           counted=False)
+        return events, last
+
+    def details(job: Job, last: StepEvent, tokens: list[P.Token] | None) -> P.Details:
+        st = last.stats
+        return P.Details(
+            finish_reason=last.finish_reason, generated_tokens=st.generated_tokens,
+            prompt_tokens=len(job.prepared.prompt_ids), seed=job.prepared.params.seed, tokens=tokens,
+            speculative=P.Speculative(
+                drafter=job.drafter, verify_steps=st.verify_steps, draft_tokens=st.draft_tokens,
+                accepted_tokens=st.accepted_tokens, acceptance_rate=st.acceptance_rate,
+                mean_accepted_length=st.mean_accepted_length,
+                accepted_per_position=list(st.accepted_per_position),
+                drafted_per_position=list(st.drafted_per_position), model_handbacks=st.model_handbacks))
+
+    eot = None
+
+    def tokens_of(ev: StepEvent) -> list[P.Token]:
+        nonlocal eot
+        if eot is None:
+            eot = engine.bundle.tokenizer.eot_id
+        return [P.Token(id=t, text=x, logprob=lp, special=(t == eot))
+                for t, x, lp in zip(ev.tokens, ev.texts, ev.logprobs)]
+
+    # ------------------------------------------------------------ routes
+
+    @app.get("/health")
+    async def health():
+        if engine.ready:
+            return {"status": "ok"}
+        if engine.state == "failed":
+            return _error(503, f"Model failed to load: {engine.load_error}", "unavailable")
+        return _error(503, "Model is loading" if engine.state == "loading" else "Server is shutting down",
+                      "unavailable")
+
+    @app.get("/info")
+    async def info():
+        if engine.bundle is None:
+            return _error(503, "Model is loading", "unavailable")
+        return engine_info(engine, settings)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    @app.post("/generate", response_model=P.GenerateResponse)
+    async def generate(request: Request):
+        req, job = await start_generate(request)
+        events, last = await collect(request, job)
+        text = "".join(x for ev in events for x in ev.texts)
+        if req.parameters.return_full_text:
+            text = req.inputs + text
+        body = P.GenerateResponse(generated_text=text)
+        if req.parameters.details:
+            body.details = details(job, last, [t for ev in events for t in tokens_of(ev)])
+        return JSONResponse(body.model_dump(exclude_none=False))
+
+    @app.post("/generate_stream")
+    async def generate_stream(request: Request):
+        req, job = await start_generate(request)
+        prefix = req.inputs if req.parameters.return_full_text else ""
+
+        async def sse():
+            index, text = 0, [prefix]
+            try:
+                async for ev in job.events():
+                    toks = tokens_of(ev)
+                    if ev.finish_reason == FINISH_CANCELLED:
+                        yield _sse_error("Request cancelled (the server is shutting down)", "cancelled")
+                        return
+                    for i, tok in enumerate(toks):
+                        index += 1
+                        text.append(tok.text)
+                        final = ev.finish_reason is not None and i == len(toks) - 1
+                        out = P.StreamResponse(index=index, token=tok,
+                                               generated_text="".join(text) if final else None,
+                                               details=details(job, ev, None) if final else None)
+                        yield "data:" + out.model_dump_json() + "\n\n"
+            except GenerationFailed as e:
+                yield _sse_error(str(e), "generation")
+            finally:
+                job.abort()
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req, job = await start_completion(request)
+        cid, created, model = "cmpl-" + uuid.uuid4().hex, int(time.time()), engine.model_name
+
+        def usage(last: StepEvent) -> P.Usage:
+            n_in, n_out = len(job.prepared.prompt_ids), last.stats.generated_tokens
+            return P.Usage(prompt_tokens=n_in, completion_tokens=n_out, total_tokens=n_in + n_out)
+
+        if not req.stream:
+            events, last = await collect(request, job)
+            body = P.CompletionResponse(
+                id=cid, created=created, model=model, usage=usage(last),
+                choices=[P.CompletionChoice(text="".join(x for ev in events for x in ev.texts),
+                                            finish_reason=P.OPENAI_FINISH[last.finish_reason])])
+            return JSONResponse(body.model_dump())
+
+        async def sse():
+            try:
+                async for ev in job.events():
+                    if ev.finish_reason == FINISH_CANCELLED:
+                        yield _sse_error("Request cancelled (the server is shutting down)", "cancelled", " ")
+                        return
+                    piece = "".join(ev.texts)
+                    final = ev.finish_reason is not None
+                    if not piece and not final:
+                        continue  # nothing released yet (held back for a possible stop sequence)
+                    chunk = P.CompletionResponse(
+                        id=cid, created=created, model=model, usage=usage(ev) if final else None,
+                        choices=[P.CompletionChoice(
+                            text=piece, finish_reason=P.OPENAI_FINISH[ev.finish_reason] if final else None)])
+                    yield "data: " + chunk.model_dump_json(exclude_none=not final) + "\n\n"
+                yield "data: [DONE]\n\n"
+            except GenerationFailed as e:
+                yield _sse_error(str(e), "generation", " ")
+            finally:
+                job.abort()
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    return app
+
+
+def _sse_error(error: str, error_type: str, sep: str = "") -> str:
+    return f"data:{sep}" + json.dumps({"error": error, "error_type": error_type}) + "\n\n"
+
+
+def engine_info(engine: Engine, settings: Settings) -> dict:
+    b = engine.bundle
+    cfg = b.config
+    tree = None
+    meta_file = b.draft_dir / "meta.json"
+    if meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+            tree = {k: meta[k] for k in ("classes", "k_max", "feature_version", "n_classes") if k in meta}
+        except (OSError, ValueError) as e:
+            tree = {"error": f"unreadable {meta_file.name}: {e}"}
+    return {
+        "model_id": engine.model_name,
+        "model_sha": b.weights_sha256,
+        "model_dtype": settings.dtype,
+        "model_device_type": settings.device,
+        "model_config": cfg.to_dict(),
+        "parameters": b.model.num_params(non_embedding=False),
+        "drafters": {"default": engine.default_drafter, "available": sorted(engine.drafters),
+                     "unavailable": engine.unavailable, "tree": tree},
+        "max_input_tokens": cfg.block_size - 1,
+        "max_total_tokens": cfg.block_size,
+        "default_max_new_tokens": settings.default_max_new_tokens,
+        "max_stop_sequences": P.MAX_STOP,
+        "max_k": P.MAX_K,
+        "max_running": settings.max_running,
+        "max_waiting": settings.max_waiting,
+        "max_body_bytes": settings.max_body_bytes,
+        "version": __version__,
+    }

@@ -1,0 +1,428 @@
+"""The serving engine: owns the bundle and its drafters, admits requests, and
+runs generation on one worker thread, off the event loop.
+
+The model is not safe for concurrent forwards, so exactly one thread ever
+touches it. That thread keeps up to ``max_running`` requests alive at once,
+each with its own KV cache and its own generator from
+``treespec.draft.engine.generate``, and advances them round robin, one verify
+step per turn: a long request never blocks a short one behind it, and every
+request's output depends only on its own prompt, parameters and seed.
+Requests beyond ``max_running`` wait in a FIFO of at most ``max_waiting``;
+beyond that, ``submit`` raises ``Overloaded`` at once (the route's 429).
+
+Events cross from the worker to the event loop through
+``loop.call_soon_threadsafe`` into the request's asyncio queue. A request is
+cancelled by setting its ``cancel`` event, which the generator polls through
+``should_stop`` at every verify step; its KV cache is dropped when it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterator
+
+import torch
+
+from treespec.draft.sampling import validate_params
+from treespec.draft.types import FINISH_CANCELLED, SamplingParams, SpecStats, StepEvent
+
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger("treespec.server")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Test-only fault injection (Settings.debug_faults).
+FAIL_PREFIX = "[[fail]]"
+SLOW_PREFIX = "[[slow]]"
+SLOW_STEP_S = 0.05
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be served as asked (a 422)."""
+
+
+class Overloaded(RuntimeError):
+    """Running and waiting are both full (a 429)."""
+
+
+class NotReady(RuntimeError):
+    """The model is still loading, failed to load, or the server is stopping (a 503)."""
+
+
+class GenerationFailed(RuntimeError):
+    """Generation raised; the request fails (a 500) and the engine carries on."""
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready to submit."""
+
+    prompt: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    drafter: str
+
+
+@dataclass
+class Job:
+    id: str
+    prepared: Prepared
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    arrival: float = field(default_factory=time.perf_counter)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    # Worker-side state (only the worker thread touches these).
+    gen: Iterator[StepEvent] | None = None
+    cache: Any = None
+    cache_bytes: int = 0
+    started: float | None = None
+    last_token_at: float | None = None
+    steps: int = 0
+    generated: int = 0
+    done: bool = False
+    seen: dict = field(default_factory=dict)  # spec counters already exported
+
+    @property
+    def drafter(self) -> str:
+        return self.prepared.drafter
+
+    def abort(self) -> None:
+        """Stop generation at the next verify step (no-op once finished)."""
+        self.cancel.set()
+
+    def _put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            self.cancel.set()
+
+    async def events(self) -> AsyncIterator[StepEvent]:
+        """The request's verify steps as they happen; the last has ``finish_reason``.
+        Leaving early (the client went away, the task was cancelled) cancels the job."""
+        try:
+            while True:
+                item = await self.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self.abort()
+
+
+def _strict_utf8(name: str, s: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"Input validation error: {name} is not valid UTF-8 "
+                             f"(it contains a lone surrogate escape)") from None
+
+
+class Engine:
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.state = "loading"  # loading -> ready -> stopping; or loading -> failed
+        self.load_error: str | None = None
+        self.bundle = None
+        self.drafters: dict[str, Any] = {}  # name -> Drafter (None for "none")
+        self.unavailable: dict[str, str] = {}  # name -> why the bundle cannot offer it
+        self.default_drafter: str | None = None
+        self._cv = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._generate = None
+        self.drafter_names: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------ loading
+
+    def load(self) -> None:
+        """Load the bundle and its drafters, then start the worker. Blocking:
+        the app runs it in a thread so /health can answer 503 meanwhile."""
+        try:
+            self._load()
+        except Exception as e:  # any failure leaves a clear message for /health and the log
+            self.state = "failed"
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("could not load bundle %s: %s", self.settings.bundle, self.load_error)
+            raise
+        self._thread = threading.Thread(target=self._worker, name="treespec-engine", daemon=True)
+        self._thread.start()
+        with self._cv:
+            if not self._closed:
+                self.state = "ready"
+        log.info("bundle %s ready; drafters %s (default %s)", self.settings.bundle,
+                 sorted(self.drafters), self.default_drafter)
+
+    def _load(self) -> None:
+        from treespec.draft.engine import generate
+        from treespec.draft.registry import DRAFTERS, DrafterUnavailable, make_drafter
+        from treespec.model import load_bundle
+
+        s = self.settings
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        t0 = time.perf_counter()
+        self.bundle = load_bundle(s.bundle, device=s.device, dtype=_DTYPES[s.dtype])
+        for name in DRAFTERS:
+            try:
+                self.drafters[name] = make_drafter(name, self.bundle)
+            except DrafterUnavailable as e:
+                self.unavailable[name] = str(e)
+        if s.default_drafter == "auto":
+            self.default_drafter = "tree" if "tree" in self.drafters else "ngram"
+        elif s.default_drafter in self.drafters:
+            self.default_drafter = s.default_drafter
+        else:
+            why = self.unavailable.get(s.default_drafter, f"choose one of auto, {', '.join(DRAFTERS)}")
+            raise ValueError(f"default_drafter {s.default_drafter!r} is not available: {why}")
+        self._generate = generate
+        self.drafter_names = tuple(DRAFTERS)
+        log.info("loaded %s in %.1fs", s.bundle, time.perf_counter() - t0)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def model_name(self) -> str:
+        from pathlib import Path
+
+        return self.settings.model_name or Path(self.settings.bundle).resolve().name
+
+    # ------------------------------------------------------------ admission
+
+    def prepare(self, prompt: str, params: SamplingParams, drafter: str | None) -> Prepared:
+        """Validate what needs the tokenizer and the model's limits."""
+        self._require_ready()
+        cfg = self.bundle.config
+        name = drafter or self.default_drafter
+        if name not in self.drafter_names:
+            raise InvalidRequest(f"Input validation error: unknown drafter {name!r}; "
+                                 f"choose one of {', '.join(self.drafter_names)}")
+        if name not in self.drafters:
+            raise InvalidRequest(f"Input validation error: drafter {name!r} is not available for this "
+                                 f"bundle: {self.unavailable.get(name, 'not loaded')}")
+        if not prompt.strip():
+            raise InvalidRequest("Input validation error: inputs must not be empty or whitespace only")
+        _strict_utf8("inputs", prompt)
+        for s in params.stop:
+            _strict_utf8("stop", s)
+        if params.max_new_tokens > cfg.block_size - 1:
+            raise InvalidRequest(f"Input validation error: max_new_tokens must be <= {cfg.block_size - 1} "
+                                 f"(the context is {cfg.block_size} tokens); got {params.max_new_tokens}")
+        ids = self.bundle.tokenizer.encode(prompt)
+        if len(ids) + params.max_new_tokens > cfg.block_size:
+            raise InvalidRequest(
+                f"Input validation error: inputs tokens + max_new_tokens must be <= {cfg.block_size}. "
+                f"Given: {len(ids)} inputs tokens and {params.max_new_tokens} max_new_tokens")
+        try:
+            validate_params(params)
+        except ValueError as e:
+            raise InvalidRequest(f"Input validation error: {e}") from None
+        if not params.greedy and params.seed is None:
+            # Pick the seed here so the response can report it and the client can replay it.
+            params.seed = secrets.randbits(63)
+        return Prepared(prompt=prompt, prompt_ids=ids, params=params, drafter=name)
+
+    def submit(self, prepared: Prepared) -> Job:
+        """Admit a request or raise ``Overloaded``; never blocks."""
+        job = Job(id=uuid.uuid4().hex, prepared=prepared, loop=asyncio.get_running_loop(),
+                  queue=asyncio.Queue())
+        with self._cv:
+            self._require_ready()
+            if len(self._running) + len(self._waiting) >= self.settings.max_running + self.settings.max_waiting:
+                raise Overloaded("Model is overloaded")
+            self._waiting.append(job)
+            self.metrics.waiting.labels(job.drafter).inc()
+            self._cv.notify()
+        return job
+
+    def _require_ready(self) -> None:
+        if self.state == "loading":
+            raise NotReady("Model is loading")
+        if self.state == "failed":
+            raise NotReady(f"Model failed to load: {self.load_error}")
+        if self.state != "ready":
+            raise NotReady("Server is shutting down")
+
+    def load_counts(self) -> tuple[int, int]:
+        with self._cv:
+            return len(self._running), len(self._waiting)
+
+    # ------------------------------------------------------------ the worker
+
+    def _worker(self) -> None:
+        while True:
+            started = []
+            with self._cv:
+                while not self._closed and not self._waiting and not self._running:
+                    self._cv.wait()
+                if self._closed and not self._waiting and not self._running:
+                    return
+                while self._waiting and len(self._running) < self.settings.max_running:
+                    job = self._waiting.popleft()
+                    self._running.append(job)
+                    started.append(job)
+                turn = list(self._running)
+            for job in started:
+                self._start(job)
+            for job in turn:
+                if not job.done:
+                    self._step(job)
+            with self._cv:
+                self._running = [j for j in self._running if not j.done]
+
+    def _start(self, job: Job) -> None:
+        m, d = self.metrics, job.drafter
+        m.waiting.labels(d).dec()
+        m.running.labels(d).inc()
+        job.started = time.perf_counter()
+        m.queue_time.labels(d).observe(job.started - job.arrival)
+        if job.cancel.is_set():  # the client left while it waited: no compute at all
+            self._finish(job, FINISH_CANCELLED)
+            return
+        p = job.prepared
+        m.prompt_tokens.labels(d).inc(len(p.prompt_ids))
+        try:
+            model = self.bundle.model
+            # The engine needs prompt + max_new_tokens - 1 positions (the last
+            # token never runs through the model); no more is allocated.
+            job.cache = model.new_cache(batch_size=1, max_len=len(p.prompt_ids) + p.params.max_new_tokens)
+            job.cache_bytes = job.cache.nbytes
+            m.kv_cache_bytes.inc(job.cache_bytes)
+            job.gen = self._generate(model, p.prompt_ids, p.params, self.drafters[d],
+                                     tokenizer=self.bundle.tokenizer, cache=job.cache,
+                                     should_stop=job.cancel.is_set)
+        except Exception as e:
+            self._fail(job, e)
+
+    def _step(self, job: Job) -> None:
+        prompt = job.prepared.prompt
+        try:
+            if self.settings.debug_faults:
+                if prompt.startswith(SLOW_PREFIX):
+                    time.sleep(SLOW_STEP_S)
+                if prompt.startswith(FAIL_PREFIX) and job.steps >= 1:
+                    raise RuntimeError("injected fault (debug_faults is on and the prompt starts with [[fail]])")
+            with torch.inference_mode():
+                ev = next(job.gen)
+        except StopIteration:
+            self._fail(job, RuntimeError("generation ended without a finish reason"))
+            return
+        except Exception as e:
+            self._fail(job, e)
+            return
+        job.steps += 1
+        self._observe_step(job, ev)
+        job._put(ev)
+        if ev.finish_reason is not None:
+            self._finish(job, ev.finish_reason, ev.stats)
+
+    def _observe_step(self, job: Job, ev: StepEvent) -> None:
+        m, d = self.metrics, job.drafter
+        now = time.perf_counter()
+        n = len(ev.tokens)
+        if n:
+            if job.last_token_at is None:
+                m.ttft.labels(d).observe(now - job.arrival)
+            else:
+                per_token = (now - job.last_token_at) / n
+                for _ in range(n):
+                    m.itl.labels(d).observe(per_token)
+            job.last_token_at = now
+            job.generated += n
+            m.generation_tokens.labels(d).inc(n)
+        self._export_spec(job, ev.stats)
+
+    def _export_spec(self, job: Job, st: SpecStats) -> None:
+        """Add what this step added to the running totals in ``st``."""
+        m, d, seen = self.metrics, job.drafter, job.seen
+
+        def delta(key: str, value: int) -> int:
+            inc = value - seen.get(key, 0)
+            seen[key] = value
+            return inc
+
+        for key, counter in (("draft_tokens", m.num_draft_tokens), ("accepted_tokens", m.num_accepted_tokens),
+                             ("model_handbacks", m.model_handbacks), ("verify_steps", m.verify_steps)):
+            inc = delta(key, getattr(st, key))
+            if inc:
+                counter.labels(d).inc(inc)
+        for j, v in enumerate(st.drafted_per_position):
+            inc = delta(f"drafted{j}", v)
+            if inc:
+                m.num_drafted_per_pos.labels(d, str(j)).inc(inc)
+                if j == 0:  # every non-empty draft has a token at position 0
+                    m.num_drafts.labels(d).inc(inc)
+        for j, v in enumerate(st.accepted_per_position):
+            inc = delta(f"accepted{j}", v)
+            if inc:
+                m.num_accepted_per_pos.labels(d, str(j)).inc(inc)
+
+    def _finish(self, job: Job, reason: str, stats: SpecStats | None = None) -> None:
+        m, d = self.metrics, job.drafter
+        if reason == FINISH_CANCELLED:
+            m.failure.labels(d, "cancelled").inc()
+            if job.gen is None:  # cancelled before it started: tell the listener, if any
+                job._put(StepEvent(tokens=[], logprobs=[], texts=[], finish_reason=FINISH_CANCELLED,
+                                   stats=SpecStats(drafter=d)))
+        else:
+            m.success.labels(d, reason).inc()
+            m.e2e.labels(d).observe(time.perf_counter() - job.arrival)
+            if stats is not None and stats.draft_tokens:
+                m.acceptance_rate.labels(d).observe(stats.acceptance_rate)
+            if stats is not None and stats.verify_steps:
+                m.accepted_length.labels(d).observe(stats.mean_accepted_length)
+        self._release(job)
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        log.exception("request %s failed", job.id, exc_info=exc)
+        self.metrics.failure.labels(job.drafter, "internal").inc()
+        job._put(GenerationFailed(f"Request failed during generation: {type(exc).__name__}: {exc}"))
+        self._release(job)
+
+    def _release(self, job: Job) -> None:
+        """Drop the generator and the KV cache; the job leaves the running set."""
+        if job.gen is not None:
+            try:
+                job.gen.close()
+            except Exception:  # a generator that fails to close must not take the worker down
+                log.exception("closing the generator of %s failed", job.id)
+        job.gen = None
+        job.cache = None
+        if job.cache_bytes:
+            self.metrics.kv_cache_bytes.dec(job.cache_bytes)
+            job.cache_bytes = 0
+        self.metrics.running.labels(job.drafter).dec()
+        job.done = True
+
+    # ------------------------------------------------------------ shutdown
+
+    def shutdown(self, timeout: float) -> None:
+        """Stop admitting, let in-flight requests finish for up to ``timeout``
+        seconds, cancel what is left, and stop the worker."""
+        with self._cv:
+            if self.state == "ready":
+                self.state = "stopping"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(self.load_counts()):
+            time.sleep(0.02)
+        with self._cv:
+            for job in [*self._waiting, *self._running]:
+                job.abort()
+            self._closed = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)

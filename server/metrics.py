@@ -1,0 +1,57 @@
+"""Every Prometheus object the server has, and nothing else does.
+
+Names follow vLLM's (``vllm:spec_decode_num_accepted_tokens_total`` becomes
+``treespec_spec_decode_num_accepted_tokens_total``), so PromQL written for
+vLLM dashboards carries over by swapping the prefix. Each series that
+depends on the drafter carries a ``drafter`` label.
+
+The engine reports data (``SpecStats`` per verify step, timings per
+request); this module turns it into series. Metrics live in their own
+registry, so two apps in one process (tests) never collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Latency buckets from 1 ms (a tiny model's step) to a few minutes (a long
+# generation on CPU).
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5,
+            5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+_E2E = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 240.0, 480.0)
+_RATE = tuple(i / 10 for i in range(1, 11))
+_LENGTH = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = r = registry if registry is not None else CollectorRegistry()
+        D = ["drafter"]
+        # Speculation, per verify step (vLLM's spec_decode counters).
+        self.num_drafts = Counter("treespec_spec_decode_num_drafts", "Verify steps that checked at least one drafted token", D, registry=r)
+        self.num_draft_tokens = Counter("treespec_spec_decode_num_draft_tokens", "Tokens proposed by the drafter", D, registry=r)
+        self.num_accepted_tokens = Counter("treespec_spec_decode_num_accepted_tokens", "Drafted tokens the model accepted (bonus tokens excluded)", D, registry=r)
+        self.num_accepted_per_pos = Counter("treespec_spec_decode_num_accepted_tokens_per_pos", "Drafted tokens accepted at each draft position (0 = first drafted token)", D + ["position"], registry=r)
+        self.num_drafted_per_pos = Counter("treespec_spec_decode_num_draft_tokens_per_pos", "Drafted tokens proposed at each draft position", D + ["position"], registry=r)
+        self.model_handbacks = Counter("treespec_spec_decode_model_handbacks", "Drafts that ended because the tree predicted __MODEL__", D, registry=r)
+        self.verify_steps = Counter("treespec_spec_decode_num_verify_steps", "Model forwards after the prefill (each verifies the last token plus a draft)", D, registry=r)
+        # Per request.
+        self.acceptance_rate = Histogram("treespec_spec_decode_acceptance_rate", "Per request: accepted / drafted tokens (requests that drafted nothing are not observed)", D, buckets=_RATE, registry=r)
+        self.accepted_length = Histogram("treespec_spec_decode_mean_accepted_length", "Per request: tokens produced per verify step, bonus token included", D, buckets=_LENGTH, registry=r)
+        self.ttft = Histogram("treespec_time_to_first_token_seconds", "From arrival to the first generated token", D, buckets=_LATENCY, registry=r)
+        self.itl = Histogram("treespec_inter_token_latency_seconds", "Time per generated token after the first (a verify step's time spread over the tokens it produced)", D, buckets=_LATENCY, registry=r)
+        self.e2e = Histogram("treespec_e2e_request_latency_seconds", "From arrival to the last token", D, buckets=_E2E, registry=r)
+        self.queue_time = Histogram("treespec_request_queue_time_seconds", "From arrival to the start of the prefill", D, buckets=_LATENCY, registry=r)
+        self.running = Gauge("treespec_requests_running", "Requests holding a KV cache and taking turns on the model", D, registry=r)
+        self.waiting = Gauge("treespec_requests_waiting", "Requests admitted and waiting for a turn", D, registry=r)
+        self.prompt_tokens = Counter("treespec_prompt_tokens", "Prompt tokens prefilled", D, registry=r)
+        self.generation_tokens = Counter("treespec_generation_tokens", "Tokens generated (counted as each verify step produces them)", D, registry=r)
+        self.success = Counter("treespec_request_success", "Requests that finished", D + ["finish_reason"], registry=r)
+        self.failure = Counter("treespec_request_failure", "Requests that did not finish: validation, too_large, unauthorized, overloaded, cancelled, internal, shutdown", D + ["reason"], registry=r)
+        self.kv_cache_bytes = Gauge("treespec_kv_cache_bytes", "Bytes held by the KV caches of live requests", registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

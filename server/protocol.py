@@ -1,0 +1,232 @@
+"""Request and response bodies: TGI's ``/generate`` family and OpenAI's
+``/v1/completions``, as pydantic models.
+
+Requests are strict about types (``"max_new_tokens": "5"`` is a 422, not a
+5), because a client that sends the wrong type has a bug it wants to hear
+about. Unknown fields are ignored, so stock clients that send every field
+they know keep working; known options that treespec does not implement are
+refused when set to anything but their neutral value rather than silently
+ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_STOP = 4
+MAX_K = 64
+MAX_SEED = 2**63 - 1
+
+# TGI finish reasons are ours as they are; OpenAI has only "length" and "stop".
+OPENAI_FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+def _check_stop(stop: list[str]) -> list[str]:
+    if len(stop) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop sequences are allowed, got {len(stop)}")
+    for s in stop:
+        if s == "":
+            raise ValueError("stop sequences must not be empty")
+    return stop
+
+
+def _refuse(name: str, value, neutral) -> None:
+    if value is not None and value != neutral:
+        raise ValueError(f"{name}={value!r} is not supported by treespec (only {neutral!r})")
+
+
+class GenerateParameters(_Strict):
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    do_sample: bool = False
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: list[str] | None = None
+    details: bool = False
+    return_full_text: bool | None = None
+    drafter: str | None = None
+    k_max: int | None = Field(None, ge=1, le=MAX_K)
+    # TGI options that stock clients send; accepted only at their neutral value.
+    best_of: int | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    typical_p: float | None = None
+    top_n_tokens: int | None = None
+    watermark: bool | None = None
+    truncate: int | None = None
+    grammar: dict | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        return _check_stop(v) if v is not None else v
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        _refuse("best_of", self.best_of, 1)
+        _refuse("repetition_penalty", self.repetition_penalty, 1.0)
+        _refuse("frequency_penalty", self.frequency_penalty, 0.0)
+        _refuse("typical_p", self.typical_p, 1.0)
+        _refuse("top_n_tokens", self.top_n_tokens, 0)
+        _refuse("watermark", self.watermark, False)
+        _refuse("truncate", self.truncate, None)
+        _refuse("grammar", self.grammar, None)
+        return self
+
+    def sampling_temperature(self) -> float:
+        """0 means greedy. As in TGI, setting temperature, top_k or top_p turns
+        sampling on even without do_sample; temperature 0 always means greedy."""
+        if self.temperature == 0.0:
+            return 0.0
+        sampling = self.do_sample or self.temperature is not None or bool(self.top_k) or (
+            self.top_p is not None and self.top_p < 1.0)
+        if not sampling:
+            return 0.0
+        return 1.0 if self.temperature is None else self.temperature
+
+
+class GenerateRequest(_Strict):
+    inputs: str
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    stream: bool = False  # TGI accepts it on "/"; /generate and /generate_stream decide by route
+
+
+class CompletionRequest(_Strict):
+    """OpenAI's legacy completions request, plus treespec's top_k/drafter/k_max."""
+
+    model: str | None = None
+    prompt: str | list[str]
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=100.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stream: bool = False
+    n: int = 1
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    drafter: str | None = None
+    k_max: int | None = Field(None, ge=1, le=MAX_K)
+    user: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError(f"exactly one prompt is supported, got a list of {len(v)}")
+            return v[0]
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return []
+        return _check_stop([v] if isinstance(v, str) else v)
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        _refuse("n", self.n, 1)
+        _refuse("echo", self.echo, False)
+        _refuse("logprobs", self.logprobs, None)
+        _refuse("best_of", self.best_of, 1)
+        _refuse("presence_penalty", self.presence_penalty, 0.0)
+        _refuse("frequency_penalty", self.frequency_penalty, 0.0)
+        return self
+
+    def sampling_temperature(self) -> float:
+        # OpenAI's default temperature is 1 (sampling); 0 is greedy.
+        return 1.0 if self.temperature is None else self.temperature
+
+
+# ---------------------------------------------------------------- responses
+
+
+class Token(BaseModel):
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+class Speculative(BaseModel):
+    drafter: str
+    verify_steps: int
+    draft_tokens: int
+    accepted_tokens: int
+    acceptance_rate: float
+    mean_accepted_length: float
+    accepted_per_position: list[int]
+    drafted_per_position: list[int]
+    model_handbacks: int
+
+
+class Details(BaseModel):
+    finish_reason: str
+    generated_tokens: int
+    prompt_tokens: int
+    seed: int | None
+    tokens: list[Token] | None = None
+    speculative: Speculative
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamResponse(BaseModel):
+    index: int
+    token: Token
+    generated_text: str | None = None
+    details: Details | None = None
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int = 0
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    error_type: str
+
+
+def validation_message(e: ValidationError) -> str:
+    """One line per problem: ``parameters.top_p: Input should be less than or equal to 1``."""
+    parts = []
+    for err in e.errors(include_url=False):
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("function-after",))
+        msg = err.get("msg", "invalid")
+        msg = msg.removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "Input validation error: " + "; ".join(parts)

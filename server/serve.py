@@ -1,0 +1,93 @@
+"""``treespec serve``: run the HTTP server on a bundle.
+
+Every flag has a ``TREESPEC_*`` environment variable (``--max-running`` is
+``TREESPEC_MAX_RUNNING``); a flag given on the command line wins over the
+environment, which wins over the default. Prefer ``TREESPEC_API_KEY`` to
+``--api-key``: command lines are visible to every user of the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import MISSING, fields
+
+from .settings import ENV_PREFIX, Settings, SettingsError, load_settings
+
+HELP = {
+    "bundle": "model bundle directory",
+    "host": "interface to listen on",
+    "port": "port to listen on (0: any free port, printed at startup)",
+    "api_key": "require 'Authorization: Bearer KEY' on the generate routes",
+    "max_running": "requests that take turns on the model at once",
+    "max_waiting": "requests admitted to wait for a turn; beyond both, 429",
+    "max_body_bytes": "larger request bodies get 413",
+    "default_max_new_tokens": "max_new_tokens / max_tokens when a request leaves it out",
+    "default_drafter": "auto (the bundle's tree drafter if it has one, else ngram), tree, ngram or none",
+    "cors_origins": "comma-separated origins allowed by CORS (default: CORS off)",
+    "model_name": "model name reported by /info and /v1/completions (default: the bundle directory name)",
+    "device": "torch device for the model",
+    "dtype": "float32, float16 or bfloat16",
+    "threads": "torch intra-op threads (0: torch's default)",
+    "graceful_timeout_s": "on shutdown, seconds to let in-flight requests finish before cancelling them",
+    "log_level": "uvicorn/treespec log level",
+    "debug_faults": "TEST ONLY: [[fail]] / [[slow]] prompt prefixes inject faults and delays",
+}
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help="serve a bundle over HTTP (TGI and OpenAI compatible)",
+                       description=__doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = Settings()
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-").removesuffix("-s")
+        env = ENV_PREFIX + f.name.upper()
+        default = getattr(defaults, f.name)
+        if isinstance(default, list):
+            default = ",".join(default) or "off"
+        text = f"{HELP.get(f.name, '')} [env {env}; default {default}]"
+        kind = str(f.type)
+        if kind == "bool":
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif kind.startswith("list"):
+            p.add_argument(flag, dest=f.name, default=None, help=text,
+                           type=lambda s: [x.strip() for x in s.split(",") if x.strip()])
+        else:
+            conv = int if kind == "int" else float if kind == "float" else str
+            p.add_argument(flag, dest=f.name, default=None, type=conv, help=text)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from .app import build_app
+
+    try:
+        settings = load_settings(vars(args))
+    except SettingsError as e:
+        print(f"treespec serve: {e}", file=sys.stderr)
+        return 2
+    level = settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
+    logging.getLogger("treespec").setLevel(level)
+
+    server: uvicorn.Server | None = None
+
+    def stop_after_failed_load() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(settings, on_load_failed=stop_after_failed_load)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=settings.graceful_timeout_s, lifespan="on",
+                            access_log=settings.log_level == "debug")
+    server = uvicorn.Server(config)
+    server.run()
+    engine = app.state.engine
+    if engine.state == "failed":
+        print(f"treespec serve: {engine.load_error}", file=sys.stderr)
+        return 1
+    return 0
