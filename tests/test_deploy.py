@@ -465,6 +465,50 @@ def test_healthcheck_command_passes_on_a_live_server_and_fails_without_one(serve
     assert run_healthcheck(free_port()).returncode != 0  # nothing listens there
 
 
+def test_healthcheck_command_fails_while_the_model_loads(tmp_path):
+    """/health answers 503 until the bundle is loaded: the image must report
+    "starting"/"unhealthy" then, not healthy."""
+    import threading
+
+    import uvicorn
+
+    from treespec.server.app import build_app
+    from treespec.server.settings import Settings
+
+    port = free_port()
+    app = build_app(Settings(bundle=str(tmp_path / "never-loaded"), port=port), load=False)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: srv.started, 30, "uvicorn to start")
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 503
+        r = run_healthcheck(port)
+        assert r.returncode != 0 and "503" in r.stderr, r.stderr
+    finally:
+        srv.should_exit = True
+        t.join(timeout=30)
+
+
+def test_healthcheck_and_scrape_paths_are_server_routes(tmp_path):
+    from treespec.server.app import build_app
+    from treespec.server.settings import Settings
+
+    app = build_app(Settings(bundle=str(tmp_path)), load=False)
+    gets = {r.path for r in app.routes if "GET" in getattr(r, "methods", ())}
+    posts = {r.path for r in app.routes if "POST" in getattr(r, "methods", ())}
+    health = re.search(r"%s(/\w+)'", healthcheck_code_dockerfile()).group(1)
+    assert health in gets
+    (job,) = PROM_CONFIG["scrape_configs"]
+    assert job.get("metrics_path", "/metrics") in gets
+    # The routes docs/deploy.md and the compose header promise on port 8000.
+    for text in ((REPO / "docs" / "deploy.md").read_text(), (DOCKER / "docker-compose.yml").read_text()):
+        line = next(l for l in text.splitlines() if "8000" in l and "POST /generate" in l)
+        post_part, get_part = line.split("POST", 1)[1].split("GET")
+        assert set(re.findall(r"/[\w/]+", post_part)) == posts
+        assert set(re.findall(r"/[\w/]+", get_part)) <= gets
+
+
 def test_every_dashboard_metric_exists_in_live_metrics(server):
     for drafter in ("ngram", "none"):
         for i in range(2):
