@@ -116,9 +116,26 @@ def _coerce(name: str, typ: Any, raw: str) -> Any:
             raise ValueError(raw)
         if typ in (int, float, str):
             return typ(raw)
-        return json.loads(raw)
+        value = json.loads(raw)
+        if typ in (list, dict) and not isinstance(value, typ):
+            raise ValueError(raw)
+        return value
     except (ValueError, json.JSONDecodeError):
-        raise TrainConfigError(f"--{name}={raw!r}: expected {getattr(typ, '__name__', typ)}") from None
+        what = "a JSON list such as [4,5,6]" if typ is list else getattr(typ, "__name__", typ)
+        raise TrainConfigError(f"--{name}={raw!r}: expected {what}") from None
+
+
+def _check_file_value(name: str, typ: Any, value: Any) -> Any:
+    """A config file's JSON value against the field's type (ints pass as floats)."""
+    typ = typing.get_origin(typ) or typ
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str),
+          dict: lambda v: isinstance(v, dict)}.get(typ, lambda v: isinstance(v, list))
+    if not ok(value):
+        raise TrainConfigError(f"config file: {name}={value!r} should be {getattr(typ, '__name__', typ)}")
+    return float(value) if typ is float else value
 
 
 def _model_field_types() -> dict[str, Any]:
@@ -133,15 +150,24 @@ def build_train_config(preset: str | None = None, config_file: str | None = None
         if preset not in TRAIN_PRESETS:
             raise TrainConfigError(f"unknown training preset {preset!r}; choose one of {sorted(TRAIN_PRESETS)}")
         values.update(TRAIN_PRESETS[preset])
-    if config_file is not None:
-        try:
-            values.update(json.loads(Path(config_file).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise TrainConfigError(f"cannot read config file {config_file}: {e}") from None
     hints = typing.get_type_hints(TrainConfig)
     known = {f.name for f in fields(TrainConfig)}
     model_types = _model_field_types()
+    if config_file is not None:
+        try:
+            from_file = json.loads(Path(config_file).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise TrainConfigError(f"cannot read config file {config_file}: {e}") from None
+        if not isinstance(from_file, dict):
+            raise TrainConfigError(f"config file {config_file}: expected a JSON object of TrainConfig fields")
+        unknown = sorted(set(from_file) - known)
+        if unknown:
+            raise TrainConfigError(f"config file {config_file}: unknown training option(s) {unknown}")
+        values.update({k: _check_file_value(k, hints[k], v) for k, v in from_file.items()})
     model_overrides = dict(values.pop("model_overrides", {}))
+    bad = sorted(set(model_overrides) - set(model_types))
+    if bad:
+        raise TrainConfigError(f"model_overrides: unknown model field(s) {bad}; GPTConfig has {sorted(model_types)}")
     for arg in overrides or []:
         if not arg.startswith("--") or "=" not in arg:
             raise TrainConfigError(f"expected --key=value, got {arg!r}")
@@ -162,6 +188,6 @@ def build_train_config(preset: str | None = None, config_file: str | None = None
     cfg = TrainConfig(**values, model_overrides=model_overrides)
     try:
         cfg.validate()
-    except ValueError as e:  # includes GPTConfig's ConfigError
+    except (ValueError, TypeError) as e:  # GPTConfig's ConfigError; a model override of the wrong type
         raise TrainConfigError(str(e)) from None
     return cfg

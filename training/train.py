@@ -18,6 +18,7 @@ import platform
 import shlex
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -284,10 +285,11 @@ class Run:
 
     # --- one optimizer step -------------------------------------------------------
 
-    def train_step(self) -> dict:
-        """Forward/backward over grad_accum micro-batches, then one AdamW step."""
+    def accumulate_gradients(self) -> tuple[float, list[float]]:
+        """Forward/backward over grad_accum micro-batches, leaving the gradient
+        of the mean loss in ``.grad`` (under DDP: averaged over all ranks).
+        Returns the mean loss and the mean loss of each exit on this rank."""
         cfg = self.cfg
-        params = [p for p in self.model.parameters() if p.requires_grad]
         exit_losses = None
         total = 0.0
         for micro in range(cfg.grad_accum):
@@ -304,6 +306,13 @@ class Run:
             total += out.loss.item() / cfg.grad_accum
             el = [l.item() / cfg.grad_accum for l in out.exit_losses]
             exit_losses = el if exit_losses is None else [a + b for a, b in zip(exit_losses, el)]
+        return total, exit_losses
+
+    def train_step(self) -> dict:
+        """One optimizer step: accumulate gradients, clip, set the LR, AdamW."""
+        cfg = self.cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        total, exit_losses = self.accumulate_gradients()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip > 0 else 0.0
 
         if self.hyper and self.step >= cfg.warmup_steps:
@@ -342,18 +351,37 @@ class Run:
         self.log({"step": self.step, "tokens": self.tokens_seen, "val": res})
         return res
 
-    def _install_signal_handlers(self) -> None:
+    @contextlib.contextmanager
+    def _signals_stop_training(self):
+        """SIGINT/SIGTERM finish the current step, checkpoint and return.
+
+        The previous handlers come back afterwards, so a caller (a test, a
+        notebook) keeps its own Ctrl-C. Signal handlers can only be set from
+        the main thread; elsewhere the caller stops a run via stop_requested.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
         def handler(signum, frame):
-            self.stop_requested = True  # finish the current step, checkpoint, exit
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, handler)
+            self.stop_requested = True
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
     def train(self) -> dict:
         cfg = self.cfg
         if self.master:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        self._install_signal_handlers()
+        with self._signals_stop_training():
+            return self._train_loop()
+
+    def _train_loop(self) -> dict:
+        cfg = self.cfg
         self.model.train()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.master),
                    desc="train", unit="step", dynamic_ncols=True)
@@ -375,8 +403,8 @@ class Run:
                 final = res[f"exit_{self.gpt_config.n_layer}"]
                 bar.write(f"step {self.step}: val " + ", ".join(f"{d} {v:.3f}" for d, v in final.items()))
                 plot_run(self.out)
-            if self.step % cfg.ckpt_interval == 0 or self.stop_requested:
-                self.save_checkpoint()
+            if self.step % cfg.ckpt_interval == 0 and not self.stop_requested:
+                self.save_checkpoint()  # (a stop saves once, below)
             if self.ddp:
                 dist.barrier()
         bar.close()
