@@ -18,6 +18,7 @@ COMMANDS = {
     "inspect": "treespec.model.inspect",
     "prepare-data": "treespec.training.data",
     "train": "treespec.training.train",
+    "model-card": "treespec.training.model_card",
     "serve": "treespec.server.serve",
 }
 

