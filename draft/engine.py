@@ -1,0 +1,211 @@
+"""The generation loop: vanilla and speculative decoding in one generator.
+
+gpt-fast style, batch 1::
+
+    prefill(prompt)  ->  token t0 from the last prompt position's logits
+    loop:
+        drafts = drafter.propose(context, features, k)      # k may be 0
+        logits = model.forward_step([last] + drafts)         # ONE forward
+        greedy:   accept the longest prefix of drafts equal to the argmax,
+                  then the model's own next token (the bonus)
+        sampling: accept_sampled(): exact speculative sampling
+        cache.rollback(to the accepted length)               # O(1)
+
+With no drafter every step verifies just ``[last]``: that is vanilla
+decoding, and the reference every speculative run must reproduce token for
+token under greedy decoding (and in distribution under sampling).
+
+Tokens are released one at a time through TextStream, so end-of-text, stop
+strings and max_new_tokens cut a step's accepted tokens exactly where
+vanilla decoding would have stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator
+
+import torch
+
+from .sampling import AcceptRule, accept_greedy, accept_sampled, make_generator, probs_from_logits, validate_params
+from .text import TextStream
+from .types import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Draft, Drafter, ModelFeatures,
+                    SamplingParams, SpecStats, StepEvent)
+
+# Draft length for a drafter that declares no k_max of its own.
+DEFAULT_K = 4
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated tokens; end-of-text, when generated, is the last one
+    text: str  # released text, stop sequence excluded
+    finish_reason: str
+    stats: SpecStats
+    logprobs: list[float]
+
+
+def _features(out, row: int, n_vocab: int) -> ModelFeatures:
+    return ModelFeatures(logits=out.logits[0, row, :n_vocab], hidden=out.hidden[0, row],
+                         exit_hidden=[h[0, row] for h in out.exit_hidden])
+
+
+def _snapshot(stats: SpecStats) -> SpecStats:
+    return replace(stats, accepted_per_position=list(stats.accepted_per_position),
+                   drafted_per_position=list(stats.drafted_per_position))
+
+
+def _grow(counts: list[int], n: int) -> None:
+    if len(counts) < n:
+        counts.extend([0] * (n - len(counts)))
+
+
+def generate(model, prompt_ids: list[int], params: SamplingParams, drafter: Drafter | None = None, *,
+             tokenizer, cache=None, should_stop: Callable[[], bool] | None = None,
+             accept: AcceptRule = accept_sampled) -> Iterator[StepEvent]:
+    """Generate from ``prompt_ids``; yield one StepEvent for the prefill's
+    token and one per verify step. The last event has ``finish_reason`` set.
+
+    ``accept`` replaces the sampling acceptance rule (tests inject wrong
+    rules to show the exactness test can fail); greedy decoding ignores it.
+    ``cache`` is reused when given (it is reset first). ``should_stop`` is
+    polled before every verify step; when it returns True the generator
+    yields a last, empty event with finish reason "cancelled".
+    """
+    validate_params(params)
+    prompt = [int(t) for t in prompt_ids]
+    block = model.config.block_size
+    if not prompt:
+        raise ValueError("the prompt is empty: it needs at least one token")
+    if len(prompt) + params.max_new_tokens > block:
+        raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
+                         f"{len(prompt) + params.max_new_tokens} exceeds the model's context of {block} tokens; "
+                         f"shorten the prompt or lower max_new_tokens")
+    n_vocab, eot = tokenizer.n_vocab, tokenizer.eot_id
+    if max(prompt) >= n_vocab or min(prompt) < 0:
+        raise ValueError(f"prompt token ids must be in [0, {n_vocab})")
+    if cache is None:
+        cache = model.new_cache(batch_size=1, max_len=block)
+    elif cache.max_len < len(prompt) + params.max_new_tokens - 1:
+        raise ValueError(f"the KV cache holds {cache.max_len} positions; this request needs "
+                         f"{len(prompt) + params.max_new_tokens - 1}")
+    cache.reset()
+
+    greedy = params.greedy
+    gen = None if greedy else make_generator(params.seed, model.wte.weight.device)
+    device = model.wte.weight.device
+    k_cap = params.k_max if params.k_max is not None else getattr(drafter, "k_max", DEFAULT_K)
+    stream = TextStream(tokenizer, params.stop)
+    stats = SpecStats(drafter=getattr(drafter, "name", "none") if drafter is not None else "none",
+                      prompt_tokens=len(prompt))
+    context = list(prompt)  # prompt + generated; the last token has not been through the model yet
+
+    def choose(logits: torch.Tensor, drafts: list[int], q) -> tuple[list[int], list[float]]:
+        """Verify ``drafts`` against logits rows (len(drafts)+1, n_vocab):
+        the accepted drafts plus the next token, with their log-probabilities."""
+        if greedy:
+            argmax = logits.argmax(dim=-1).tolist()
+            n = accept_greedy(argmax, drafts)
+            new = drafts[:n] + [argmax[n]]
+            rows = logits[:n + 1].float()
+            # Greedy reports the model's own (unscaled) log-probabilities.
+            lp = rows[torch.arange(n + 1), new] - torch.logsumexp(rows, dim=-1)
+        else:
+            p = probs_from_logits(logits, params)
+            n, nxt = accept(p, drafts, q, gen)
+            new = drafts[:n] + [nxt]
+            lp = torch.log(p[torch.arange(n + 1), new])
+        return new, lp.tolist()
+
+    t0 = time.perf_counter()
+    out = model.forward_step(torch.tensor([prompt], device=device), 0, cache, last_only=True)
+    new, lps = choose(out.logits[0, :, :n_vocab], [], None)
+    features = _features(out, 0, n_vocab)
+    stats.prefill_time_s = time.perf_counter() - t0
+
+    while True:
+        # Release the new tokens one by one, exactly as vanilla decoding
+        # would, so nothing after end-of-text or a stop string escapes.
+        tokens, texts, logprobs, finish = [], [], [], None
+        for t, lp in zip(new, lps):
+            tokens.append(t)
+            logprobs.append(lp)
+            context.append(t)
+            stats.generated_tokens += 1
+            if t == eot:
+                texts.append("")
+                finish = FINISH_EOS
+                break
+            texts.append(stream.push(t))
+            if stream.stopped:
+                finish = FINISH_STOP
+                break
+            if stats.generated_tokens >= params.max_new_tokens:
+                finish = FINISH_LENGTH
+                break
+        if finish is not None:
+            texts[-1] += stream.finish()
+            # Leave the cache describing exactly the kept context (all but its
+            # last token), even when a stop cut an accepted draft short.
+            cache.rollback(min(cache.length, len(context) - 1))
+        yield StepEvent(tokens=tokens, logprobs=logprobs, texts=texts, finish_reason=finish,
+                        stats=_snapshot(stats))
+        if finish is not None:
+            return
+        if should_stop is not None and should_stop():
+            yield StepEvent(tokens=[], logprobs=[], texts=[], finish_reason=FINISH_CANCELLED,
+                            stats=_snapshot(stats))
+            return
+
+        # Draft: never more than the request can still use. The verify step
+        # yields drafts + 1 tokens, and prompt + max_new_tokens <= block_size
+        # keeps every position inside the cache.
+        k = min(k_cap, params.max_new_tokens - stats.generated_tokens - 1) if drafter is not None else 0
+        drafts, q = [], None
+        if k > 0:
+            td = time.perf_counter()
+            draft: Draft = drafter.propose(context, features, k)
+            stats.drafter_time_s += time.perf_counter() - td
+            for d in draft.tokens[:k]:
+                d = int(d)
+                if not 0 <= d < n_vocab:  # cannot be a model token: the draft ends here
+                    break
+                drafts.append(d)
+            if draft.q is not None and drafts:
+                q = [r[:n_vocab].float() for r in draft.q[:len(drafts)]]
+            stats.model_handbacks += int(bool(draft.handback))
+
+        tv = time.perf_counter()
+        pos = len(context) - 1
+        out = model.forward_step(torch.tensor([[context[-1]] + drafts], device=device), pos, cache)
+        new, lps = choose(out.logits[0, :, :n_vocab], drafts, q)
+        n = len(new) - 1  # drafts accepted
+        cache.rollback(pos + n + 1)  # [last] + the accepted drafts stay; the bonus is not run yet
+        features = _features(out, n, n_vocab)
+        stats.verify_time_s += time.perf_counter() - tv
+
+        stats.verify_steps += 1
+        stats.draft_tokens += len(drafts)
+        stats.accepted_tokens += n
+        _grow(stats.drafted_per_position, len(drafts))
+        _grow(stats.accepted_per_position, len(drafts))
+        for j in range(len(drafts)):
+            stats.drafted_per_position[j] += 1
+        for j in range(n):
+            stats.accepted_per_position[j] += 1
+
+
+def generate_all(model, prompt_ids: list[int], params: SamplingParams, drafter: Drafter | None = None, *,
+                 tokenizer, cache=None, should_stop: Callable[[], bool] | None = None,
+                 accept: AcceptRule = accept_sampled) -> GenerationResult:
+    """Run ``generate`` to the end and collect its events."""
+    token_ids, logprobs, texts = [], [], []
+    event = None
+    for event in generate(model, prompt_ids, params, drafter, tokenizer=tokenizer, cache=cache,
+                          should_stop=should_stop, accept=accept):
+        token_ids += event.tokens
+        logprobs += event.logprobs
+        texts += event.texts
+    return GenerationResult(token_ids=token_ids, text="".join(texts), finish_reason=event.finish_reason,
+                            stats=event.stats, logprobs=logprobs)

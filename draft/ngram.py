@@ -1,0 +1,183 @@
+"""Prompt-lookup drafting: copy what followed the last time the context
+ended the way it ends now.
+
+The last n tokens (n = max_n down to 1) are looked up among earlier
+positions of the context; the most recent earlier occurrence wins, and the
+tokens that followed it are the draft. The copy may run into the tokens it
+is producing (as LZ77 does), so a context that repeats with a short period
+yields a full-length draft of the repetition.
+
+The lookup runs at every verify step (and, for the tree drafter's
+``__COPY__`` class and features, at every draft depth), so it keeps an index
+instead of rescanning: for each n, the n-gram -> the last position it ended
+at. The index follows the context incrementally. When the context is not an
+extension of what was indexed (rejected drafts, a new request), it is rolled
+back to the common prefix with an undo log and extended again, so the cost
+per call is proportional to the tokens that changed, not to the context.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+from .types import Draft, ModelFeatures
+
+DEFAULT_MAX_N = 3
+
+
+class NgramIndex:
+    """Last occurrence of every n-gram (n <= max_n) of a token sequence,
+    over the positions that have a following token."""
+
+    def __init__(self, max_n: int = DEFAULT_MAX_N):
+        if max_n < 1:
+            raise ValueError(f"max_n must be >= 1, got {max_n}")
+        self.max_n = max_n
+        self.tokens: list[int] = []
+        # last[n][gram] = end position of the most recent indexed occurrence
+        self._last: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_n + 1)]
+        # (n, gram, previous end position or -1) per indexed n-gram, in order,
+        # so rollback can restore the entries that later positions overwrote
+        self._undo: list[tuple[int, tuple[int, ...], int]] = []
+        self._undo_at: list[int] = []  # len(_undo) before position i was indexed
+
+    # Position i is indexed once token i+1 exists: an n-gram at the very end
+    # has nothing after it to propose, and must not match itself.
+    @property
+    def _indexed(self) -> int:
+        return max(len(self.tokens) - 1, 0)
+
+    def sync(self, context: Sequence[int]) -> None:
+        """Make the index describe ``context`` (which must not change while used)."""
+        if not isinstance(context, list):
+            context = list(context)
+        toks = self.tokens
+        n = len(toks)
+        if len(context) >= n and context[:n] == toks:
+            common = n
+        else:
+            common = _common_prefix(toks, context)
+            self._truncate(common)
+        if len(context) > common:
+            self._extend(context[common:])
+
+    def _truncate(self, length: int) -> None:
+        keep = max(length - 1, 0)  # positions that stay indexed
+        if keep < self._indexed:
+            mark = self._undo_at[keep]
+            for n, gram, prev in reversed(self._undo[mark:]):
+                if prev < 0:
+                    del self._last[n][gram]
+                else:
+                    self._last[n][gram] = prev
+            del self._undo[mark:]
+            del self._undo_at[keep:]
+        del self.tokens[length:]
+
+    def _extend(self, new: Sequence[int]) -> None:
+        toks, last, undo, max_n = self.tokens, self._last, self._undo, self.max_n
+        for t in new:
+            toks.append(int(t))
+            i = len(toks) - 2  # the position that now has a follower
+            if i < 0:
+                continue
+            self._undo_at.append(len(undo))
+            for n in range(1, min(max_n, i + 1) + 1):
+                gram = tuple(toks[i - n + 1:i + 1])
+                d = last[n]
+                undo.append((n, gram, d.get(gram, -1)))
+                d[gram] = i
+
+    def match(self, max_n: int | None = None) -> tuple[int, int]:
+        """(end position of the most recent earlier occurrence of the longest
+        matching suffix, its length n), or (-1, 0) when even the last token
+        never occurred before."""
+        toks = self.tokens
+        L = len(toks)
+        top = min(self.max_n if max_n is None else max_n, self.max_n, L - 1)
+        for n in range(top, 0, -1):
+            j = self._last[n].get(tuple(toks[L - n:]))
+            if j is not None:
+                return j, n
+        return -1, 0
+
+    def candidate(self, max_n: int | None = None) -> tuple[int | None, int]:
+        j, n = self.match(max_n)
+        return (self.tokens[j + 1], n) if n else (None, 0)
+
+    def continuation(self, k: int, max_n: int | None = None) -> list[int]:
+        j, n = self.match(max_n)
+        if not n:
+            return []
+        toks, L, out = self.tokens, len(self.tokens), []
+        for i in range(j + 1, j + 1 + k):
+            # j + 1 <= L - 1, so i is either in the context or a token just copied
+            out.append(toks[i] if i < L else out[i - L])
+        return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix, with list comparisons done in C:
+    back off exponentially from the end (drafts diverge near the end), then
+    bisect."""
+    hi = min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    lo, step = hi, 1
+    while True:  # find lo with a[:lo] == b[:lo]; hi stays a known mismatch
+        lo = max(hi - step, 0)
+        if a[:lo] == b[:lo]:
+            break
+        hi, step = lo, step * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# One index per thread, shared by the module-level helpers: consecutive calls
+# on a growing context (the engine's steps, a drafter's depths) stay
+# incremental, and concurrent requests on other threads never interfere.
+_local = threading.local()
+
+
+def _thread_index(max_n: int) -> NgramIndex:
+    idx = getattr(_local, "index", None)
+    if idx is None or idx.max_n < max_n:
+        idx = _local.index = NgramIndex(max(max_n, DEFAULT_MAX_N))
+    return idx
+
+
+def ngram_candidate(context: Sequence[int], max_n: int = DEFAULT_MAX_N) -> tuple[int | None, int]:
+    """The token that followed the most recent earlier occurrence of the
+    context's longest matching suffix (n = max_n down to 1), and n; (None, 0)
+    when there is none."""
+    idx = _thread_index(max_n)
+    idx.sync(context)
+    return idx.candidate(max_n)
+
+
+def ngram_continuation(context: Sequence[int], k: int, max_n: int = DEFAULT_MAX_N) -> list[int]:
+    """Up to k tokens copied from after that occurrence ([] when none)."""
+    idx = _thread_index(max_n)
+    idx.sync(context)
+    return idx.continuation(k, max_n)
+
+
+@dataclass
+class NgramDrafter:
+    """Prompt-lookup decoding as a Drafter: propose the copied continuation."""
+
+    k_max: int = 4
+    max_n: int = DEFAULT_MAX_N
+    name: str = "ngram"
+
+    def propose(self, context: list[int], features: ModelFeatures | None, k_max: int) -> Draft:
+        # The engine passes k_max already capped (the request's k_max, else
+        # self.k_max, and never past max_new_tokens or the context).
+        return Draft(tokens=ngram_continuation(context, k_max, self.max_n))

@@ -1,0 +1,121 @@
+"""From logits to the distribution the engine samples from, and the
+speculative acceptance rule that keeps sampling exact.
+
+The model's head has ``config.vocab_size`` (50304) columns, padded for fast
+matmuls; only the first ``tokenizer.n_vocab`` (50257) are real tokens. Every
+function here expects logits already sliced to the real vocabulary, so a
+padding column can never be sampled or win an argmax.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .types import SamplingParams
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A per-request RNG: a fixed seed reproduces a request, None draws a fresh one."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed))
+    return g
+
+
+def validate_params(params: SamplingParams) -> None:
+    if params.temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {params.temperature}")
+    if params.top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 turns it off), got {params.top_k}")
+    if not 0.0 < params.top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+    if params.k_max is not None and params.k_max < 0:
+        raise ValueError(f"k_max must be >= 0, got {params.k_max}")
+
+
+def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution p for each row of ``logits`` (..., V): temperature,
+    then top-k, then top-p (nucleus). Only for temperature > 0; greedy
+    decoding takes the argmax of the raw logits instead."""
+    if params.greedy:
+        raise ValueError("probs_from_logits is for sampling; greedy decoding uses the argmax")
+    z = logits.float() / params.temperature
+    V = z.size(-1)
+    if 0 < params.top_k < V:
+        kth = torch.topk(z, params.top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    p = torch.softmax(z, dim=-1)
+    if params.top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose mass reaches
+        # top_p: drop a token when the mass strictly before it already does.
+        sp, si = torch.sort(p, dim=-1, descending=True)
+        before = torch.cumsum(sp, dim=-1) - sp
+        sp = sp.masked_fill(before >= params.top_p, 0.0)
+        p = torch.zeros_like(p).scatter_(-1, si, sp)
+        p = p / p.sum(dim=-1, keepdim=True)
+    return p
+
+
+def sample(p: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from the (not necessarily normalised) weights ``p`` (V,)."""
+    return int(torch.multinomial(p, 1, generator=generator))
+
+
+# --- acceptance -------------------------------------------------------------
+
+# (p (k+1, V), drafts (k tokens), q (k rows of (V,)) or None, generator)
+#   -> (number of drafts accepted, the token that follows them)
+AcceptRule = Callable[[torch.Tensor, list[int], "list[torch.Tensor] | None", torch.Generator], tuple[int, int]]
+
+
+def accept_greedy(argmax: list[int], drafts: list[int]) -> int:
+    """How many drafts match the model's argmax; the bonus is argmax[n]."""
+    n = 0
+    for d, a in zip(drafts, argmax):
+        if d != a:
+            break
+        n += 1
+    return n
+
+
+def accept_sampled(p: torch.Tensor, drafts: list[int], q: list[torch.Tensor] | None,
+                   generator: torch.Generator) -> tuple[int, int]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023).
+
+    Row j of ``p`` is the model's processed distribution for the token after
+    draft j-1 (row 0: after the last accepted token). A draft d proposed
+    deterministically is accepted with probability p(d); on rejection the
+    token is drawn from p with d removed. A draft sampled from the drafter's
+    own q is accepted with probability min(1, p(d)/q(d)); on rejection the
+    token is drawn from max(0, p - q). Either way the emitted token has
+    exactly the distribution p. When every draft is accepted, the bonus token
+    comes from the row after the last draft.
+    """
+    for j, d in enumerate(drafts):
+        pj = p[j]
+        pd = float(pj[d])
+        u = float(torch.rand((), generator=generator))
+        if q is None:
+            if u < pd:
+                continue
+            residual = pj.clone()
+            residual[d] = 0.0
+        else:
+            qj = q[j]
+            qd = float(qj[d])
+            if qd <= 0.0:
+                raise ValueError(f"the drafter proposed token {d} at draft position {j} with q(d) = 0; "
+                                 "a sampled draft must come from its own q")
+            if u < pd / qd:
+                continue
+            residual = (pj - qj).clamp_min_(0.0)
+        if float(residual.sum()) <= 0.0:  # only by rounding: p and q agree
+            residual = pj
+        return j, sample(residual, generator)
+    return len(drafts), sample(p[len(drafts)], generator)
