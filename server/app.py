@@ -190,7 +190,7 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
         params = SamplingParams(
             max_new_tokens=req.max_tokens or settings.default_max_new_tokens,
             temperature=req.sampling_temperature(), top_k=req.top_k or 0,
-            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=list(req.stop), k_max=req.k_max)
+            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=list(req.stop or []), k_max=req.k_max)
         return req, start(req.prompt, params, req.drafter, request)
 
     async def watch_disconnect(request: Request, job: Job) -> None:
@@ -347,14 +347,14 @@ def _sse_error(error: str, error_type: str, sep: str = "") -> str:
 def engine_info(engine: Engine, settings: Settings) -> dict:
     b = engine.bundle
     cfg = b.config
-    tree = None
-    meta_file = b.draft_dir / "meta.json"
-    if meta_file.is_file():
-        try:
-            meta = json.loads(meta_file.read_text())
-            tree = {k: meta[k] for k in ("classes", "k_max", "feature_version", "n_classes") if k in meta}
-        except (OSError, ValueError) as e:
-            tree = {"error": f"unreadable {meta_file.name}: {e}"}
+    drafters = {}
+    for name, d in engine.drafters.items():
+        entry: dict[str, Any] = {"k_max": getattr(d, "k_max", None)} if d is not None else {}
+        spec = getattr(d, "spec", None)
+        if spec is not None:  # the tree: its classes are K tokens + __COPY__ + __MODEL__
+            entry.update(token_classes=len(spec.classes), classes=len(spec.classes) + 2,
+                         feature_version=getattr(spec, "version", None), p_min=getattr(d, "p_min", None))
+        drafters[name] = entry
     return {
         "model_id": engine.model_name,
         "model_sha": b.weights_sha256,
@@ -363,7 +363,7 @@ def engine_info(engine: Engine, settings: Settings) -> dict:
         "model_config": cfg.to_dict(),
         "parameters": b.model.num_params(non_embedding=False),
         "drafters": {"default": engine.default_drafter, "available": sorted(engine.drafters),
-                     "unavailable": engine.unavailable, "tree": tree},
+                     "unavailable": engine.unavailable, "settings": drafters},
         "max_input_tokens": cfg.block_size - 1,
         "max_total_tokens": cfg.block_size,
         "default_max_new_tokens": settings.default_max_new_tokens,

@@ -141,6 +141,7 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
         self._closed = False
+        self._stop_deadline: float | None = None
         self._thread: threading.Thread | None = None
         self._generate = None
         self.drafter_names: tuple[str, ...] = ()
@@ -178,8 +179,11 @@ class Engine:
         for name in DRAFTERS:
             try:
                 self.drafters[name] = make_drafter(name, self.bundle)
-            except DrafterUnavailable as e:
+            except (DrafterUnavailable, ValueError) as e:
+                # A missing or broken tree costs the tree only: the server still
+                # serves ngram/none, and /info and the log say why.
                 self.unavailable[name] = str(e)
+                log.warning("drafter %s unavailable: %s", name, e)
         if s.default_drafter == "auto":
             self.default_drafter = "tree" if "tree" in self.drafters else "ngram"
         elif s.default_drafter in self.drafters:
@@ -410,18 +414,36 @@ class Engine:
 
     # ------------------------------------------------------------ shutdown
 
-    def shutdown(self, timeout: float) -> None:
-        """Stop admitting, let in-flight requests finish for up to ``timeout``
-        seconds, cancel what is left, and stop the worker."""
+    def begin_shutdown(self, timeout: float) -> None:
+        """Stop admitting new requests (503) and cancel whatever is still in
+        flight ``timeout`` seconds from now. Returns at once: the server keeps
+        streaming to in-flight requests meanwhile, and a cancelled one ends
+        with a proper "cancelled" event instead of a cut connection."""
         with self._cv:
-            if self.state == "ready":
+            if self._stop_deadline is not None:
+                return
+            self._stop_deadline = time.monotonic() + timeout
+            if self.state in ("ready", "loading"):
                 self.state = "stopping"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(self.load_counts()):
+        threading.Thread(target=self._cancel_at_deadline, name="treespec-shutdown", daemon=True).start()
+
+    def _cancel_at_deadline(self) -> None:
+        while time.monotonic() < self._stop_deadline and any(self.load_counts()):
             time.sleep(0.02)
         with self._cv:
-            for job in [*self._waiting, *self._running]:
-                job.abort()
+            stragglers = [*self._waiting, *self._running]
+        if stragglers:
+            log.warning("shutdown: cancelling %d request(s) still in flight after the grace period", len(stragglers))
+        for job in stragglers:
+            job.abort()
+
+    def shutdown(self, timeout: float) -> None:
+        """Stop admitting, let in-flight requests finish for up to ``timeout``
+        seconds, cancel what is left, and stop the worker (blocking)."""
+        self.begin_shutdown(timeout)
+        while any(self.load_counts()) and time.monotonic() < self._stop_deadline + 10.0:
+            time.sleep(0.02)
+        with self._cv:
             self._closed = True
             self._cv.notify_all()
         if self._thread is not None:

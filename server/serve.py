@@ -74,6 +74,15 @@ def run(args) -> int:
     logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
     logging.getLogger("treespec").setLevel(level)
 
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # uvicorn waits for open connections and, past its timeout, cancels
+            # their tasks mid-response. Starting the engine's own grace period
+            # first lets in-flight requests finish, and ends the stragglers with
+            # a "cancelled" event/503 that the client can read.
+            app.state.engine.begin_shutdown(settings.graceful_timeout_s)
+            await super().shutdown(sockets)
+
     server: uvicorn.Server | None = None
 
     def stop_after_failed_load() -> None:
@@ -82,9 +91,10 @@ def run(args) -> int:
 
     app = build_app(settings, on_load_failed=stop_after_failed_load)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.graceful_timeout_s, lifespan="on",
+                            # a backstop only: the engine cancels stragglers first (Server.shutdown)
+                            timeout_graceful_shutdown=settings.graceful_timeout_s + 10, lifespan="on",
                             access_log=settings.log_level == "debug")
-    server = uvicorn.Server(config)
+    server = Server(config)
     server.run()
     engine = app.state.engine
     if engine.state == "failed":

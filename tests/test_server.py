@@ -1,0 +1,561 @@
+"""The server, end to end: a real ``treespec serve`` process (uvicorn on an
+ephemeral 127.0.0.1 port, a tiny random bundle) spoken to with httpx.
+
+One server process serves the whole module (starting one costs seconds), so
+the tests that count metrics first wait for it to be idle, and compare
+before/after scrapes of /metrics rather than absolute values. It runs with
+the test-only fault hooks on (``TREESPEC_DEBUG_FAULTS``): a prompt starting
+with ``[[slow]]`` takes 50 ms per verify step, and one starting with
+``[[fail]]`` raises inside the engine after its first step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import tiny_model
+
+API_KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+BLOCK = 128
+MAX_RUNNING, MAX_WAITING = 2, 2
+MAX_BODY = 16384
+ORIGIN = "http://dashboard.example"
+# A prompt that repeats, so the n-gram drafter finds matches and drafts.
+PROMPT = "one two three four one two three four one two three"
+
+
+# ---------------------------------------------------------------- the harness
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, log: list[str]):
+        self.proc, self.url, self.log = proc, url, log
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        r = httpx.get(self.url + "/metrics", timeout=30)
+        assert r.status_code == 200, r.text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+    def wait_idle(self, timeout: float = 60) -> dict:
+        """Block until no request is running or waiting; return that scrape."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            busy = total(m, "treespec_requests_running") + total(m, "treespec_requests_waiting")
+            if busy == 0:
+                return m
+            assert time.monotonic() < deadline, f"server still busy after {timeout}s"
+            time.sleep(0.05)
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(v for (n, ls), v in samples.items()
+               if n == name and all(dict(ls).get(k) == str(val) for k, val in labels.items()))
+
+
+def delta(before: dict, after: dict, name: str, **labels) -> float:
+    return total(after, name, **labels) - total(before, name, **labels)
+
+
+def start_server(bundle: Path, *args: str, env: dict | None = None, timeout: float = 180) -> Server:
+    cmd = [sys.executable, "-m", "treespec.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
+           "--port", "0", *args]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TREESPEC_")}
+    full_env.update(env or {})
+    if "TREESPEC_TOKENIZER" in os.environ:
+        full_env["TREESPEC_TOKENIZER"] = os.environ["TREESPEC_TOKENIZER"]
+    proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    port: list[int] = []
+
+    def pump():  # keep reading, or a full pipe would block the server
+        for line in proc.stdout:
+            log.append(line)
+            m = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                port.append(int(m.group(1)))
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not port:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("server did not start:\n" + "".join(log))
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port[0]}"
+    while True:  # listening comes first; the bundle loads in the background
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return Server(proc, url, log)
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("server never became healthy:\n" + "".join(log))
+        time.sleep(0.05)
+
+
+def stop_server(server: Server, timeout: float = 60) -> None:
+    """SIGTERM, and check the shutdown was the graceful one."""
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+    try:
+        code = server.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        raise
+    time.sleep(0.2)  # let the pump thread read the last lines
+    log = "".join(server.log)
+    # uvicorn re-raises the signal it caught once it has shut down cleanly.
+    assert code in (0, -signal.SIGTERM), log
+    assert "Application shutdown complete" in log and "Exception in ASGI application" not in log, log
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, ranks_path):
+    from treespec.model import save_bundle
+
+    return save_bundle(tmp_path_factory.mktemp("srv") / "tiny", tiny_model(block_size=BLOCK), ranks_path)
+
+
+@pytest.fixture(scope="module")
+def srv(bundle):
+    server = start_server(bundle, "--max-running", str(MAX_RUNNING), "--cors-origins", ORIGIN,
+                          env={"TREESPEC_API_KEY": API_KEY, "TREESPEC_MAX_WAITING": str(MAX_WAITING),
+                               "TREESPEC_MAX_BODY_BYTES": str(MAX_BODY), "TREESPEC_DEBUG_FAULTS": "1",
+                               "TREESPEC_THREADS": "1"})
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture
+def client(srv):
+    with srv.client(headers=AUTH) as c:
+        yield c
+
+
+def sse_events(lines) -> list:
+    """The ``data:`` payloads of an SSE stream, JSON-decoded ("[DONE]" kept as is)."""
+    out = []
+    for line in lines:
+        if not line.startswith("data:"):
+            assert line == "", f"unexpected SSE line {line!r}"
+            continue
+        payload = line[len("data:"):].strip()
+        out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def generate(c: httpx.Client, inputs: str, **params) -> dict:
+    r = c.post("/generate", json={"inputs": inputs, "parameters": {"details": True, **params}})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# ---------------------------------------------------------------- basics
+
+
+def test_health_info_and_metrics_are_open_without_the_key(srv):
+    assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
+    info = httpx.get(srv.url + "/info").json()
+    assert info["model_config"]["block_size"] == BLOCK
+    assert info["max_total_tokens"] == BLOCK and info["max_running"] == MAX_RUNNING
+    # A bundle without a tree drafter defaults to ngram and says why tree is missing.
+    assert info["drafters"]["default"] == "ngram"
+    assert set(info["drafters"]["available"]) == {"none", "ngram"}
+    assert "tree" in info["drafters"]["unavailable"]
+    r = httpx.get(srv.url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+
+
+def test_generate_routes_need_the_api_key(srv):
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        for route, b in (("/generate", body), ("/generate_stream", body),
+                         ("/v1/completions", {"prompt": PROMPT, "max_tokens": 2})):
+            r = httpx.post(srv.url + route, json=b, headers=headers, timeout=30)
+            assert r.status_code == 401, (route, headers, r.text)
+            assert r.json()["error_type"] == "unauthorized"
+            assert r.headers["www-authenticate"] == "Bearer"
+    assert httpx.post(srv.url + "/generate", json=body, headers=AUTH, timeout=60).status_code == 200
+
+
+def test_cors_allows_only_the_configured_origin(srv):
+    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    ok = httpx.options(srv.url + "/generate", headers={"Origin": ORIGIN, **pre})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ORIGIN
+    bad = httpx.options(srv.url + "/generate", headers={"Origin": "http://evil.example", **pre})
+    assert "access-control-allow-origin" not in bad.headers
+
+
+# ---------------------------------------------------------------- generation and its metrics
+
+
+def test_generate_reports_details_and_metrics_move_by_exactly_that(srv, client):
+    before = srv.wait_idle()
+    out = generate(client, PROMPT, max_new_tokens=24, drafter="ngram")
+    after = srv.wait_idle()
+    d, spec = out["details"], out["details"]["speculative"]
+    assert d["finish_reason"] == "length" and d["generated_tokens"] == 24 == len(d["tokens"])
+    assert out["generated_text"] == "".join(t["text"] for t in d["tokens"])
+    assert d["seed"] is None  # greedy
+    # The repeating prompt gives the n-gram drafter something to propose.
+    assert spec["drafter"] == "ngram" and spec["draft_tokens"] > 0
+    assert spec["accepted_tokens"] == sum(spec["accepted_per_position"])
+    assert spec["draft_tokens"] == sum(spec["drafted_per_position"])
+    assert spec["acceptance_rate"] == pytest.approx(spec["accepted_tokens"] / spec["draft_tokens"])
+    # Every token comes from the prefill or a verify step (accepted drafts + one bonus each).
+    assert 1 + spec["verify_steps"] + spec["accepted_tokens"] >= d["generated_tokens"]
+
+    L = {"drafter": "ngram"}
+    assert delta(before, after, "treespec_generation_tokens_total", **L) == d["generated_tokens"]
+    assert delta(before, after, "treespec_prompt_tokens_total", **L) == d["prompt_tokens"]
+    assert delta(before, after, "treespec_spec_decode_num_draft_tokens_total", **L) == spec["draft_tokens"]
+    assert delta(before, after, "treespec_spec_decode_num_accepted_tokens_total", **L) == spec["accepted_tokens"]
+    assert delta(before, after, "treespec_spec_decode_num_verify_steps_total", **L) == spec["verify_steps"]
+    assert delta(before, after, "treespec_spec_decode_model_handbacks_total", **L) == spec["model_handbacks"]
+    assert delta(before, after, "treespec_spec_decode_num_drafts_total", **L) == spec["drafted_per_position"][0]
+    for j, n in enumerate(spec["accepted_per_position"]):
+        assert delta(before, after, "treespec_spec_decode_num_accepted_tokens_per_pos_total",
+                     position=j, **L) == n
+    assert delta(before, after, "treespec_request_success_total", finish_reason="length", **L) == 1
+    for h in ("treespec_time_to_first_token_seconds", "treespec_e2e_request_latency_seconds",
+              "treespec_request_queue_time_seconds", "treespec_spec_decode_acceptance_rate"):
+        assert delta(before, after, h + "_count", **L) == 1, h
+    # One inter-token observation per token after the prefill's.
+    assert delta(before, after, "treespec_inter_token_latency_seconds_count", **L) == d["generated_tokens"] - 1
+    assert delta(before, after, "treespec_spec_decode_acceptance_rate_sum", **L) == pytest.approx(
+        spec["acceptance_rate"])
+    assert total(after, "treespec_kv_cache_bytes") == 0  # every cache was freed
+
+
+def test_stream_matches_generate_event_by_event(srv, client):
+    params = {"max_new_tokens": 20, "drafter": "ngram"}
+    ref = generate(client, PROMPT, **params)
+    with client.stream("POST", "/generate_stream", json={"inputs": PROMPT, "parameters": params}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r.iter_lines())
+    assert [e["index"] for e in events] == list(range(1, 21))
+    for e in events[:-1]:
+        assert e["generated_text"] is None and e["details"] is None
+    last = events[-1]
+    assert last["generated_text"] == ref["generated_text"] == "".join(e["token"]["text"] for e in events)
+    assert [e["token"] for e in events] == ref["details"]["tokens"]
+    assert last["details"]["finish_reason"] == "length"
+    assert last["details"]["speculative"] == ref["details"]["speculative"]
+
+
+def test_stop_sequence_ends_the_text_before_it(srv, client):
+    free = generate(client, PROMPT, max_new_tokens=30, drafter="none")["generated_text"]
+    # Take a stop string from the middle of what the model says anyway.
+    mid = len(free) // 2
+    stop = free[mid:mid + 3]
+    assume = stop.strip() and "\ufffd" not in stop
+    if not assume:
+        pytest.skip(f"the tiny model's text has no usable stop string: {free!r}")
+    out = generate(client, PROMPT, max_new_tokens=30, drafter="ngram", stop=[stop])
+    assert out["details"]["finish_reason"] == "stop_sequence"
+    assert out["generated_text"] == free[:free.index(stop)]
+    with client.stream("POST", "/generate_stream",
+                       json={"inputs": PROMPT, "parameters": {"max_new_tokens": 30, "stop": [stop]}}) as r:
+        events = sse_events(r.iter_lines())
+    # Nothing at or after the stop string was ever sent, not even a prefix of it.
+    assert "".join(e["token"]["text"] for e in events) == out["generated_text"]
+    assert events[-1]["details"]["finish_reason"] == "stop_sequence"
+
+
+def test_openai_completions_stream_and_usage(srv, client):
+    before = srv.wait_idle()
+    body = {"model": "anything", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    after = srv.wait_idle()
+    assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "length"
+    usage = out["usage"]
+    assert usage["completion_tokens"] == 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 12
+    L = {"drafter": "ngram"}
+    assert delta(before, after, "treespec_prompt_tokens_total", **L) == usage["prompt_tokens"]
+    assert delta(before, after, "treespec_generation_tokens_total", **L) == 12
+
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        chunks = sse_events(r.iter_lines())
+    assert chunks[-1] == "[DONE]"
+    chunks = chunks[:-1]
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert [c["choices"][0].get("finish_reason") for c in chunks][-1] == "length"
+    assert all(c["choices"][0].get("finish_reason") is None for c in chunks[:-1])
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert chunks[-1]["usage"] == usage
+
+
+def test_openai_stop_and_seeded_sampling(srv, client):
+    body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0.8, "top_p": 0.9, "seed": 7}
+    a, b = (client.post("/v1/completions", json=body).json() for _ in range(2))
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+    r = client.post("/generate", json={"inputs": PROMPT, "parameters": {
+        "do_sample": True, "max_new_tokens": 4, "details": True}})
+    assert isinstance(r.json()["details"]["seed"], int)  # the server picked one and says which
+
+
+# ---------------------------------------------------------------- bad input
+
+
+LONG = "word " * (BLOCK + 10)
+BAD_INPUTS = [
+    # (case, route, body: dict or raw bytes, status, words expected in the error)
+    ("empty inputs", "/generate", {"inputs": ""}, 422, "empty"),
+    ("whitespace inputs", "/generate", {"inputs": " \n\t "}, 422, "empty"),
+    ("prompt longer than the context", "/generate", {"inputs": LONG, "parameters": {"max_new_tokens": 8}}, 422,
+     "max_new_tokens must be <="),
+    ("prompt + max_new_tokens over the context", "/generate",
+     {"inputs": "word " * (BLOCK - 20), "parameters": {"max_new_tokens": 30}}, 422, "inputs tokens + max_new_tokens"),
+    ("max_new_tokens zero", "/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 0}}, 422, "max_new_tokens"),
+    ("max_new_tokens negative", "/generate", {"inputs": "hi", "parameters": {"max_new_tokens": -3}}, 422, "max_new_tokens"),
+    ("max_new_tokens huge", "/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 10**9}}, 422, "max_new_tokens"),
+    ("temperature negative", "/generate", {"inputs": "hi", "parameters": {"temperature": -0.1}}, 422, "temperature"),
+    ("top_p zero", "/generate", {"inputs": "hi", "parameters": {"top_p": 0}}, 422, "top_p"),
+    ("top_p above one", "/generate", {"inputs": "hi", "parameters": {"top_p": 1.5}}, 422, "top_p"),
+    ("top_k negative", "/generate", {"inputs": "hi", "parameters": {"top_k": -1}}, 422, "top_k"),
+    ("five stop strings", "/generate", {"inputs": "hi", "parameters": {"stop": list("abcde")}}, 422, "at most 4"),
+    ("empty stop string", "/generate", {"inputs": "hi", "parameters": {"stop": ["x", ""]}}, 422, "must not be empty"),
+    ("unknown drafter", "/generate", {"inputs": "hi", "parameters": {"drafter": "magic"}}, 422, "unknown drafter"),
+    ("tree drafter on a bundle without one", "/generate", {"inputs": "hi", "parameters": {"drafter": "tree"}}, 422,
+     "not available"),
+    ("k_max zero", "/generate", {"inputs": "hi", "parameters": {"k_max": 0}}, 422, "k_max"),
+    ("not JSON", "/generate", b"{inputs: hi", 422, "not valid JSON"),
+    ("JSON NaN", "/generate", b'{"inputs": "hi", "parameters": {"temperature": NaN}}', 422, "NaN"),
+    ("wrong type: inputs", "/generate", {"inputs": 42}, 422, "inputs"),
+    ("wrong type: max_new_tokens", "/generate", {"inputs": "hi", "parameters": {"max_new_tokens": "5"}}, 422,
+     "max_new_tokens"),
+    ("wrong type: stop", "/generate", {"inputs": "hi", "parameters": {"stop": "x"}}, 422, "stop"),
+    ("wrong type: body", "/generate", b"[1, 2]", 422, "validation"),
+    ("missing inputs", "/generate", {"parameters": {}}, 422, "inputs"),
+    ("unsupported option", "/generate", {"inputs": "hi", "parameters": {"repetition_penalty": 1.3}}, 422,
+     "not supported"),
+    ("invalid UTF-8", "/generate", b'{"inputs": "caf\xc3\x28 \xff"}', 422, "UTF-8"),
+    ("lone surrogate", "/generate", b'{"inputs": "a\\ud800b"}', 422, "UTF-8"),
+    ("stream: bad input", "/generate_stream", {"inputs": "", "parameters": {}}, 422, "empty"),
+    ("openai: empty prompt", "/v1/completions", {"prompt": "  "}, 422, "empty"),
+    ("openai: max_tokens zero", "/v1/completions", {"prompt": "hi", "max_tokens": 0}, 422, "max_tokens"),
+    ("openai: n=2", "/v1/completions", {"prompt": "hi", "n": 2}, 422, "n=2"),
+    ("openai: two prompts", "/v1/completions", {"prompt": ["a", "b"]}, 422, "exactly one prompt"),
+    ("openai: five stops", "/v1/completions", {"prompt": "hi", "stop": list("abcde")}, 422, "at most 4"),
+    ("oversized body", "/generate", {"inputs": "x" * (MAX_BODY + 1)}, 413, "larger than"),
+]
+
+
+@pytest.mark.parametrize("case,route,body,status,words", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(srv, client, case, route, body, status, words):
+    before = srv.metrics()
+    if isinstance(body, bytes):
+        r = client.post(route, content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = client.post(route, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert set(err) == {"error", "error_type"}
+    assert err["error_type"] == ("validation" if status == 422 else "payload_too_large")
+    assert words.lower() in err["error"].lower(), err["error"]
+    reason = "validation" if status == 422 else "too_large"
+    assert delta(before, srv.metrics(), "treespec_request_failure_total", reason=reason) == 1
+    assert httpx.get(srv.url + "/health").status_code == 200
+
+
+def test_oversized_chunked_body_is_cut_off_at_the_limit(srv, client):
+    def chunks():  # no Content-Length: the server has to count as it reads
+        for _ in range(MAX_BODY // 1024 + 4):
+            yield b" " * 1024
+
+    r = client.post("/generate", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
+    assert generate(client, PROMPT, max_new_tokens=2)["details"]["generated_tokens"] == 2
+
+
+# ---------------------------------------------------------------- faults, load, cancellation
+
+
+def test_an_exception_fails_only_its_own_request(srv, client):
+    before = srv.wait_idle()
+    r = client.post("/generate", json={"inputs": "[[fail]] " + PROMPT, "parameters": {"max_new_tokens": 8}})
+    assert r.status_code == 500, r.text
+    assert r.json()["error_type"] == "generation" and "injected fault" in r.json()["error"]
+    with client.stream("POST", "/generate_stream",
+                       json={"inputs": "[[fail]] " + PROMPT, "parameters": {"max_new_tokens": 8}}) as s:
+        events = sse_events(s.iter_lines())
+    assert events[-1]["error_type"] == "generation"
+    assert all("token" in e for e in events[:-1])
+    out = generate(client, PROMPT, max_new_tokens=6)
+    assert out["details"]["generated_tokens"] == 6
+    after = srv.wait_idle()
+    assert delta(before, after, "treespec_request_failure_total", reason="internal") == 2
+    assert delta(before, after, "treespec_request_success_total") == 1
+    assert total(after, "treespec_kv_cache_bytes") == 0
+
+
+def test_sixteen_parallel_requests_each_succeed_or_get_429_quickly(srv):
+    before = srv.wait_idle()
+
+    async def main():
+        async with httpx.AsyncClient(base_url=srv.url, headers=AUTH, timeout=120) as c:
+            body = {"inputs": "[[slow]] " + PROMPT, "parameters": {"max_new_tokens": 6}}
+            t0 = time.monotonic()
+            rs = await asyncio.gather(*(c.post("/generate", json=body) for _ in range(16)))
+            return rs, time.monotonic() - t0
+
+    rs, elapsed = asyncio.run(main())
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 429}, [r.text for r in rs]
+    for r in rs:
+        if r.status_code == 429:
+            assert r.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
+        else:
+            assert r.json()["generated_text"] is not None
+    # Only running + waiting slots can be admitted while the first ones are
+    # slow; the rest are turned away at once rather than queued without bound.
+    assert 1 <= codes.count(200) < 16 and codes.count(429) >= 1
+    assert elapsed < 90
+    after = srv.wait_idle()
+    assert delta(before, after, "treespec_request_failure_total", reason="overloaded") == codes.count(429)
+    assert delta(before, after, "treespec_request_success_total") == codes.count(200)
+
+
+def test_concurrent_seeded_requests_match_their_solo_runs(srv, client):
+    reqs = [
+        {"inputs": PROMPT, "parameters": {"max_new_tokens": 16, "do_sample": True, "seed": 1, "drafter": "ngram"}},
+        {"inputs": PROMPT, "parameters": {"max_new_tokens": 16, "temperature": 1.3, "top_k": 50, "seed": 2,
+                                          "drafter": "none"}},
+        {"inputs": "the cat sat on the mat and the cat", "parameters": {"max_new_tokens": 16, "seed": 3,
+                                                                        "top_p": 0.9, "drafter": "ngram"}},
+        {"inputs": "hello hello hello", "parameters": {"max_new_tokens": 16}},
+    ]
+    assert len(reqs) <= MAX_RUNNING + MAX_WAITING  # all admitted at once: no 429 here
+    solo = [client.post("/generate", json=r).json()["generated_text"] for r in reqs]
+
+    async def together():
+        async with httpx.AsyncClient(base_url=srv.url, headers=AUTH, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/generate", json=r) for r in reqs))
+
+    rs = asyncio.run(together())
+    assert [r.status_code for r in rs] == [200] * len(reqs), [r.text for r in rs]
+    assert [r.json()["generated_text"] for r in rs] == solo
+
+
+def _generated(srv) -> float:
+    return total(srv.metrics(), "treespec_generation_tokens_total")
+
+
+def _wait_stable(srv, quiet: float = 1.0, timeout: float = 30) -> float:
+    """The generation-token counter once it has not moved for ``quiet`` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = _generated(srv), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, "generation never stopped"
+        time.sleep(0.1)
+        now = _generated(srv)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def test_client_disconnect_mid_stream_stops_compute(srv, client):
+    before = srv.wait_idle()
+    n_max = 100  # at 50 ms a step, 5 s of work if nothing stopped it
+    body = {"inputs": "[[slow]] hi", "parameters": {"max_new_tokens": n_max, "drafter": "none"}}
+    got = 0
+    with client.stream("POST", "/generate_stream", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                got += 1
+                if got == 3:
+                    break  # leaving the block closes the connection mid-stream
+    stopped_at = _wait_stable(srv)
+    after = srv.wait_idle()
+    produced = stopped_at - total(before, "treespec_generation_tokens_total")
+    # Compute stopped: far fewer tokens than asked for were ever generated,
+    # the engine counted a cancellation (not a success), and the cache is gone.
+    assert got <= produced < n_max / 2, produced
+    assert delta(before, after, "treespec_request_failure_total", reason="cancelled") == 1
+    assert delta(before, after, "treespec_request_success_total") == 0
+    assert total(after, "treespec_kv_cache_bytes") == 0
+    assert generate(client, PROMPT, max_new_tokens=3)["details"]["generated_tokens"] == 3
+
+
+def test_client_disconnect_on_generate_stops_compute(srv):
+    before = srv.wait_idle()
+    body = {"inputs": "[[slow]] hi", "parameters": {"max_new_tokens": 100, "drafter": "none"}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(srv.url + "/generate", json=body, headers=AUTH, timeout=httpx.Timeout(30, read=0.5))
+    stopped_at = _wait_stable(srv)
+    after = srv.wait_idle()
+    assert stopped_at - total(before, "treespec_generation_tokens_total") < 50
+    assert delta(before, after, "treespec_request_failure_total", reason="cancelled") == 1
+
+
+# ---------------------------------------------------------------- shutdown
+
+
+def test_graceful_shutdown_finishes_in_flight_requests_then_cancels_stragglers(bundle):
+    server = start_server(bundle, "--graceful-timeout", "3", env={"TREESPEC_DEBUG_FAULTS": "1"})
+    results: dict[str, list] = {}
+
+    def stream(name: str, n: int):
+        body = {"inputs": "[[slow]] hi", "parameters": {"max_new_tokens": n, "drafter": "none"}}
+        events = []
+        try:
+            with httpx.stream("POST", server.url + "/generate_stream", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        events.append(json.loads(line[5:]))
+        except httpx.HTTPError as e:
+            events.append(e)
+        results[name] = events
+
+    threads = [threading.Thread(target=stream, args=("short", 10)),
+               threading.Thread(target=stream, args=("long", 120))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while total(server.metrics(), "treespec_requests_running") < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    stop_server(server)
+    for t in threads:
+        t.join(30)
+    assert time.monotonic() - t0 < 30
+    # The short request finished normally during the grace period ...
+    assert results["short"][-1]["details"]["finish_reason"] == "length"
+    assert len(results["short"]) == 10
+    # ... the long one was cancelled after it, well before its 120 tokens, and
+    # told so in a last event rather than by a cut connection.
+    long = results["long"]
+    assert long[-1] == {"error": "Request cancelled (the server is shutting down)", "error_type": "cancelled"}
+    assert all("token" in e and e["details"] is None for e in long[:-1])
+    assert 10 <= len(long) - 1 < 120
+    with pytest.raises(httpx.TransportError):
+        httpx.get(server.url + "/health", timeout=2)
