@@ -559,3 +559,23 @@ def test_graceful_shutdown_finishes_in_flight_requests_then_cancels_stragglers(b
     assert 10 <= len(long) - 1 < 120
     with pytest.raises(httpx.TransportError):
         httpx.get(server.url + "/health", timeout=2)
+
+
+# ---------------------------------------------------------------- the load benchmark
+
+
+def test_load_benchmark_reports_what_the_server_counted(srv):
+    from treespec.server.loadtest import run_load
+
+    before = srv.wait_idle()
+    r = asyncio.run(run_load(srv.url, concurrency=6, duration=1.5, max_new_tokens=4, prompts=[PROMPT, "hi there"],
+                             api_key=API_KEY, progress=False))
+    after = srv.wait_idle()
+    assert r["errors"] == 0, r["error_examples"]
+    assert r["ok"] >= 1 and r["requests"] == r["ok"] + r["rejected_429"]
+    assert delta(before, after, "treespec_request_success_total") == r["ok"]
+    assert delta(before, after, "treespec_request_failure_total", reason="overloaded") == r["rejected_429"]
+    assert delta(before, after, "treespec_generation_tokens_total") == 4 * r["ok"]
+    assert r["tokens_per_s"] * r["wall_s"] == pytest.approx(4 * r["ok"])
+    p = r["e2e_s"]
+    assert 0 < r["ttft_s"]["p50"] <= p["p99"] and p["p50"] <= p["p95"] <= p["p99"]

@@ -20,6 +20,7 @@ COMMANDS = {
     "train": "treespec.training.train",
     "model-card": "treespec.training.model_card",
     "serve": "treespec.server.serve",
+    "loadtest": "treespec.server.loadtest",
 }
 
 
