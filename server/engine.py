@@ -285,8 +285,6 @@ class Engine:
             for job in turn:
                 if not job.done:
                     self._step(job)
-            with self._cv:
-                self._running = [j for j in self._running if not j.done]
 
     def _start(self, job: Job) -> None:
         m, d = self.metrics, job.drafter
@@ -411,6 +409,8 @@ class Engine:
             job.cache_bytes = 0
         self.metrics.running.labels(job.drafter).dec()
         job.done = True
+        with self._cv:  # its slot is free for admission at once
+            self._running.remove(job)
 
     # ------------------------------------------------------------ shutdown
 
