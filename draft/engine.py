@@ -82,7 +82,8 @@ def generate(model, prompt_ids: list[int], params: SamplingParams, drafter: Draf
         raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
                          f"{len(prompt) + params.max_new_tokens} exceeds the model's context of {block} tokens; "
                          f"shorten the prompt or lower max_new_tokens")
-    n_vocab, eot = tokenizer.n_vocab, tokenizer.eot_id
+    # Real tokens only: the head's padding columns can never be chosen.
+    n_vocab, eot = min(tokenizer.n_vocab, model.config.vocab_size), tokenizer.eot_id
     if max(prompt) >= n_vocab or min(prompt) < 0:
         raise ValueError(f"prompt token ids must be in [0, {n_vocab})")
     if cache is None:

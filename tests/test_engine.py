@@ -1,0 +1,401 @@
+"""The generation loop: speculative decoding must be exactly vanilla decoding.
+
+Greedy: token for token, for every drafter, including an oracle that is
+always right and one that is always wrong (which also pins tau). Sampling:
+the distribution of the first sampled tokens matches the model's exact
+distribution (chi-square), and a deliberately wrong acceptance rule fails
+the same test.
+"""
+
+import copy
+
+import pytest
+import torch
+from scipy.stats import chi2
+
+from treespec.draft.engine import generate, generate_all
+from treespec.draft.ngram import NgramDrafter
+from treespec.draft.sampling import accept_sampled, probs_from_logits, sample
+from treespec.draft.types import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Draft,
+                                  SamplingParams)
+from treespec.model import Tokenizer
+
+from conftest import tiny_model
+
+N_VOCAB = 50257
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny forwards are all overhead; a second OpenMP thread only spins
+    # waiting for a core that the training run is using.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok(ranks_path):
+    return Tokenizer(ranks_path)
+
+
+# Tied embeddings make a random model repeat itself (prompt lookup then
+# accepts a lot); untied ones give long non-repeating output.
+@pytest.fixture(scope="module")
+def looping():
+    return tiny_model(seed=0)
+
+
+@pytest.fixture(scope="module")
+def wandering():
+    return tiny_model(seed=1, tie_embeddings=False)
+
+
+def random_prompts(n: int, seed: int, lo: int = 1, hi: int = 16) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(0, N_VOCAB - 1, (L,), generator=g).tolist() for L in lens]
+
+
+class Oracle:
+    """Proposes the vanilla continuation: ``mode`` "right" as is, "wrong"
+    with every token shifted (never the argmax), "partial" right for a
+    varying number of positions and then wrong (forces rollbacks)."""
+
+    name = "oracle"
+
+    def __init__(self, reference: list[int], prompt_len: int, k_max: int, mode: str = "right"):
+        self.ref, self.P, self.k_max, self.mode = reference, prompt_len, k_max, mode
+        self.calls = []
+
+    def propose(self, context, features, k_max):
+        done = len(context) - self.P
+        assert context[self.P:] == self.ref[:done], "generation diverged from vanilla"
+        self.calls.append((list(context), features, k_max))
+        out = self.ref[done:done + k_max]
+        n_right = {"right": len(out), "wrong": 0, "partial": done % (k_max + 1)}[self.mode]
+        return Draft(tokens=out[:n_right] + [(t + 1) % N_VOCAB for t in out[n_right:]])
+
+
+# --- greedy losslessness ----------------------------------------------------
+
+@pytest.mark.parametrize("model_name", ["looping", "wandering"])
+def test_greedy_speculative_equals_vanilla(request, tok, model_name):
+    model = request.getfixturevalue(model_name)
+    params = SamplingParams(max_new_tokens=24)
+    accepted = 0
+    for prompt in random_prompts(10, seed=len(model_name)):
+        ref = generate_all(model, prompt, params, tokenizer=tok)
+        assert ref.finish_reason == FINISH_LENGTH and len(ref.token_ids) == 24
+        drafters = [NgramDrafter(k_max=3), NgramDrafter(k_max=6), Oracle(ref.token_ids, len(prompt), 4, "partial"),
+                    Oracle(ref.token_ids, len(prompt), 5, "right"), Oracle(ref.token_ids, len(prompt), 2, "wrong")]
+        for d in drafters:
+            got = generate_all(model, prompt, params, d, tokenizer=tok)
+            assert got.token_ids == ref.token_ids, d.name
+            assert got.text == ref.text
+            assert got.finish_reason == ref.finish_reason
+            torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
+            accepted += got.stats.accepted_tokens
+    assert accepted > 0
+
+
+@pytest.mark.parametrize("k,steps", [(1, 6), (3, 4), (4, 3)])
+def test_tau_is_k_plus_1_when_always_right_and_1_when_always_wrong(tok, wandering, k, steps):
+    # One token from the prefill, then `steps` verify steps of k + 1 tokens.
+    params = SamplingParams(max_new_tokens=1 + steps * (k + 1))
+    for prompt in random_prompts(4, seed=10 + k):
+        ref = generate_all(wandering, prompt, params, tokenizer=tok)
+        right = generate_all(wandering, prompt, params, Oracle(ref.token_ids, len(prompt), k, "right"),
+                             tokenizer=tok)
+        assert right.token_ids == ref.token_ids
+        s = right.stats
+        assert s.verify_steps == steps and s.accepted_tokens == steps * k == s.draft_tokens
+        assert s.mean_accepted_length == k + 1
+        assert s.acceptance_rate == 1.0
+        assert s.drafted_per_position == s.accepted_per_position == [steps] * k
+
+        wrong = generate_all(wandering, prompt, params, Oracle(ref.token_ids, len(prompt), k, "wrong"),
+                             tokenizer=tok)
+        assert wrong.token_ids == ref.token_ids
+        s = wrong.stats
+        assert s.verify_steps == params.max_new_tokens - 1 and s.accepted_tokens == 0
+        assert s.mean_accepted_length == 1.0
+        # the last step has room for its own token only, so nothing is drafted there
+        assert s.accepted_per_position == [0] * k and s.drafted_per_position[0] == s.verify_steps - 1
+
+
+def test_events_prefill_first_then_one_per_verify_step(tok, looping):
+    prompt = random_prompts(1, seed=5)[0]
+    events = list(generate(looping, prompt, SamplingParams(max_new_tokens=20), NgramDrafter(), tokenizer=tok))
+    assert len(events[0].tokens) == 1 and events[0].stats.verify_steps == 0
+    assert events[0].stats.prefill_time_s > 0
+    assert [e.stats.verify_steps for e in events] == list(range(len(events)))
+    assert all(e.finish_reason is None for e in events[:-1]) and events[-1].finish_reason == FINISH_LENGTH
+    assert all(len(e.tokens) == len(e.texts) == len(e.logprobs) for e in events)
+    last = events[-1].stats
+    assert sum(len(e.tokens) for e in events) == last.generated_tokens == 20
+    assert last.verify_time_s > 0 and last.drafter_time_s > 0 and last.drafter == "ngram"
+    assert last.accepted_tokens + last.verify_steps + 1 == 20  # the loop accepts whole drafts
+
+
+# --- KV rollback and the drafter's features ----------------------------------
+
+def test_rollback_after_partial_acceptance_matches_a_fresh_forward(tok, wandering):
+    prompt = random_prompts(1, seed=7, lo=6, hi=6)[0]
+    params = SamplingParams(max_new_tokens=30)
+    ref = generate_all(wandering, prompt, params, tokenizer=tok)
+    oracle = Oracle(ref.token_ids, len(prompt), 4, "partial")
+    cache = wandering.new_cache()
+    got = generate_all(wandering, prompt, params, oracle, tokenizer=tok, cache=cache)
+    assert got.token_ids == ref.token_ids
+    assert 0 < got.stats.accepted_tokens < got.stats.draft_tokens  # some drafts were rejected
+
+    # Every drafter call saw the model's view at the last accepted position:
+    # the logits that chose the newest token, as a fresh forward computes them.
+    for context, features, _ in oracle.calls:
+        fresh = wandering(torch.tensor([context[:-1]])).logits[-1][0, -1, :N_VOCAB]
+        torch.testing.assert_close(features.logits, fresh, atol=1e-4, rtol=1e-4)
+        assert int(features.logits.argmax()) == context[-1]
+        assert features.hidden.shape == (wandering.config.n_embd,)
+        assert len(features.exit_hidden) == len(wandering.config.exit_layers) - 1
+
+    # The cache now holds exactly the context but its last token; one more
+    # step over it gives the logits of a fresh forward over the whole text.
+    full = prompt + got.token_ids
+    assert cache.length == len(full) - 1
+    step = wandering.forward_step(torch.tensor([full[-1:]]), len(full) - 1, cache).logits[0, -1]
+    fresh = wandering(torch.tensor([full])).logits[-1][0, -1]
+    torch.testing.assert_close(step, fresh, atol=1e-4, rtol=1e-4)
+
+
+# --- stopping -----------------------------------------------------------------
+
+def _cut_inside_a_step(events) -> bool:
+    """Did the last verify step accept more tokens than it released?"""
+    prev, last = events[-2].stats, events[-1].stats
+    produced = last.accepted_tokens - prev.accepted_tokens + 1
+    return len(events[-1].tokens) < produced
+
+
+def _first_new_token_index(ids: list[int], start: int) -> int:
+    return next(j for j in range(start, len(ids)) if ids[j] not in ids[:j])
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_end_of_text_inside_an_accepted_draft_stops_like_vanilla(tok, wandering, k):
+    prompt = random_prompts(1, seed=11)[0]
+    params = SamplingParams(max_new_tokens=40)
+    ref = generate_all(wandering, prompt, params, tokenizer=tok)
+    # Stand in for end-of-text with a token the model emits mid-way, in the
+    # middle of a draft (not at a bonus position) for the always-right oracle.
+    j = next(j for j in range(4, 40) if ref.token_ids[j] not in ref.token_ids[:j] and (j - 1) % (k + 1) != k)
+    eot_tok = copy.copy(tok)
+    eot_tok.eot_id = ref.token_ids[j]
+
+    vanilla = generate_all(wandering, prompt, params, tokenizer=eot_tok)
+    assert vanilla.finish_reason == FINISH_EOS and vanilla.token_ids == ref.token_ids[:j + 1]
+    assert vanilla.text == tok.decode(ref.token_ids[:j])  # end-of-text adds no text
+    events = list(generate(wandering, prompt, params, Oracle(ref.token_ids, len(prompt), k), tokenizer=eot_tok))
+    assert _cut_inside_a_step(events)
+    assert [t for e in events for t in e.tokens] == vanilla.token_ids
+    assert "".join(t for e in events for t in e.texts) == vanilla.text
+    assert events[-1].finish_reason == FINISH_EOS
+
+
+def test_stop_string_inside_an_accepted_draft_stops_like_vanilla(tok, wandering):
+    prompt = random_prompts(1, seed=12)[0]
+    params = SamplingParams(max_new_tokens=40)
+    ref = generate_all(wandering, prompt, params, tokenizer=tok)
+    # A stop string that spans a token boundary well inside the output.
+    pieces = [tok.decode([t]) for t in ref.token_ids]
+    j = next(j for j in range(6, 38) if len(pieces[j]) >= 2 and len(pieces[j + 1]) >= 2
+             and "".join(pieces[:j + 2]) == tok.decode(ref.token_ids[:j + 2])
+             and ref.text.find(pieces[j][-2:] + pieces[j + 1][:2]) == len("".join(pieces[:j + 1])) - 2)
+    stop = pieces[j][-2:] + pieces[j + 1][:2]
+    expected = ref.text[:ref.text.find(stop)]
+
+    p = SamplingParams(max_new_tokens=40, stop=["never appears", stop])
+    vanilla = generate_all(wandering, prompt, p, tokenizer=tok)
+    assert vanilla.finish_reason == FINISH_STOP and vanilla.text == expected
+    assert vanilla.token_ids == ref.token_ids[:j + 2]
+    for k in (2, 3, 4, 5, 6):
+        events = list(generate(wandering, prompt, p, Oracle(ref.token_ids, len(prompt), k), tokenizer=tok))
+        assert [t for e in events for t in e.tokens] == vanilla.token_ids
+        assert "".join(t for e in events for t in e.texts) == expected
+        assert events[-1].finish_reason == FINISH_STOP
+        assert all(stop not in t for e in events for t in e.texts)
+        # Token j + 1 completes the stop; unless it is a step's bonus token,
+        # the always-right oracle had drafted past it and the step was cut.
+        assert _cut_inside_a_step(events) == (j % (k + 1) != k)
+
+
+def test_should_stop_cancels_within_one_step(tok, looping):
+    prompt = random_prompts(1, seed=13)[0]
+    polls = []
+
+    def should_stop():
+        polls.append(1)
+        return len(polls) >= 3
+
+    events = list(generate(looping, prompt, SamplingParams(max_new_tokens=50), NgramDrafter(),
+                           tokenizer=tok, should_stop=should_stop))
+    assert events[-1].finish_reason == FINISH_CANCELLED and events[-1].tokens == []
+    assert events[-1].stats.verify_steps == 2  # polled before each step; the third poll said stop
+    assert len(events) == 1 + 2 + 1
+
+
+def test_prompt_plus_max_new_tokens_must_fit_the_context(tok, looping):
+    block = looping.config.block_size
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        next(generate(looping, [1] * (block - 5), SamplingParams(max_new_tokens=6), tokenizer=tok))
+    with pytest.raises(ValueError, match="empty"):
+        next(generate(looping, [], SamplingParams(), tokenizer=tok))
+    # exactly at the limit works
+    r = generate_all(looping, [1] * (block - 6), SamplingParams(max_new_tokens=6), NgramDrafter(k_max=8),
+                     tokenizer=tok)
+    assert len(r.token_ids) == 6
+
+
+# --- sampling exactness -------------------------------------------------------
+
+TEMP, TOP_K, DEPTH, N_SAMPLES = 0.9, 4, 3, 400
+
+
+@pytest.fixture(scope="module")
+def sharp():
+    """A tiny model whose top-4 tokens carry clearly different probabilities,
+    with the exact distribution of its first three sampled tokens."""
+    model = tiny_model(seed=3, n_layer=2, exit_layers=(1, 2))
+    with torch.no_grad():
+        model.wte.weight.mul_(5.0)
+    prompt = [464, 3290, 318, 257, 1332]
+    params = SamplingParams(temperature=TEMP, top_k=TOP_K)
+    table = {}  # context suffix (generated tokens) -> processed p, from the plain forward
+
+    @torch.no_grad()
+    def fill(gen: tuple):
+        logits = model(torch.tensor([prompt + list(gen)])).logits[-1][0, -1, :N_VOCAB]
+        table[gen] = probs_from_logits(logits, params)
+        if len(gen) < DEPTH - 1:
+            for t in torch.nonzero(table[gen]).flatten().tolist():
+                fill(gen + (t,))
+
+    fill(())
+    exact = {}
+    for gen in table:
+        if len(gen) == DEPTH - 1:
+            for t in torch.nonzero(table[gen]).flatten().tolist():
+                seq = gen + (t,)
+                exact[seq] = float(torch.prod(torch.tensor([table[seq[:i]][seq[i]] for i in range(DEPTH)])))
+    assert len(exact) == TOP_K ** DEPTH
+    return model, prompt, table, exact
+
+
+class TableDrafter:
+    """Drafts from the exact table: deterministic (the second most likely
+    token, then the most likely) or sampled from its own q (uniform over the
+    top-4), so both acceptance paths run."""
+
+    name = "table"
+    k_max = DEPTH - 1
+
+    def __init__(self, table, prompt_len, sampled: bool, seed: int):
+        self.table, self.P, self.sampled = table, prompt_len, sampled
+        self.g = torch.Generator().manual_seed(seed)
+
+    def propose(self, context, features, k_max):
+        gen, tokens, qs = tuple(context[self.P:]), [], []
+        for depth in range(k_max):
+            p = self.table[gen]
+            if self.sampled:
+                q = (p > 0).float()
+                q /= q.sum()
+                d = sample(q, self.g)
+                qs.append(q)
+            else:
+                d = torch.argsort(p, descending=True)[1 if depth == 0 else 0].item()
+            tokens.append(d)
+            gen += (d,)
+        return Draft(tokens=tokens, q=qs if self.sampled else None)
+
+
+def accept_always(p, drafts, q, g):
+    """Wrong: every draft accepted."""
+    return len(drafts), sample(p[len(drafts)], g)
+
+
+def accept_without_residual(p, drafts, q, g):
+    """Wrong: accepts d with probability p(d) but then resamples from p with d still in it."""
+    for j, d in enumerate(drafts):
+        if float(torch.rand((), generator=g)) >= float(p[j][d]):
+            return j, sample(p[j], g)
+    return len(drafts), sample(p[len(drafts)], g)
+
+
+def chi_square(counts: dict, exact: dict, n: int) -> tuple[float, float]:
+    """Pearson's statistic and its 0.1% critical value. Cells expecting
+    fewer than 5 are pooled; sequences outside the support land there too."""
+    stat, pool_obs, pool_exp, cells = 0.0, 0, 0.0, 0
+    for seq, p in exact.items():
+        if p * n >= 5:
+            stat += (counts.get(seq, 0) - p * n) ** 2 / (p * n)
+            cells += 1
+        else:
+            pool_obs += counts.get(seq, 0)
+            pool_exp += p * n
+    pool_obs += sum(c for seq, c in counts.items() if seq not in exact)
+    if pool_exp > 0:
+        stat += (pool_obs - pool_exp) ** 2 / pool_exp
+        cells += 1
+    elif pool_obs:
+        stat = float("inf")
+    return stat, float(chi2.ppf(0.999, cells - 1))
+
+
+def sampled_counts(tok, sharp, drafter_kind, accept=accept_sampled) -> dict:
+    model, prompt, table, _ = sharp
+    params = SamplingParams(max_new_tokens=DEPTH + 1, temperature=TEMP, top_k=TOP_K)
+    counts, stats_accepted = {}, 0
+    for i in range(N_SAMPLES):
+        params.seed = 1000 + i
+        drafter = None if drafter_kind is None else TableDrafter(table, len(prompt), drafter_kind == "q", seed=i)
+        r = generate_all(model, prompt, params, drafter, tokenizer=tok, accept=accept)
+        seq = tuple(r.token_ids[:DEPTH])
+        counts[seq] = counts.get(seq, 0) + 1
+        stats_accepted += r.stats.accepted_tokens
+    if drafter_kind is not None:
+        assert stats_accepted > 0
+    return counts
+
+
+def test_exact_distribution_is_not_degenerate(sharp):
+    _, _, table, exact = sharp
+    assert max(exact.values()) < 0.5 and sorted(table[()].tolist())[-2] > 0.1
+
+
+@pytest.mark.parametrize("drafter_kind", [None, "deterministic", "q"])
+def test_sampling_matches_the_exact_distribution(tok, sharp, drafter_kind):
+    counts = sampled_counts(tok, sharp, drafter_kind)
+    stat, critical = chi_square(counts, sharp[3], N_SAMPLES)
+    print(f"chi2 {drafter_kind}: {stat:.1f} (critical {critical:.1f})")
+    assert stat < critical, (stat, critical)
+
+
+@pytest.mark.parametrize("rule", [accept_always, accept_without_residual])
+def test_a_wrong_acceptance_rule_fails_the_same_test(tok, sharp, rule):
+    counts = sampled_counts(tok, sharp, "deterministic", accept=rule)
+    stat, critical = chi_square(counts, sharp[3], N_SAMPLES)
+    print(f"chi2 {rule.__name__}: {stat:.1f} (critical {critical:.1f})")
+    assert stat > critical, (stat, critical)
+
+
+def test_sampling_is_reproducible_per_seed(tok, sharp):
+    model, prompt, table, _ = sharp
+    params = SamplingParams(max_new_tokens=12, temperature=TEMP, top_k=TOP_K, seed=42)
+    a = generate_all(model, prompt, params, NgramDrafter(), tokenizer=tok)
+    b = generate_all(model, prompt, params, NgramDrafter(), tokenizer=tok)
+    assert a.token_ids == b.token_ids
+    draws = {tuple(generate_all(model, prompt, SamplingParams(max_new_tokens=12, temperature=TEMP, top_k=TOP_K,
+                                                              seed=s), tokenizer=tok).token_ids) for s in range(6)}
+    assert len(draws) > 1
