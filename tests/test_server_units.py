@@ -109,3 +109,58 @@ def test_a_bundle_that_fails_to_load_keeps_health_at_503_with_the_reason(tmp_pat
     r = asyncio.run(main())
     assert r.status_code == 503 and "bundle directory not found" in r.json()["error"]
     assert called == [True]  # `treespec serve` stops (exit 1) instead of serving nothing
+
+
+class _FakeTree:
+    """Stands in for a fitted tree drafter: the registry is what is under test here."""
+
+    name, k_max = "tree", 3
+
+    def propose(self, context, features, k_max):
+        from treespec.draft.types import Draft
+
+        return Draft(tokens=[])
+
+
+@pytest.mark.parametrize("tree,setting,default", [
+    ("fitted", "auto", "tree"),  # auto: the bundle's tree when it has one
+    ("missing", "auto", "ngram"),  # ... else ngram
+    ("broken", "auto", "ngram"),  # a broken tree costs the tree only
+    ("fitted", "none", "none"),
+])
+def test_default_drafter(tiny_bundle, monkeypatch, tree, setting, default):
+    from treespec.draft import registry
+    from treespec.server.engine import Engine
+    from treespec.server.metrics import Metrics
+
+    real = registry.make_drafter
+
+    def make(name, bundle):
+        if name != "tree":
+            return real(name, bundle)
+        if tree == "fitted":
+            return _FakeTree()
+        if tree == "broken":
+            raise ValueError("meta.json: fitted against other weights")
+        raise registry.DrafterUnavailable("no draft/meta.json")
+
+    monkeypatch.setattr(registry, "make_drafter", make)
+    engine = Engine(Settings(bundle=str(tiny_bundle), default_drafter=setting), Metrics())
+    engine.load()
+    try:
+        assert engine.default_drafter == default
+        assert ("tree" in engine.drafters) == (tree == "fitted")
+        if tree != "fitted":
+            assert "tree" in engine.unavailable
+    finally:
+        engine.shutdown(0)
+
+
+def test_default_drafter_tree_without_a_tree_fails_the_load(tiny_bundle):
+    from treespec.server.engine import Engine
+    from treespec.server.metrics import Metrics
+
+    engine = Engine(Settings(bundle=str(tiny_bundle), default_drafter="tree"), Metrics())
+    with pytest.raises(ValueError, match="default_drafter 'tree' is not available"):
+        engine.load()
+    assert engine.state == "failed" and "not available" in engine.load_error
