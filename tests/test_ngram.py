@@ -1,0 +1,91 @@
+"""Prompt lookup: the incremental index agrees with a plain rescan, whatever
+sequence of growing, rolled-back and unrelated contexts it is fed."""
+
+import random
+
+import pytest
+
+from treespec.draft.ngram import NgramDrafter, NgramIndex, ngram_candidate, ngram_continuation
+from treespec.draft.registry import DRAFTERS, DrafterUnavailable, make_drafter
+
+
+def rescan(context, max_n=3):
+    """The definition: the most recent earlier occurrence of the longest suffix."""
+    L = len(context)
+    for n in range(min(max_n, L - 1), 0, -1):
+        suffix = context[L - n:]
+        for j in range(L - 2, n - 2, -1):  # j: end position of the earlier occurrence
+            if context[j - n + 1:j + 1] == suffix:
+                return j, n
+    return -1, 0
+
+
+def rescan_continuation(context, k, max_n=3):
+    j, n = rescan(context, max_n)
+    if not n:
+        return []
+    ext = list(context)
+    for i in range(j + 1, j + 1 + k):
+        ext.append(ext[i])
+    return ext[len(context):]
+
+
+def test_examples():
+    assert ngram_candidate([1, 2, 3, 9, 1, 2, 3]) == (9, 3)
+    assert ngram_candidate([5, 2, 3, 9, 1, 2, 3]) == (9, 2)
+    assert ngram_candidate([7, 3, 8, 3]) == (8, 1)
+    assert ngram_candidate([1, 2, 3]) == (None, 0)
+    assert ngram_candidate([]) == (None, 0) and ngram_candidate([4]) == (None, 0)
+    # the most recent occurrence wins
+    assert ngram_candidate([1, 2, 5, 1, 2, 6, 0, 1, 2]) == (6, 2)
+    assert ngram_continuation([1, 2, 3, 4, 5, 9, 1, 2, 3], k=4) == [4, 5, 9, 1]
+    # a short period repeats through the tokens being copied
+    assert ngram_continuation([8, 1, 2, 1, 2], k=5) == [1, 2, 1, 2, 1]
+    assert ngram_continuation([7, 7], k=3) == [7, 7, 7]
+    assert ngram_continuation([1, 2, 3], k=4) == []
+    assert ngram_candidate([1, 2, 3, 9, 1, 2, 3], max_n=1) == (9, 1)
+
+
+@pytest.mark.parametrize("max_n", [1, 2, 3, 4])
+def test_index_matches_rescan_under_growth_and_rollback(max_n):
+    rng = random.Random(max_n)
+    idx = NgramIndex(max_n)
+    context = []
+    for step in range(400):
+        r = rng.random()
+        if r < 0.55:  # accepted tokens: grow
+            context = context + [rng.randrange(5) for _ in range(rng.randint(1, 4))]
+        elif r < 0.85:  # rejected drafts: back to a shorter prefix, then grow differently
+            keep = rng.randint(0, len(context))
+            context = context[:keep] + [rng.randrange(5) for _ in range(rng.randint(0, 3))]
+        else:  # an unrelated request
+            context = [rng.randrange(5) for _ in range(rng.randint(0, 30))]
+        idx.sync(context)
+        assert idx.tokens == context
+        assert idx.match() == rescan(context, max_n), (step, context)
+        k = rng.randint(1, 7)
+        assert idx.continuation(k) == rescan_continuation(context, k, max_n)
+        assert ngram_continuation(context, k, max_n) == rescan_continuation(context, k, max_n)
+
+
+def test_drafter_proposes_the_continuation_up_to_k():
+    d = NgramDrafter()
+    ctx = [10, 11, 12, 13, 14, 15, 10, 11, 12]
+    assert d.propose(ctx, None, 2).tokens == [13, 14]
+    assert d.propose(ctx, None, 10).tokens == [13, 14, 15, 10, 11, 12, 13, 14, 15, 10]
+    assert d.propose([1, 2, 3], None, 4).tokens == []
+    assert d.name == "ngram" and not d.propose(ctx, None, 2).handback
+
+
+def test_registry(tiny_bundle):
+    from treespec.model import load_bundle
+
+    bundle = load_bundle(tiny_bundle)
+    assert DRAFTERS == ("none", "ngram", "tree")
+    assert make_drafter("none", bundle) is None
+    assert isinstance(make_drafter("ngram", bundle), NgramDrafter)
+    with pytest.raises(DrafterUnavailable, match="draft-fit"):
+        make_drafter("tree", bundle)
+    with pytest.raises(DrafterUnavailable, match="unknown drafter 'medusa'"):
+        make_drafter("medusa", bundle)
+    assert issubclass(DrafterUnavailable, ValueError)

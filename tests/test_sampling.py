@@ -1,0 +1,53 @@
+"""The processed distribution p (temperature, top-k, top-p) and the sampler."""
+
+import math
+
+import pytest
+import torch
+
+from treespec.draft.sampling import accept_greedy, make_generator, probs_from_logits, sample, validate_params
+from treespec.draft.types import SamplingParams
+
+
+def test_temperature_and_top_k():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    p = probs_from_logits(logits, SamplingParams(temperature=0.5, top_k=2))
+    e = torch.tensor([math.exp(6.0), math.exp(4.0)])
+    torch.testing.assert_close(p, torch.cat([e / e.sum(), torch.zeros(2)]))
+    # rows are independent
+    both = probs_from_logits(torch.stack([logits, logits.flip(0)]), SamplingParams(temperature=0.5, top_k=2))
+    torch.testing.assert_close(both[1], p.flip(0))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    p = probs_from_logits(probs.log(), SamplingParams(temperature=1.0, top_p=0.8))
+    torch.testing.assert_close(p, torch.tensor([0.0, 0.5, 0.0, 0.3]) / 0.8)
+    p = probs_from_logits(probs.log(), SamplingParams(temperature=1.0, top_p=0.81))
+    torch.testing.assert_close(p, torch.tensor([0.0, 0.5, 0.15, 0.3]) / 0.95)
+    p = probs_from_logits(probs.log(), SamplingParams(temperature=1.0, top_p=0.01))
+    torch.testing.assert_close(p, torch.tensor([0.0, 1.0, 0.0, 0.0]))
+
+
+def test_sample_follows_the_weights_and_never_picks_zero_weight():
+    w = torch.zeros(1000)
+    w[[0, 7, 999]] = torch.tensor([1.0, 2.0, 1.0])
+    g = make_generator(0)
+    draws = [sample(w, g) for _ in range(2000)]
+    assert set(draws) == {0, 7, 999}
+    assert abs(draws.count(7) / 2000 - 0.5) < 0.05
+    # same seed, same draws
+    assert [sample(w, make_generator(5)) for _ in range(3)] == [sample(w, make_generator(5)) for _ in range(3)]
+
+
+def test_greedy_acceptance_is_the_matching_prefix():
+    assert accept_greedy([4, 5, 6, 7], [4, 5, 9]) == 2
+    assert accept_greedy([4, 5, 6, 7], [4, 5, 6]) == 3
+    assert accept_greedy([4], []) == 0
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
+                                 dict(max_new_tokens=0), dict(k_max=-2)])
+def test_bad_params_are_refused(bad):
+    with pytest.raises(ValueError):
+        validate_params(SamplingParams(**bad))
