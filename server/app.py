@@ -122,6 +122,8 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception):
         log.exception("unhandled error on %s", request.url.path)
+        if request.url.path in GENERATE_ROUTES:
+            metrics.failure.labels(getattr(request.state, "drafter", "unknown"), "internal").inc()
         return _error(500, f"Internal server error: {type(e).__name__}: {e}", "internal")
 
     # ------------------------------------------------------------ request plumbing
@@ -160,11 +162,14 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
         except ValidationError as e:
             raise ApiError(422, P.validation_message(e), "validation") from None
 
-    def start(prompt: str, params: SamplingParams, drafter: str | None, request: Request) -> Job:
+    async def start(prompt: str, params: SamplingParams, drafter: str | None, request: Request) -> Job:
         if drafter is not None:  # label errors with the drafter asked for, if it is one we know
             request.state.drafter = drafter if drafter in engine.drafter_names else "unknown"
         try:
-            prepared = engine.prepare(prompt, params, drafter)
+            if len(prompt) > 8192:  # tokenizing a long prompt would stall every other stream
+                prepared = await asyncio.to_thread(engine.prepare, prompt, params, drafter)
+            else:
+                prepared = engine.prepare(prompt, params, drafter)
             request.state.drafter = prepared.drafter
             return engine.submit(prepared)
         except InvalidRequest as e:
@@ -182,7 +187,7 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
             max_new_tokens=p.max_new_tokens or settings.default_max_new_tokens,
             temperature=p.sampling_temperature(), top_k=p.top_k or 0,
             top_p=1.0 if p.top_p is None else p.top_p, seed=p.seed, stop=list(p.stop or []), k_max=p.k_max)
-        return req, start(req.inputs, params, p.drafter, request)
+        return req, await start(req.inputs, params, p.drafter, request)
 
     async def start_completion(request: Request) -> tuple[P.CompletionRequest, Job]:
         check_auth(request)
@@ -191,7 +196,7 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
             max_new_tokens=req.max_tokens or settings.default_max_new_tokens,
             temperature=req.sampling_temperature(), top_k=req.top_k or 0,
             top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=list(req.stop or []), k_max=req.k_max)
-        return req, start(req.prompt, params, req.drafter, request)
+        return req, await start(req.prompt, params, req.drafter, request)
 
     async def watch_disconnect(request: Request, job: Job) -> None:
         """For non-streaming routes: cancel the job if the client goes away."""

@@ -161,7 +161,7 @@ class Engine:
         self._thread = threading.Thread(target=self._worker, name="treespec-engine", daemon=True)
         self._thread.start()
         with self._cv:
-            if not self._closed:
+            if self.state == "loading":  # not if a shutdown began while it loaded
                 self.state = "ready"
         log.info("bundle %s ready; drafters %s (default %s)", self.settings.bundle,
                  sorted(self.drafters), self.default_drafter)

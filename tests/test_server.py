@@ -332,6 +332,7 @@ BAD_INPUTS = [
     ("whitespace inputs", "/generate", {"inputs": " \n\t "}, 422, "empty"),
     ("prompt longer than the context", "/generate", {"inputs": LONG, "parameters": {"max_new_tokens": 8}}, 422,
      "max_new_tokens must be <="),
+    ("prompt of 10k characters", "/generate", {"inputs": "word " * 2000}, 422, "max_new_tokens must be <="),
     ("prompt + max_new_tokens over the context", "/generate",
      {"inputs": "word " * (BLOCK - 20), "parameters": {"max_new_tokens": 30}}, 422, "inputs tokens + max_new_tokens"),
     ("max_new_tokens zero", "/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 0}}, 422, "max_new_tokens"),
