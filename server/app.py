@@ -333,7 +333,10 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
                         id=cid, created=created, model=model, usage=usage(ev) if final else None,
                         choices=[P.CompletionChoice(
                             text=piece, finish_reason=P.OPENAI_FINISH[ev.finish_reason] if final else None)])
-                    yield "data: " + chunk.model_dump_json(exclude_none=not final) + "\n\n"
+                    data = chunk.model_dump()
+                    if data["usage"] is None:  # OpenAI sends usage on the last chunk only
+                        del data["usage"]
+                    yield "data: " + json.dumps(data) + "\n\n"
                 yield "data: [DONE]\n\n"
             except GenerationFailed as e:
                 yield _sse_error(str(e), "generation", " ")
