@@ -295,6 +295,39 @@ def test_dockerfile_installs_like_the_makefile_and_readme():
     assert pkg_dirs | {"pyproject.toml", "README.md"} <= copied
 
 
+def test_image_install_step_builds_every_module(tmp_path):
+    """`pip install .` run on exactly what the Dockerfile copies before it
+    (as a wheel, which is what pip installs) holds every module of the
+    project, including every CLI subcommand: a new top-level folder that the
+    Dockerfile does not copy would be missing from the image."""
+    import zipfile
+
+    from treespec.cli import COMMANDS
+
+    (project_step,) = [i for i, (w, a) in enumerate(DOCKERFILE) if w == "RUN" and a == "python -m pip install ."]
+    src = tmp_path / "src"
+    src.mkdir()
+    for word, args in DOCKERFILE[:project_step]:
+        if word != "COPY" or "--from=" in args:
+            continue
+        for name in args.split()[:-1]:
+            copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy2
+            copy(REPO / name, src / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                        "--wheel-dir", str(tmp_path / "wheel"), str(src)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (wheel,) = (tmp_path / "wheel").glob("treespec-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    package_dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    for package, folder in package_dirs.items():
+        for py in sorted((REPO / folder).glob("*.py")):
+            want = package.replace(".", "/") + "/" + py.name
+            assert want in names, f"{folder}/{py.name} would be missing from the image"
+    for name, module in COMMANDS.items():
+        assert module.replace(".", "/") + ".py" in names, f"`treespec {name}` ({module}) would be missing from the image"
+
+
 def test_copied_files_exist_and_are_not_dockerignored():
     for rel in (".venv", ".venv/bin/python", "data/default", "runs/default/ckpt.pt", ".git/HEAD",
                 "server/__pycache__/app.cpython-311.pyc", "models/other/model.safetensors"):
