@@ -593,6 +593,11 @@ def by_drafter(result: list[dict]) -> dict[str, float]:
     return {s["metric"].get("drafter", ""): float(s["value"][1]) for s in result}
 
 
+# $__rate_interval for the Prometheus test: longer than the whole test, so
+# every sample since Prometheus started is inside the window even on a slow machine.
+WINDOW = "5m"
+
+
 @needs_prometheus
 def test_real_prometheus_answers_the_dashboard_queries(server, tmp_path):
     # The compose config with only the target (and, to keep the test short, the
@@ -644,7 +649,7 @@ def test_real_prometheus_answers_the_dashboard_queries(server, tmp_path):
 
         # The dashboard's own acceptance-rate query.
         (acc_q,) = query("draft acceptance rate")
-        acc = by_drafter(prom_query(base, as_promql(acc_q, "1m")))
+        acc = by_drafter(prom_query(base, as_promql(acc_q, WINDOW)))
         assert "ngram" in acc, acc
         d_acc = total(after, "treespec_spec_decode_num_accepted_tokens_total", drafter="ngram") - \
             total(before, "treespec_spec_decode_num_accepted_tokens_total", drafter="ngram")
@@ -658,14 +663,14 @@ def test_real_prometheus_answers_the_dashboard_queries(server, tmp_path):
         assert acc["ngram"] == pytest.approx(d_acc / d_draft, abs=0.1)
 
         # The dashboard's own TTFT p50 and p99 queries.
-        ttft = [by_drafter(prom_query(base, as_promql(q, "1m"))) for q in query("time to first token")]
+        ttft = [by_drafter(prom_query(base, as_promql(q, WINDOW))) for q in query("time to first token")]
         p50, p99 = ttft[0]["ngram"], ttft[1]["ngram"]
         assert math.isfinite(p50) and math.isfinite(p99), ttft
         assert 0.0 < p50 <= p99 < 60.0, ttft
 
         # Mean acceptance length: tokens per verify step, as the responses report it.
         (tau_q,) = query("mean acceptance length")
-        tau = by_drafter(prom_query(base, as_promql(tau_q, "1m")))["ngram"]
+        tau = by_drafter(prom_query(base, as_promql(tau_q, WINDOW)))["ngram"]
         d_verify = sum(s["verify_steps"] for s in spec)
         assert d_verify == total(after, "treespec_spec_decode_num_verify_steps_total", drafter="ngram") - \
             total(before, "treespec_spec_decode_num_verify_steps_total", drafter="ngram")
