@@ -140,33 +140,64 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return lo
 
 
-# One index per thread, shared by the module-level helpers: consecutive calls
+class IndexPool:
+    """A few indexes, each following one sequence, for callers that
+    interleave sequences (a server stepping requests round-robin, a drafter
+    looking ahead at its own drafts). A context goes to the index it shares
+    the most with, as long as that costs at most ``max_rollback`` tokens of
+    rollback (about a draft's worth: the same sequence after rejected
+    drafts); otherwise to a fresh index, evicting the least recently used.
+    Sequences that share a prefix share an index only until they differ by
+    more than that, so switching between them costs at most that much.
+    """
+
+    def __init__(self, size: int = 8, max_rollback: int = 16):
+        self.size, self.max_rollback = size, max_rollback
+        self.items: list[NgramIndex] = []  # least recently used first
+
+    def get(self, context: Sequence[int], max_n: int = DEFAULT_MAX_N) -> NgramIndex:
+        if not isinstance(context, list):
+            context = list(context)
+        best, best_len = None, -1
+        for idx in self.items:
+            if idx.max_n >= max_n:
+                c = _common_prefix(idx.tokens, context)
+                if c > best_len and (c > 0 or not idx.tokens) and len(idx.tokens) - c <= self.max_rollback:
+                    best, best_len = idx, c
+        if best is None:
+            if len(self.items) >= self.size:
+                self.items.pop(0)
+            best = NgramIndex(max(max_n, DEFAULT_MAX_N))
+        else:
+            self.items.remove(best)
+        self.items.append(best)
+        best.sync(context)
+        return best
+
+
+# One pool per thread, shared by the module-level helpers: consecutive calls
 # on a growing context (the engine's steps, a drafter's depths) stay
 # incremental, and concurrent requests on other threads never interfere.
 _local = threading.local()
 
 
-def _thread_index(max_n: int) -> NgramIndex:
-    idx = getattr(_local, "index", None)
-    if idx is None or idx.max_n < max_n:
-        idx = _local.index = NgramIndex(max(max_n, DEFAULT_MAX_N))
-    return idx
+def _thread_index(context: Sequence[int], max_n: int) -> NgramIndex:
+    pool = getattr(_local, "pool", None)
+    if pool is None:
+        pool = _local.pool = IndexPool()
+    return pool.get(context, max_n)
 
 
 def ngram_candidate(context: Sequence[int], max_n: int = DEFAULT_MAX_N) -> tuple[int | None, int]:
     """The token that followed the most recent earlier occurrence of the
     context's longest matching suffix (n = max_n down to 1), and n; (None, 0)
     when there is none."""
-    idx = _thread_index(max_n)
-    idx.sync(context)
-    return idx.candidate(max_n)
+    return _thread_index(context, max_n).candidate(max_n)
 
 
 def ngram_continuation(context: Sequence[int], k: int, max_n: int = DEFAULT_MAX_N) -> list[int]:
     """Up to k tokens copied from after that occurrence ([] when none)."""
-    idx = _thread_index(max_n)
-    idx.sync(context)
-    return idx.continuation(k, max_n)
+    return _thread_index(context, max_n).continuation(k, max_n)
 
 
 @dataclass

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from treespec.draft.ngram import NgramDrafter, NgramIndex, ngram_candidate, ngram_continuation
+from treespec.draft.ngram import IndexPool, NgramDrafter, NgramIndex, ngram_candidate, ngram_continuation
 from treespec.draft.registry import DRAFTERS, DrafterUnavailable, make_drafter
 
 
@@ -66,6 +66,22 @@ def test_index_matches_rescan_under_growth_and_rollback(max_n):
         k = rng.randint(1, 7)
         assert idx.continuation(k) == rescan_continuation(context, k, max_n)
         assert ngram_continuation(context, k, max_n) == rescan_continuation(context, k, max_n)
+
+
+def test_pool_keeps_one_index_per_interleaved_sequence():
+    rng = random.Random(0)
+    pool = IndexPool(size=3)
+    seqs = [[rng.randrange(6) for _ in range(80)] for _ in range(2)]
+    seqs[1][:10] = seqs[0][:10]  # a shared system prompt
+    used = {}
+    for length in range(12, 81, 4):  # round-robin, each growing
+        for s, seq in enumerate(seqs):
+            ctx = seq[:length]
+            idx = pool.get(ctx)
+            assert idx.match() == rescan(ctx)
+            if length - 10 > pool.max_rollback:  # diverged by more than a draft
+                used.setdefault(s, set()).add(id(idx))
+    assert all(len(v) == 1 for v in used.values()) and used[0] != used[1]
 
 
 def test_drafter_proposes_the_continuation_up_to_k():

@@ -19,6 +19,8 @@ COMMANDS = {
     "prepare-data": "treespec.training.data",
     "train": "treespec.training.train",
     "model-card": "treespec.training.model_card",
+    "generate": "treespec.draft.generate_cli",
+    "bench": "treespec.draft.bench",
     "serve": "treespec.server.serve",
     "loadtest": "treespec.server.loadtest",
 }

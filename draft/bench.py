@@ -1,0 +1,308 @@
+"""``treespec bench``: speculative decoding measured the way Spec-Bench does.
+
+Batch 1. Every prompt is run by every drafter before the next prompt starts
+(the order rotates from prompt to prompt), so slow drifts of the machine (a
+background job, thermal throttling) fall on all drafters alike. Greedy by
+default; ``--temperature`` and ``--seed`` measure sampled decoding.
+
+Per drafter it reports tokens/s, the speedup over vanilla (``none``, always
+run), tau (tokens per verify step, bonus included), the acceptance rate per
+draft position, the share of wall time spent drafting, and whether every
+greedy output was identical to vanilla. It prints a table, writes JSON and
+a PNG, and exits with status 1 if any greedy output differs.
+
+Suites ``code`` and ``prose`` come from the test split of a prepared corpus
+(``treespec prepare-data``): each prompt is 64-128 tokens from a different
+test document of that kind, at a seeded position, so the suite is the same
+on every run. ``FILE.jsonl`` takes one ``{"prompt": ...}`` per line.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .registry import DRAFTERS
+
+PROMPT_MIN, PROMPT_MAX = 64, 128
+
+
+# --- suites --------------------------------------------------------------------
+
+def corpus_suite(kind: str, data_dir, n: int, tokenizer, max_prompt: int = PROMPT_MAX) -> list[dict]:
+    """``n`` prompts of 64-128 tokens from test documents of ``kind`` ("code"
+    or "prose"), one document after another (distinct documents first)."""
+    from ..training.data import load_meta, load_split
+
+    meta = load_meta(data_dir)
+    tokens = load_split(data_dir, "test")
+    domains = meta["domains"]
+    docs = [d for d in meta["splits"]["test"]["document_list"]
+            if domains.get(d["domain"], {}).get("kind") == kind and d["end"] - d["start"] - 1 >= PROMPT_MIN]
+    if not docs:
+        kinds = sorted({v.get("kind") for v in domains.values()})
+        raise ValueError(f"{data_dir}: no test document of kind {kind!r} with at least {PROMPT_MIN} tokens "
+                         f"(kinds here: {', '.join(map(str, kinds))})")
+    rng = random.Random(f"treespec-bench:{kind}")
+    docs = sorted(docs, key=lambda d: d["id"])
+    rng.shuffle(docs)
+    eot = meta.get("eot_id", tokenizer.eot_id)
+    prompts = []
+    for i in range(n):
+        d = docs[i % len(docs)]
+        doc = tokens[d["start"]:d["end"]].tolist()
+        if doc and doc[-1] == eot:
+            doc = doc[:-1]
+        length = min(rng.randint(PROMPT_MIN, max(PROMPT_MIN, max_prompt)), max_prompt, len(doc))
+        start = rng.randint(0, len(doc) - length)
+        # Begin on a fresh line when one is near, as a user's prompt would.
+        for j in range(start, min(start + 32, len(doc) - length)):
+            if tokenizer.token_bytes(doc[j]).endswith(b"\n"):
+                start = j + 1
+                break
+        prompts.append({"id": f"{d['id']}@{start}", "prompt_ids": doc[start:start + length]})
+    return prompts
+
+
+def jsonl_suite(path, n: int | None, tokenizer) -> list[dict]:
+    prompts = []
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            text = obj["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with a \"prompt\" string") from None
+        prompts.append({"id": str(obj.get("id", lineno)), "prompt_ids": tokenizer.encode(text)})
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts[:n] if n else prompts
+
+
+# --- measuring -------------------------------------------------------------------
+
+def summarise(runs: list[dict], reference: list[dict] | None, greedy: bool) -> dict:
+    """Totals over one drafter's runs (``reference``: vanilla's runs of the same prompts)."""
+    tokens = sum(r["tokens"] for r in runs)
+    wall = sum(r["wall_s"] for r in runs)
+    s = {k: sum(r["stats"][k] for r in runs)
+         for k in ("verify_steps", "draft_tokens", "accepted_tokens", "model_handbacks", "drafter_time_s",
+                   "verify_time_s", "prefill_time_s")}
+    depth = max((len(r["stats"]["drafted_per_position"]) for r in runs), default=0)
+    drafted = [sum(r["stats"]["drafted_per_position"][j] for r in runs
+                   if j < len(r["stats"]["drafted_per_position"])) for j in range(depth)]
+    accepted = [sum(r["stats"]["accepted_per_position"][j] for r in runs
+                    if j < len(r["stats"]["accepted_per_position"])) for j in range(depth)]
+    steps = s["verify_steps"]
+    out = {
+        "prompts": len(runs),
+        "generated_tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall if wall else 0.0,
+        "tau": (s["accepted_tokens"] + steps) / steps if steps else 0.0,
+        "mean_draft_length": s["draft_tokens"] / steps if steps else 0.0,
+        "acceptance_rate": s["accepted_tokens"] / s["draft_tokens"] if s["draft_tokens"] else 0.0,
+        "acceptance_per_position": [a / d if d else 0.0 for a, d in zip(accepted, drafted)],
+        "drafted_per_position": drafted,
+        "drafter_share": s["drafter_time_s"] / wall if wall else 0.0,
+        "verify_share": s["verify_time_s"] / wall if wall else 0.0,
+        "drafter_ms_per_step": 1e3 * s["drafter_time_s"] / steps if steps else 0.0,
+        "verify_ms_per_step": 1e3 * s["verify_time_s"] / steps if steps else 0.0,
+        **{k: s[k] for k in ("verify_steps", "draft_tokens", "accepted_tokens", "model_handbacks")},
+    }
+    if greedy and reference is not None:
+        same = [r["token_ids"] == v["token_ids"] for r, v in zip(runs, reference)]
+        out["identical"] = sum(same)
+        out["mismatched_prompts"] = [r["id"] for r, ok in zip(runs, same) if not ok]
+    else:
+        out["identical"] = None  # sampled outputs differ by design; exactness is a unit test
+    return out
+
+
+def run_bench(bundle, prompts: list[dict], drafter_names: list[str], params_for, warmup: int = 1,
+              progress: bool = True) -> dict[str, list[dict]]:
+    """Run every prompt with every drafter, interleaved; the raw per-run records."""
+    from tqdm import tqdm
+
+    from .engine import generate_all
+    from .registry import make_drafter
+
+    model, tok = bundle.model, bundle.tokenizer
+    drafters = {name: make_drafter(name, bundle) for name in drafter_names}
+    cache = model.new_cache()
+    for name, d in drafters.items():  # warm the allocator and any lazy state
+        for _ in range(warmup):
+            generate_all(model, prompts[0]["prompt_ids"], params_for(0, 16), d, tokenizer=tok, cache=cache)
+    runs: dict[str, list[dict]] = {name: [] for name in drafter_names}
+    bar = tqdm(total=len(prompts) * len(drafter_names), desc="bench", unit="run", disable=not progress)
+    for i, p in enumerate(prompts):
+        order = drafter_names[i % len(drafter_names):] + drafter_names[:i % len(drafter_names)]
+        for name in order:
+            t0 = time.perf_counter()
+            r = generate_all(model, p["prompt_ids"], params_for(i, None), drafters[name], tokenizer=tok, cache=cache)
+            wall = time.perf_counter() - t0
+            runs[name].append({"id": p["id"], "prompt_tokens": len(p["prompt_ids"]), "tokens": len(r.token_ids),
+                               "wall_s": wall, "finish_reason": r.finish_reason, "token_ids": r.token_ids,
+                               "stats": r.stats.to_dict()})
+            bar.update(1)
+        bar.set_postfix({n: f"{sum(x['tokens'] for x in runs[n]) / sum(x['wall_s'] for x in runs[n]):.0f}t/s"
+                         for n in drafter_names})
+    bar.close()
+    return runs
+
+
+# --- reporting -------------------------------------------------------------------
+
+def format_table(summary: dict[str, dict], positions: int = 5) -> str:
+    head = (f"{'drafter':<8} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft':>6} "
+            + " ".join(f"{'acc@' + str(j + 1):>6}" for j in range(positions))
+            + f" {'draft%':>7} {'ms/verify':>9} {'identical':>10}")
+    lines = [head, "-" * len(head)]
+    for name, s in summary.items():
+        acc = s["acceptance_per_position"]
+        cells = " ".join(f"{acc[j]:>6.2f}" if j < len(acc) else f"{'-':>6}" for j in range(positions))
+        ident = "n/a" if s["identical"] is None else f"{s['identical']}/{s['prompts']}"
+        lines.append(f"{name:<8} {s['tokens_per_s']:>8.1f} {s['speedup']:>7.2f}x {s['tau']:>6.2f} "
+                     f"{s['mean_draft_length']:>6.2f} {cells} {100 * s['drafter_share']:>6.1f}% "
+                     f"{s['verify_ms_per_step']:>9.2f} {ident:>10}")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(summary)
+    speed = [summary[n]["speedup"] for n in names]
+    bars = ax1.bar(names, speed, color=["#999999" if n == "none" else "#3b7dd8" for n in names])
+    ax1.axhline(1.0, color="black", linewidth=0.8)
+    ax1.bar_label(bars, labels=[f"{v:.2f}x" for v in speed])
+    ax1.set_ylim(0, max(speed + [1.0]) * 1.15)
+    ax1.set_ylabel("speedup over vanilla (tokens/s)")
+    ax1.set_title("speedup")
+    for n in names:
+        acc = summary[n]["acceptance_per_position"]
+        if acc:
+            ax2.plot(range(1, len(acc) + 1), acc, marker="o", label=f"{n} (tau {summary[n]['tau']:.2f})")
+    ax2.set_xlabel("draft position")
+    ax2.xaxis.get_major_locator().set_params(integer=True)
+    ax2.set_ylabel("acceptance rate")
+    ax2.set_ylim(0, 1.02)
+    ax2.set_title("acceptance per draft position")
+    if ax2.lines:
+        ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- CLI -------------------------------------------------------------------------
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help="benchmark drafters against vanilla decoding (Spec-Bench style)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", default="models/default", help="model bundle (default: %(default)s)")
+    p.add_argument("--suite", default="code", help="code, prose, or a FILE.jsonl of {\"prompt\": ...} lines")
+    p.add_argument("--drafters", default="none,ngram,tree",
+                   help=f"comma-separated, from {', '.join(DRAFTERS)} (default: %(default)s; none is always run)")
+    p.add_argument("--n", type=int, default=10, help="number of prompts (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed+i")
+    p.add_argument("--k-max", type=int, default=None, help="cap on draft length (default: each drafter's)")
+    p.add_argument("--data-dir", default="data/default", help="prepared corpus for code/prose (default: %(default)s)")
+    p.add_argument("--out", default="bench/results", help="folder for the JSON and PNG (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up generations per drafter (default: 1)")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..model import BundleError, load_bundle
+    from .registry import DrafterUnavailable
+    from .types import SamplingParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [n.strip() for n in args.drafters.split(",") if n.strip()]
+    bad = [n for n in names if n not in DRAFTERS]
+    if bad:
+        print(f"error: unknown drafter(s) {', '.join(bad)}; choose from {', '.join(DRAFTERS)}", file=sys.stderr)
+        return 2
+    names = ["none"] + [n for n in dict.fromkeys(names) if n != "none"]
+    try:
+        bundle = load_bundle(args.bundle)
+        max_prompt = min(PROMPT_MAX, bundle.config.block_size - args.max_new_tokens)
+        if max_prompt < 1:
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
+                             f"model's context of {bundle.config.block_size}")
+        if args.suite in ("code", "prose"):
+            prompts = corpus_suite(args.suite, args.data_dir, args.n, bundle.tokenizer, max_prompt)
+            suite_name = args.suite
+        else:
+            prompts = jsonl_suite(args.suite, args.n, bundle.tokenizer)
+            suite_name = Path(args.suite).stem
+            for p in prompts:  # keep the most recent context, as a server would have to
+                p["prompt_ids"] = p["prompt_ids"][-max_prompt:]
+
+        def params_for(i: int, max_new: int | None) -> SamplingParams:
+            return SamplingParams(max_new_tokens=max_new or args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed + i, k_max=args.k_max)
+
+        runs = run_bench(bundle, prompts, names, params_for, warmup=args.warmup, progress=not args.json)
+    except (BundleError, DrafterUnavailable, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    greedy = args.temperature == 0.0
+    summary = {n: summarise(runs[n], runs["none"], greedy) for n in names}
+    base = summary["none"]["tokens_per_s"]
+    for s in summary.values():
+        s["speedup"] = s["tokens_per_s"] / base if base else 0.0
+
+    report = {
+        "bundle": str(bundle.path), "weights_sha256": bundle.weights_sha256, "suite": args.suite,
+        "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+        "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "k_max": args.k_max,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
+        "processor": platform.processor(), "python": platform.python_version(),
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "drafters": summary,
+        "runs": {n: [{k: v for k, v in r.items() if k != "token_ids"} for r in runs[n]] for n in names},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{bundle.path.name}-{suite_name}-T{args.temperature:g}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    title = (f"{bundle.path.name} · {suite_name} · T={args.temperature:g} · {len(prompts)} prompts × "
+             f"{args.max_new_tokens} tokens")
+    plot(summary, title, out / f"{stem}.png")
+
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(title)
+        print(format_table(summary))
+        print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+    mismatched = {n: s["mismatched_prompts"] for n, s in summary.items() if s.get("mismatched_prompts")}
+    if mismatched:
+        print(f"FAIL: greedy outputs differ from vanilla: {mismatched}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,72 @@
+"""``treespec generate``: one prompt in, generated text out, with any drafter."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from .registry import DRAFTERS
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help="generate text from a prompt (vanilla or speculative)",
+                       description="Generate a continuation of --prompt with a model bundle. The text is "
+                                   "streamed to stdout; --json prints one JSON object with the token ids "
+                                   "and the speculative decoding statistics instead.")
+    p.add_argument("--bundle", default="models/default", help="model bundle directory (default: %(default)s)")
+    p.add_argument("--prompt", required=True, help="prompt text ('-' reads it from stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 is off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 is off")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    p.add_argument("--drafter", choices=DRAFTERS, default="ngram", help="(default: %(default)s)")
+    p.add_argument("--k-max", type=int, default=None, help="cap on draft length (default: the drafter's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of the text")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..model import BundleError, load_bundle
+    from .engine import generate
+    from .registry import DrafterUnavailable, make_drafter
+    from .types import SamplingParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        bundle = load_bundle(args.bundle)
+        drafter = make_drafter(args.drafter, bundle)
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+                                k_max=args.k_max)
+        ids = bundle.tokenizer.encode(prompt)
+        token_ids, texts, event = [], [], None
+        t0 = time.perf_counter()
+        for event in generate(bundle.model, ids, params, drafter, tokenizer=bundle.tokenizer):
+            token_ids += event.tokens
+            texts += event.texts
+            if not args.json:
+                sys.stdout.write("".join(event.texts))
+                sys.stdout.flush()
+        wall = time.perf_counter() - t0
+    except (BundleError, DrafterUnavailable, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stats = event.stats
+    tps = stats.generated_tokens / wall if wall > 0 else 0.0
+    if args.json:
+        print(json.dumps({"text": "".join(texts), "token_ids": token_ids, "finish_reason": event.finish_reason,
+                          "drafter": args.drafter, "stats": stats.to_dict(), "wall_s": wall,
+                          "tokens_per_s": tps}, indent=2))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{stats.generated_tokens} tokens, {tps:.1f} tok/s, drafter {args.drafter}, "
+              f"tau {stats.mean_accepted_length:.2f}, finish {event.finish_reason}]", file=sys.stderr)
+    return 0
