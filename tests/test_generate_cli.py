@@ -1,0 +1,120 @@
+"""`treespec generate` and `treespec bench` end to end on a tiny bundle."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from treespec.cli import main
+from treespec.draft import engine
+from treespec.model import Tokenizer, save_bundle
+
+from conftest import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def corpus(tmp_path, ranks_path):
+    """A prepared-corpus lookalike: test.bin + meta.json with code and prose documents."""
+    tok = Tokenizer(ranks_path)
+    code = "".join(f"def f{i}(x):\n    return x * {i} + {i % 3}\n\n" for i in range(40))
+    prose = " ".join(f"The {w} walked slowly to the river, and the river was cold." for w in
+                     ["king", "queen", "fool", "ghost", "soldier", "nurse"] * 6)
+    docs = [("stdlib", "a.py", code), ("stdlib", "b.py", code.replace("x", "y")),
+            ("shakespeare", "play.txt", prose), ("stdlib", "tiny.py", "pass\n")]
+    ids, listing = [], []
+    for domain, name, text in docs:
+        t = tok.encode(text) + [tok.eot_id]
+        listing.append({"domain": domain, "id": name, "start": len(ids), "end": len(ids) + len(t)})
+        ids += t
+    d = tmp_path / "data"
+    d.mkdir()
+    np.asarray(ids, dtype=np.uint16).tofile(d / "test.bin")
+    meta = {"format_version": 1, "eot_id": tok.eot_id,
+            "domains": {"stdlib": {"kind": "code"}, "shakespeare": {"kind": "prose"}},
+            "splits": {"test": {"file": "test.bin", "tokens": len(ids), "document_list": listing}}}
+    (d / "meta.json").write_text(json.dumps(meta))
+    return d
+
+
+def test_generate_json(tiny_bundle, capsys):
+    rc = main(["generate", "--bundle", str(tiny_bundle), "--prompt", "Hello there", "--max-new-tokens", "12",
+               "--drafter", "ngram", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 12 and out["finish_reason"] == "length"
+    assert out["stats"]["generated_tokens"] == 12 and out["tokens_per_s"] > 0
+    rc = main(["generate", "--bundle", str(tiny_bundle), "--prompt", "Hello there", "--max-new-tokens", "12",
+               "--drafter", "none"])
+    assert rc == 0
+    assert capsys.readouterr().out == out["text"] + "\n"  # greedy: the same text, streamed
+
+
+def test_generate_refuses_what_does_not_fit(tiny_bundle, capsys):
+    assert main(["generate", "--bundle", str(tiny_bundle), "--prompt", "x", "--max-new-tokens", "999"]) == 2
+    assert "exceeds the model's context" in capsys.readouterr().err
+    assert main(["generate", "--bundle", str(tiny_bundle), "--prompt", "x", "--drafter", "tree"]) == 2
+    assert "draft-fit" in capsys.readouterr().err
+
+
+@pytest.fixture
+def long_bundle(tmp_path, ranks_path):
+    """Room for 128-token prompts (the shared tiny bundle has a 64-token context)."""
+    return save_bundle(tmp_path / "bundle", tiny_model(block_size=160), ranks_path)
+
+
+def bench_args(bundle, corpus, out, *extra):
+    return ["bench", "--bundle", str(bundle), "--drafters", "ngram", "--n", "3", "--max-new-tokens", "16",
+            "--data-dir", str(corpus), "--out", str(out), "--warmup", "0", *extra]
+
+
+@pytest.mark.parametrize("suite", ["code", "prose"])
+def test_bench_writes_report_and_plot(long_bundle, corpus, tmp_path, capsys, suite):
+    rc = main(bench_args(long_bundle, corpus, tmp_path / "res", "--suite", suite))
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "speedup" in stdout and "3/3" in stdout
+    report = json.loads((tmp_path / "res" / f"bundle-{suite}-T0.json").read_text())
+    assert (tmp_path / "res" / f"bundle-{suite}-T0.png").stat().st_size > 0
+    assert list(report["drafters"]) == ["none", "ngram"]  # vanilla always runs, first
+    ng = report["drafters"]["ngram"]
+    assert ng["identical"] == 3 and report["drafters"]["none"]["speedup"] == 1.0
+    assert ng["tau"] >= 1.0 and len(ng["acceptance_per_position"]) >= 1
+    # prompts are 64-128 tokens from distinct documents of the suite's kind, in order of a seeded shuffle
+    ids = [r["id"].split("@")[0] for r in report["runs"]["none"]]
+    if suite == "code":
+        assert sorted(set(ids[:2])) == ["a.py", "b.py"]  # tiny.py is too short to be a prompt
+    else:
+        assert set(ids) == {"play.txt"}
+    assert all(64 <= r["prompt_tokens"] <= 128 for r in report["runs"]["none"])
+    # the same suite every time
+    rc = main(bench_args(long_bundle, corpus, tmp_path / "res2", "--suite", suite, "--json"))
+    again = json.loads(capsys.readouterr().out)
+    assert [r["id"] for r in again["runs"]["none"]] == [r["id"] for r in report["runs"]["none"]]
+
+
+def test_bench_jsonl_suite_and_sampling(tiny_bundle, corpus, tmp_path, capsys):
+    suite = tmp_path / "mine.jsonl"
+    suite.write_text("\n".join(json.dumps({"prompt": p}) for p in ["one two three", "a b a b a b", "x"]) + "\n")
+    rc = main(bench_args(tiny_bundle, corpus, tmp_path / "res", "--suite", str(suite), "--temperature", "0.8",
+                         "--json"))
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["prompts"] == 3 and report["temperature"] == 0.8
+    assert report["drafters"]["ngram"]["identical"] is None  # sampled outputs are not compared
+
+
+def test_bench_fails_when_greedy_outputs_differ(tiny_bundle, corpus, tmp_path, capsys, monkeypatch):
+    # Break the engine: accept every draft. Prompt lookup then changes the text.
+    monkeypatch.setattr(engine, "accept_greedy", lambda argmax, drafts: len(drafts))
+    rc = main(bench_args(tiny_bundle, corpus, tmp_path / "res", "--suite", "code"))
+    assert rc == 1
+    assert "differ from vanilla" in capsys.readouterr().err
