@@ -23,6 +23,7 @@ COMMANDS = {
     "bench": "treespec.draft.bench",
     "serve": "treespec.server.serve",
     "loadtest": "treespec.server.loadtest",
+    "draft-fit": "treespec.draft.fit",
 }
 
 

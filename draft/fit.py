@@ -1,0 +1,561 @@
+"""``treespec draft-fit``: fit the ``tree`` drafter to a bundle's model.
+
+1. Random windows of the training split are the contexts. A short pre-pass
+   over some of them fits the PCA of the final hidden state.
+2. The model continues every context **greedily** (batched, with a KV
+   cache): that is what greedy verification accepts. Each greedy step gives
+   the model's view at one position (``state_features``) and the next greedy
+   token with its probability.
+3. Rows: for every step i and depth j < k_max, the context is the window plus
+   the greedy tokens up to step i+j (the first j of them "drafted"), the
+   state is step i's, and the label is about the greedy token that follows:
+   ``__COPY__`` if the n-gram candidate equals it; else the token itself if
+   it is one of the K classes and the model gave it probability >=
+   threshold; else ``__MODEL__``. The classes are the K tokens the model
+   most often predicts with probability >= threshold in this collection.
+   Contexts that already contain a generated end-of-text are dropped: the
+   engine stops there.
+4. LightGBM multiclass with early stopping on held-out contexts (whole
+   contexts, never rows of a context on both sides).
+5. On the held-out contexts the drafting rule is simulated: accepted drafts
+   per step (tau), drafted tokens, and the speed that gives with the
+   measured verify costs, for a grid of p_min; the best p_min is kept
+   (unless --p-min is given). The n-gram drafter is simulated on the same
+   steps for comparison.
+6. ``BUNDLE/draft/tree.txt`` and ``meta.json`` are written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .features import FEATURE_VERSION, FeatureSpec, features_for, fit_pca, state_features
+from .ngram import DEFAULT_MAX_N, NgramDrafter, ngram_candidate, ngram_continuation
+from .tree import (COPY, FORMAT, FORMAT_VERSION, META_FILE, MODEL, MODEL_FILE, TreeDrafter, _Predictor, _sha256,
+                   choose, min_cum_p_table)
+
+# Verify cost when it is not measured: a 16M-parameter model on the 2-core
+# CPU this project targets verified T = 1..3 positions in about 1.9 ms, 4 in
+# 3.2 ms, 7 in 4.4 ms (issue 4); in between, linear.
+DEFAULT_VERIFY_MS = [1.9, 1.9, 1.9, 3.2, 3.6, 4.0, 4.4, 4.8, 5.2]
+
+
+@dataclass
+class Collected:
+    """What the greedy runs produced, per context (sequence) s."""
+
+    tokens: list[list[int]]  # window + greedy tokens g_0 .. g_{steps+k_max-1}
+    prompt_len: list[int]  # window length L
+    states: list[np.ndarray]  # (steps + k_max, n_state): the view that chose g_t
+    steps: int
+    k_max: int
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _windows(n_tokens: int, n_contexts: int, batch_size: int, min_ctx: int, max_ctx: int,
+             rng: np.random.Generator) -> list[tuple[int, np.ndarray]]:
+    """(window length, start offsets) per batch; one length per batch so
+    the batch shares its positions in the KV cache."""
+    batches, left = [], n_contexts
+    while left > 0:
+        b = min(batch_size, left)
+        L = int(rng.integers(min_ctx, max_ctx + 1))
+        if n_tokens <= L + 1:
+            raise ValueError(f"the training split has {n_tokens} tokens, too few for {L}-token contexts")
+        batches.append((L, rng.integers(0, n_tokens - L, size=b)))
+        left -= b
+    return batches
+
+
+def _pca_sample(model, data: np.ndarray, batches, max_rows: int = 20000) -> np.ndarray:
+    """Final hidden states over whole windows (every position, one prefill each)."""
+    rows, n = [], 0
+    for L, starts in batches:
+        idx = torch.from_numpy(np.stack([data[s:s + L].astype(np.int64) for s in starts]))
+        cache = model.new_cache(batch_size=len(starts), max_len=L)
+        out = model.forward_step(idx, 0, cache, last_only=True)
+        h = out.hidden.reshape(-1, out.hidden.shape[-1]).float().numpy()
+        rows.append(h)
+        n += len(h)
+        if n >= max_rows:
+            break
+    return np.concatenate(rows)[:max_rows]
+
+
+def collect(model, spec: FeatureSpec, data: np.ndarray, batches, steps: int, k_max: int,
+            progress: bool = True) -> Collected:
+    """Greedy continuations of every window, with the state features of each step."""
+    n_vocab = spec.n_vocab
+    run = steps + k_max  # greedy tokens per context: states 0..steps-1 need targets up to steps-1+k_max
+    out_tokens, out_L, out_states = [], [], []
+    bar = tqdm(total=sum(len(s) for _, s in batches), desc="collecting", unit="ctx", disable=not progress)
+    for L, starts in batches:
+        B = len(starts)
+        idx = torch.from_numpy(np.stack([data[s:s + L].astype(np.int64) for s in starts]))
+        cache = model.new_cache(batch_size=B, max_len=L + run)
+        out = model.forward_step(idx, 0, cache, last_only=True)
+        logits, hidden, exits = out.logits[:, -1], out.hidden[:, -1], [e[:, -1] for e in out.exit_hidden]
+        gen, states = [], []
+        for t in range(run):
+            states.append(state_features(spec, model, logits, hidden, exits))
+            g = logits[:, :n_vocab].argmax(dim=-1)
+            gen.append(g)
+            if t == run - 1:
+                break
+            out = model.forward_step(g[:, None], L + t, cache)
+            logits, hidden, exits = out.logits[:, -1], out.hidden[:, -1], [e[:, -1] for e in out.exit_hidden]
+        gen_t = torch.stack(gen, dim=1).tolist()  # (B, run)
+        st = np.stack(states, axis=1)  # (B, run, n_state)
+        for b in range(B):
+            out_tokens.append(idx[b].tolist() + gen_t[b])
+            out_L.append(L)
+            out_states.append(st[b])
+        bar.update(B)
+    bar.close()
+    return Collected(out_tokens, out_L, out_states, steps, k_max)
+
+
+def choose_classes(col: Collected, spec: FeatureSpec, n_classes: int, threshold: float, eot: int) -> list[int]:
+    """The n_classes tokens the model most often generated with probability
+    >= threshold (before any generated end-of-text)."""
+    counts: Counter = Counter()
+    lp_col = spec.pca_dims  # top1_logprob column of the state features
+    log_thr = np.log(threshold) if threshold > 0 else -np.inf
+    for toks, L, st in zip(col.tokens, col.prompt_len, col.states):
+        for t, g in enumerate(toks[L:]):
+            if st[t, lp_col] >= log_thr:
+                counts[g] += 1
+            if g == eot:
+                break
+    return [tok for tok, _ in counts.most_common(n_classes)]
+
+
+@dataclass
+class Rows:
+    X: np.ndarray  # (R, F)
+    y: np.ndarray  # (R,) class index
+    seq: np.ndarray  # (R,) context index
+    step: np.ndarray  # (R,) greedy step i whose state the row uses
+    depth: np.ndarray  # (R,)
+    target: np.ndarray  # (R,) the greedy token the row is about
+    cand: np.ndarray  # (R,) the n-gram candidate (-1 none)
+
+
+def build_rows(col: Collected, spec: FeatureSpec, threshold: float, eot: int,
+               seqs: list[int] | None = None) -> Rows:
+    """Feature rows and labels (module docstring, step 3)."""
+    K = spec.K
+    lp_col = spec.pca_dims
+    log_thr = np.log(threshold) if threshold > 0 else -np.inf
+    parts = []
+    for s in (range(len(col.tokens)) if seqs is None else seqs):
+        toks, L, st = col.tokens[s], col.prompt_len[s], col.states[s]
+        gen = toks[L:]
+        # First generated end-of-text: contexts that contain it never occur
+        # (the engine stops there), so g_0..g_{i+j} must all come before it.
+        eot_at = next((t for t, g in enumerate(gen) if g == eot), len(gen))
+        # One n-gram lookup per distinct context (prefix) serves every depth.
+        ngrams = {}
+        for c in range(L + 1, L + col.steps + col.k_max):
+            ngrams[c] = ngram_candidate(toks[:c], spec.ngram_max_n)
+        ctxs, deps, ngs, states, meta = [], [], [], [], []
+        for i in range(col.steps):
+            for j in range(col.k_max):
+                if i + j >= eot_at:
+                    continue
+                c = L + i + j + 1
+                ctxs.append(toks[:c])
+                deps.append(j)
+                ngs.append(ngrams[c])
+                states.append(st[i])
+                meta.append((s, i, j, gen[i + j + 1], st[i + j + 1, lp_col]))
+        if not ctxs:
+            continue
+        X = features_for(spec, np.stack(states), ctxs, deps, ngrams=ngs)
+        m = np.asarray(meta, dtype=np.float64)
+        target = m[:, 3].astype(np.int64)
+        cand = np.asarray([-1 if c is None else c for c, _ in ngs], dtype=np.int64)
+        tcls = spec.class_of(target)
+        y = np.where(cand == target, K, np.where((tcls < K) & (m[:, 4] >= log_thr), tcls, K + 1))
+        parts.append((X, y, m[:, 0].astype(np.int64), m[:, 1].astype(np.int64), m[:, 2].astype(np.int64),
+                      target, cand))
+    if not parts:
+        raise ValueError("no training rows: every context ran into end-of-text at once")
+    return Rows(*(np.concatenate(p) for p in zip(*parts)))
+
+
+# --- cost measurements -------------------------------------------------------
+
+# Costs are timed in process CPU time, not wall time: the fit may share a
+# busy machine, and time spent descheduled is not the cost of the work. With
+# one torch thread (the fit's default) the two agree on an idle machine.
+_clock = time.process_time
+
+
+def measure_verify_ms(model, k_max: int, ctx_len: int, reps: int = 30) -> list[float]:
+    """CPU time of a forward over T = 1..k_max+1 new positions after ``ctx_len`` cached ones."""
+    ctx_len = max(1, min(ctx_len, model.config.block_size - k_max - 1))
+    cache = model.new_cache(batch_size=1)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, min(model.config.vocab_size, 50257), (1, ctx_len), generator=g)
+    model.forward_step(prompt, 0, cache, last_only=True)
+    out = []
+    for T in range(1, k_max + 2):
+        idx = prompt[:, :T]
+        times = []
+        for _ in range(reps + 3):
+            cache.rollback(ctx_len)
+            t0 = _clock()
+            model.forward_step(idx, ctx_len, cache)
+            times.append(_clock() - t0)
+        out.append(round(float(np.median(times[3:])) * 1e3, 4))
+    # A longer verify never costs less: keep the curve monotone against timing noise.
+    return [float(v) for v in np.maximum.accumulate(out)]
+
+
+# --- evaluation and simulation ----------------------------------------------
+
+def simulate(chosen: np.ndarray, p: np.ndarray, targets: np.ndarray, valid: np.ndarray, p_min: float,
+             cum_table: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The drafting rule on chains of rows (n, k_max): per chain the drafted
+    count, the accepted count and the number of tree evaluations.
+
+    Exact up to the first rejected draft; after it the real drafter would see
+    its own wrong token, which no row describes, so the drafted count assumes
+    it goes on as on the right path."""
+    n, k = chosen.shape
+    drafted = np.zeros(n, dtype=np.int64)
+    accepted = np.zeros(n, dtype=np.int64)
+    evals = np.zeros(n, dtype=np.int64)
+    alive = np.ones(n, dtype=bool)
+    ok = np.ones(n, dtype=bool)
+    cum = np.ones(n)
+    for j in range(k):
+        evals += alive & valid[:, j]
+        cum = cum * np.where(alive, p[:, j], 1.0)
+        go = alive & valid[:, j] & (chosen[:, j] >= 0) & (p[:, j] >= p_min) & (cum >= cum_table[j])
+        drafted += go
+        ok = ok & go & (chosen[:, j] == targets[:, j])
+        accepted += ok
+        alive = go
+    return drafted, accepted, evals
+
+
+def _chains(rows: Rows, idx: np.ndarray, k_max: int):
+    """Group rows[idx] into (seq, step) chains over depth."""
+    keys = rows.seq[idx] * 100000 + rows.step[idx]
+    uniq, inv = np.unique(keys, return_inverse=True)
+    shape = (len(uniq), k_max)
+    valid = np.zeros(shape, dtype=bool)
+    where = np.full(shape, -1, dtype=np.int64)
+    valid[inv, rows.depth[idx]] = True
+    where[inv, rows.depth[idx]] = idx
+    return uniq, valid, where
+
+
+def fit_drafter(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/default", *,
+                threads: int = 1, **kw) -> dict:
+    """Fit and save the tree drafter; returns its meta.json contents.
+    Keyword arguments are ``_fit``'s (and the CLI's flags)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _fit(bundle_path, data_dir, threads=threads, **kw)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/default", *,
+         contexts: int = 600, steps: int = 32, n_classes: int = 128, pca_dims: int = 24,
+         k_max: int = 6, p_min: float | None = None, threshold: float = 0.5, seed: int = 0,
+         batch_size: int = 16, min_context: int = 32, max_context: int = 384, rounds: int = 300,
+         learning_rate: float = 0.1, num_leaves: int = 15, early_stopping: int = 15,
+         verify_ms: list[float] | str = "auto", threads: int = 1, n_last: int = 3,
+         progress: bool = True, log=_log) -> dict:
+    import lightgbm as lgb
+
+    from ..model import load_bundle
+    from ..training.data import load_split
+
+    t_start = time.time()
+    bundle = load_bundle(bundle_path)
+    model, tok = bundle.model, bundle.tokenizer
+    cfg = model.config
+    if k_max < 1:
+        raise ValueError("k_max must be at least 1")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a probability, got {threshold}")
+    room = cfg.block_size - steps - k_max - 1
+    max_context = min(max_context, room)
+    min_context = min(min_context, max_context)
+    if max_context < 1:
+        raise ValueError(f"steps ({steps}) + k_max ({k_max}) leave no room for a context in the model's "
+                         f"{cfg.block_size} positions")
+    data = load_split(data_dir, "train")
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    batches = _windows(len(data), contexts, batch_size, min_context, max_context, rng)
+
+    # 1. PCA of the final hidden state, from a prefill pre-pass.
+    pca_batches = _windows(len(data), max(batch_size, 64), batch_size, min_context, max_context, rng)
+    mean, comps = fit_pca(_pca_sample(model, data, pca_batches), pca_dims)
+    spec = FeatureSpec(classes=[], pca_mean=mean, pca_components=comps, n_exits=len(cfg.exit_layers) - 1,
+                       n_vocab=tok.n_vocab, vocab_size=cfg.vocab_size, n_last=n_last,
+                       ngram_max_n=DEFAULT_MAX_N)
+
+    # 2. Greedy continuations.
+    col = collect(model, spec, data, batches, steps, k_max, progress=progress)
+
+    # 3. Classes and rows.
+    classes = choose_classes(col, spec, n_classes, threshold, tok.eot_id)
+    spec = FeatureSpec(classes=classes, pca_mean=mean, pca_components=comps, n_exits=spec.n_exits,
+                       n_vocab=spec.n_vocab, vocab_size=spec.vocab_size, n_last=n_last, ngram_max_n=DEFAULT_MAX_N)
+    K = spec.K
+    rows = build_rows(col, spec, threshold, tok.eot_id)
+    n_seq = len(col.tokens)
+    is_val = (rows.seq % 10) == 9 if n_seq >= 10 else rows.seq == n_seq - 1
+    tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    if len(np.unique(rows.y[tr])) < 2:
+        raise ValueError(f"every training row has the same label ({_class_name(int(rows.y[tr][0]), spec, tok)}); "
+                         f"nothing to learn. Use more contexts or another --threshold")
+    counts = np.bincount(rows.y, minlength=K + 2)
+    log(f"{len(rows.y):,} rows from {n_seq} contexts ({len(tr):,} train, {len(va):,} held out); "
+        f"{K} token classes; labels: tokens {counts[:K].sum() / len(rows.y):.1%}, "
+        f"{COPY} {counts[K] / len(rows.y):.1%}, {MODEL} {counts[K + 1] / len(rows.y):.1%}")
+
+    # 4. LightGBM.
+    params = dict(objective="multiclass", num_class=K + 2, learning_rate=learning_rate, num_leaves=num_leaves,
+                  min_data_in_leaf=40, max_bin=63, feature_fraction=0.9, bagging_fraction=0.7, bagging_freq=1,
+                  lambda_l2=1.0, max_cat_to_onehot=4, cat_smooth=10.0, cat_l2=10.0,
+                  num_threads=threads, seed=seed, deterministic=True,
+                  force_col_wise=True, verbose=-1)
+    names, cats = spec.names(), spec.categorical()
+    dtrain = lgb.Dataset(rows.X[tr], rows.y[tr], feature_name=names, categorical_feature=cats, free_raw_data=True)
+    dval = lgb.Dataset(rows.X[va], rows.y[va], reference=dtrain)
+    bar = tqdm(total=rounds, desc="boosting", unit="round", disable=not progress)
+
+    def _tick(env):
+        bar.update(1)
+        if env.evaluation_result_list:
+            bar.set_postfix(val_logloss=f"{env.evaluation_result_list[0][2]:.4f}")
+
+    t0 = time.time()
+    booster = lgb.train(params, dtrain, num_boost_round=rounds, valid_sets=[dval], valid_names=["val"],
+                        callbacks=[lgb.early_stopping(early_stopping, verbose=False), _tick])
+    bar.close()
+    best_it = booster.best_iteration or booster.current_iteration()
+    fit_s = time.time() - t0
+    draft_dir = bundle.draft_dir
+    draft_dir.mkdir(parents=True, exist_ok=True)
+    model_path = draft_dir / MODEL_FILE
+    booster.save_model(str(model_path), num_iteration=best_it)
+    booster = lgb.Booster(model_file=str(model_path))  # evaluate exactly what is shipped
+    log(f"LightGBM: {best_it} rounds kept ({booster.num_trees()} trees), {fit_s:.1f}s")
+
+    # 5. Held-out evaluation.
+    P = booster.predict(rows.X[va], num_threads=params["num_threads"])
+    pred = P.argmax(axis=1)
+    yv = rows.y[va]
+    report = {"rows": int(len(rows.y)), "train_rows": int(len(tr)), "val_rows": int(len(va)),
+              "rounds": int(best_it), "trees": int(booster.num_trees()), "fit_s": round(fit_s, 2),
+              "label_share": {"tokens": float(counts[:K].sum() / len(rows.y)), COPY: float(counts[K] / len(rows.y)),
+                              MODEL: float(counts[K + 1] / len(rows.y))}, "per_depth": []}
+    log("depth   rows  accuracy  " + f"{MODEL} share")
+    for j in range(k_max):
+        m = rows.depth[va] == j
+        if not m.any():
+            continue
+        acc = float((pred[m] == yv[m]).mean())
+        report["per_depth"].append({"depth": j, "rows": int(m.sum()), "accuracy": acc,
+                                    "model_share": float((yv[m] == K + 1).mean())})
+        log(f"{j:5d} {int(m.sum()):6d}  {acc:8.3f}  {float((yv[m] == K + 1).mean()):8.3f}")
+    tp = int(((pred == K + 1) & (yv == K + 1)).sum())
+    prec = tp / max(int((pred == K + 1).sum()), 1)
+    rec = tp / max(int((yv == K + 1).sum()), 1)
+    report["model_precision"], report["model_recall"] = prec, rec
+    log(f"{MODEL}: precision {prec:.3f}, recall {rec:.3f}")
+
+    # Costs: the verify forward per length, and the drafter's own time.
+    if verify_ms == "auto":
+        verify_ms = measure_verify_ms(model, k_max, ctx_len=(min_context + max_context) // 2)
+        log(f"verify cost (measured, ms for T=1..{k_max + 1}): {verify_ms}")
+    verify_ms = [float(v) for v in verify_ms]
+    predictor = _Predictor(booster, len(names), K + 2)
+    predict_ms, state_ms = _time_drafter(model, spec, predictor, col, rows, va)
+    log(f"drafter cost: {state_ms:.3f} ms per proposal (model features) + {predict_ms:.3f} ms per depth "
+        f"(n-gram lookup, features, tree: {'C API fast path' if predictor.fast else 'Booster.predict'})")
+
+    # Simulated drafting on the held-out chains; pick p_min.
+    uniq, valid, where = _chains(rows, va, k_max)
+    flat = np.where(valid, where, 0).reshape(-1)
+    probs_all = np.zeros((len(rows.y), K + 2))
+    probs_all[va] = P
+    tok_ch, p_ch = choose(probs_all[flat], [int(c) if c >= 0 else None for c in rows.cand[flat]], spec)
+    tok_ch, p_ch = tok_ch.reshape(valid.shape), p_ch.reshape(valid.shape)
+    tgt = rows.target[flat].reshape(valid.shape)
+    cum_table = min_cum_p_table(verify_ms, predict_ms, k_max)
+    k_ng = NgramDrafter().k_max
+    v = verify_ms + [verify_ms[-1]] * (max(k_max, k_ng) + 1 - len(verify_ms))
+
+    def speed(drafted, accepted, evals, extra_ms=0.0):
+        ms = np.asarray([v[d] for d in drafted]) + extra_ms + evals * predict_ms
+        tokens = accepted + 1
+        return float(tokens.sum() / ms.sum() * v[0]), float(tokens.mean()), float(drafted.mean())
+
+    grid = [round(x, 2) for x in np.arange(0.05, 0.96, 0.05)]
+    sims = {}
+    for pm in grid:
+        d, a, e = simulate(tok_ch, p_ch, tgt, valid, pm, cum_table)
+        sims[pm] = speed(d, a, e, state_ms)
+    best_p = max(grid, key=lambda pm: sims[pm][0])
+    chosen_p = best_p if p_min is None else float(p_min)
+    if chosen_p not in sims:
+        d, a, e = simulate(tok_ch, p_ch, tgt, valid, chosen_p, cum_table)
+        sims[chosen_p] = speed(d, a, e, state_ms)
+    # The n-gram drafter on the same steps: its continuation at depth 0.
+    d_ng, a_ng = [], []
+    for key in uniq:
+        s, i = divmod(int(key), 100000)
+        L, toks = col.prompt_len[s], col.tokens[s]
+        cont = ngram_continuation(toks[:L + i + 1], k_ng, spec.ngram_max_n)
+        truth = toks[L + i + 1:L + i + 1 + k_ng]
+        n_acc = 0
+        while n_acc < min(len(cont), len(truth)) and cont[n_acc] == truth[n_acc]:
+            n_acc += 1
+        d_ng.append(len(cont))
+        a_ng.append(n_acc)
+    ng = speed(np.asarray(d_ng), np.asarray(a_ng), np.zeros(len(d_ng)))
+    report["simulation"] = {
+        "p_min_grid": {str(pm): {"est_speedup": s[0], "tau": s[1], "drafted_per_step": s[2]} for pm, s in sims.items()},
+        "tree": {"p_min": chosen_p, "est_speedup": sims[chosen_p][0], "tau": sims[chosen_p][1],
+                 "drafted_per_step": sims[chosen_p][2]},
+        "ngram": {"k": k_ng, "est_speedup": ng[0], "tau": ng[1], "drafted_per_step": ng[2]},
+        "chains": int(len(uniq)),
+    }
+    log(f"held-out simulation over {len(uniq)} greedy steps (estimates: exact up to the first rejection):")
+    log(f"  tree  p_min {chosen_p:.2f}: tau {sims[chosen_p][1]:.2f}, {sims[chosen_p][2]:.2f} drafted/step, "
+        f"est. speedup {sims[chosen_p][0]:.2f}x" + (" (best on the grid)" if p_min is None else ""))
+    log(f"  ngram k={k_ng}: tau {ng[1]:.2f}, {ng[2]:.2f} drafted/step, est. speedup {ng[0]:.2f}x")
+
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "feature_version": FEATURE_VERSION,
+        "weights_sha256": bundle.weights_sha256,
+        "model_file": MODEL_FILE, "model_sha256": _sha256(model_path),
+        "classes": {"tokens": classes, "copy": K, "model": K + 1,
+                    "text": [tok.decode([t]) for t in classes]},
+        "features": spec.to_meta(),
+        "settings": {"k_max": int(k_max), "p_min": chosen_p, "threshold": float(threshold),
+                     "verify_ms": verify_ms, "predict_ms": round(predict_ms, 4), "state_ms": round(state_ms, 4),
+                     "min_cum_p": [round(x, 4) for x in cum_table]},
+        "fit": {"data_dir": str(data_dir), "contexts": contexts, "steps_per_context": steps, "seed": seed,
+                "min_context": min_context, "max_context": max_context, "lightgbm": params,
+                "seconds": round(time.time() - t_start, 1), **report},
+    }
+    (draft_dir / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    log(f"wrote {model_path} and {draft_dir / META_FILE}")
+    return meta
+
+
+def _class_name(c: int, spec: FeatureSpec, tok) -> str:
+    if c == spec.K:
+        return COPY
+    if c == spec.K + 1:
+        return MODEL
+    return repr(tok.decode([spec.classes[c]]))
+
+
+def _time_drafter(model, spec: FeatureSpec, predictor: _Predictor, col: Collected, rows: Rows,
+                  idx: np.ndarray, n: int = 300) -> tuple[float, float]:
+    """(ms per draft depth, ms per proposal for the model features), timed on
+    held-out rows through the serving code path."""
+    pick = idx[np.linspace(0, len(idx) - 1, min(n, len(idx))).astype(int)]
+    cases = []
+    for r in pick:
+        s, i, j = int(rows.seq[r]), int(rows.step[r]), int(rows.depth[r])
+        cases.append((col.tokens[s][:col.prompt_len[s] + i + j + 1], j, col.states[s][i][None]))
+    t0 = _clock()
+    for ctx, j, st in cases:
+        ng = ngram_candidate(ctx, spec.ngram_max_n)
+        choose(predictor(features_for(spec, st, [ctx], [j], ngrams=[ng])), [ng[0]], spec)
+    per_depth = (_clock() - t0) / len(cases) * 1e3
+    # Model features for one position, as a proposal computes them.
+    C = spec.pca_mean.shape[0]
+    cache = model.new_cache(batch_size=1, max_len=8)
+    out = model.forward_step(torch.tensor([col.tokens[0][:4]]), 0, cache)
+    lg, h, ex = out.logits[0, -1:], out.hidden[0, -1:], [e[0, -1:] for e in out.exit_hidden]
+    state_features(spec, model, lg, h.reshape(1, C), ex)
+    t0 = _clock()
+    reps = 50
+    for _ in range(reps):
+        state_features(spec, model, lg, h.reshape(1, C), ex)
+    return per_depth, (_clock() - t0) / reps * 1e3
+
+
+# --- CLI -------------------------------------------------------------------
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help="fit the tree drafter to a bundle's model",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", required=True, help="bundle directory (the drafter goes to BUNDLE/draft/)")
+    p.add_argument("--data-dir", default="data/default", help="prepared corpus (default: %(default)s)")
+    p.add_argument("--contexts", type=int, default=600, help="training windows (default: %(default)s)")
+    p.add_argument("--steps-per-context", type=int, default=32,
+                   help="greedy steps whose states become rows, per window (default: %(default)s)")
+    p.add_argument("--classes", type=int, default=128, help="K, the token classes (default: %(default)s)")
+    p.add_argument("--pca-dims", type=int, default=24, help="PCA dimensions of the hidden state (default: %(default)s)")
+    p.add_argument("--k-max", type=int, default=6, help="longest draft (default: %(default)s)")
+    p.add_argument("--p-min", type=float, default=None,
+                   help="lowest probability a drafted token may have (default: tuned on held-out contexts)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="model probability a token needs to be a token label (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="contexts run together (default: %(default)s)")
+    p.add_argument("--min-context", type=int, default=32)
+    p.add_argument("--max-context", type=int, default=384)
+    p.add_argument("--rounds", type=int, default=300, help="most boosting rounds (default: %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=0.1)
+    p.add_argument("--num-leaves", type=int, default=15)
+    p.add_argument("--verify-ms", default="auto",
+                   help="verify forward cost in ms for T=1,2,... positions, comma-separated, or 'auto' to "
+                        "measure it here (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads for LightGBM and torch (default: %(default)s; OpenMP threads on a machine whose "
+                        "cores are busy spin instead of working, which made a 2-thread fit 100x slower here)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..model import BundleError
+    from ..training.data import DataError
+
+    try:
+        verify = "auto" if args.verify_ms == "auto" else [float(x) for x in args.verify_ms.split(",") if x.strip()]
+    except ValueError:
+        print(f"treespec draft-fit: error: --verify-ms must be 'auto' or numbers, got {args.verify_ms!r}",
+              file=sys.stderr)
+        return 2
+    try:
+        fit_drafter(args.bundle, args.data_dir, contexts=args.contexts, steps=args.steps_per_context,
+                    n_classes=args.classes, pca_dims=args.pca_dims, k_max=args.k_max, p_min=args.p_min,
+                    threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
+                    min_context=args.min_context, max_context=args.max_context, rounds=args.rounds,
+                    learning_rate=args.learning_rate, num_leaves=args.num_leaves, verify_ms=verify,
+                    threads=args.threads, progress=not args.no_progress)
+    except (BundleError, DataError, ValueError) as e:
+        print(f"treespec draft-fit: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,263 @@
+"""The ``tree`` drafter: a LightGBM multiclass model over the model's own features.
+
+Classes (``K`` = number of token classes)::
+
+    0 .. K-1   a token: one of the K tokens the model most often predicts
+               with high confidence on the training corpus
+    K          __COPY__: propose the n-gram (prompt-lookup) candidate
+    K+1        __MODEL__: stop drafting, hand control back to the model
+
+A proposal starts from the features the last verify step left (the position
+whose logits chose the newest token) and walks forward one drafted token at
+a time::
+
+    state = state_features(model view at the last verified position)   once
+    depth j = 0, 1, ...:
+        x  = features_for(state, context + drafted, depth=j)
+        p  = tree(x)                        # over the K+2 classes
+        __COPY__'s mass goes to the n-gram candidate's token
+        best token t with probability p_t, against p(__MODEL__):
+          __MODEL__ wins           -> stop (handback)
+          p_t < p_min              -> stop (handback)
+          P(all so far accepted) < min_cum_p[j]
+                                   -> stop (handback): the next verify
+                                      position costs more than it is
+                                      expected to save
+          else draft t, continue (up to k_max)
+
+``min_cum_p`` is the cost-aware part: drafting token j makes the verify
+forward one position longer, which costs ``verify_ms[j+1] - verify_ms[j]``
+plus one more tree evaluation, and saves a whole forward (``verify_ms[0]``)
+only if it and every earlier draft are accepted. The verify costs are
+measured when fitting (or given) and stored in meta.json.
+
+Everything lives in ``BUNDLE/draft/``: ``tree.txt`` (LightGBM's text format,
+never a pickle) and ``meta.json`` (class map, feature spec with the PCA
+matrix, stopping settings, and the sha256 of the weights it was fitted
+against; a drafter fitted to other weights is refused).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .features import FEATURE_VERSION, FeatureSpec, features_for, state_features
+from .ngram import ngram_candidate
+from .types import Draft, ModelFeatures
+
+META_FILE = "meta.json"
+MODEL_FILE = "tree.txt"
+FORMAT = "treespec-tree-drafter"
+FORMAT_VERSION = 1
+COPY, MODEL = "__COPY__", "__MODEL__"
+
+
+class DrafterError(ValueError):
+    """A drafter that cannot be loaded; the message says which file and why."""
+
+
+def min_cum_p_table(verify_ms: Sequence[float], predict_ms: float, k_max: int) -> list[float]:
+    """Per depth j, the probability that all drafts up to j are accepted
+    below which drafting token j costs more verify time than it is expected
+    to save. ``verify_ms[T-1]`` is a forward over T positions."""
+    v = list(verify_ms)
+    if not v or v[0] <= 0:
+        raise ValueError(f"verify_ms must start with a positive forward time, got {v}")
+    while len(v) < k_max + 1:  # beyond the measured lengths: the last step again
+        v.append(v[-1] + (v[-1] - v[-2] if len(v) > 1 else 0.0))
+    return [float(np.clip((v[j + 1] - v[j] + predict_ms) / v[0], 0.0, 1.0)) for j in range(k_max)]
+
+
+def choose(probs: np.ndarray, cand: Sequence[int | None], spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The drafter's decision for rows of class probabilities (R, K+2).
+
+    Returns (token (R,) with -1 where __MODEL__ wins or there is nothing to
+    propose, probability (R,) of the chosen token). __COPY__'s probability is
+    added to the candidate's token class when the candidate is a class token.
+    """
+    probs = np.asarray(probs, dtype=np.float64).reshape(-1, spec.K + 2)
+    R, K = probs.shape[0], spec.K
+    c = np.asarray([-1 if x is None else x for x in cand], dtype=np.int64)
+    has = c >= 0
+    c_cls = np.where(has, spec.class_of(np.where(has, c, 0)), K)
+    p_tok = probs[:, :K].copy()
+    rows = np.arange(R)
+    in_set = has & (c_cls < K)
+    p_tok[rows[in_set], c_cls[in_set]] += probs[in_set, K]
+    best = p_tok.argmax(axis=1) if K else np.zeros(R, dtype=np.int64)
+    p_best = p_tok[rows, best] if K else np.zeros(R)
+    tok = np.asarray(spec.classes, dtype=np.int64)[best] if K else np.full(R, -1, dtype=np.int64)
+    # A candidate outside the class set competes as its own option.
+    out_copy = has & ~in_set & (probs[:, K] > p_best)
+    tok = np.where(out_copy, c, tok)
+    p_best = np.where(out_copy, probs[:, K], p_best)
+    stop = probs[:, K + 1] >= p_best
+    return np.where(stop, -1, tok), np.where(stop, probs[:, K + 1], p_best)
+
+
+class _Predictor:
+    """Class probabilities for one row, without ``Booster.predict``'s Python
+    overhead: LightGBM's C API single-row fast path (one ctypes call), falling
+    back to ``predict(num_threads=1)`` where that is unavailable. Running on
+    one thread matters: OpenMP across the cores the model also uses makes a
+    single-row predict tens of times slower."""
+
+    def __init__(self, booster, n_features: int, n_classes: int):
+        self.booster = booster
+        self.n_features, self.n_classes = n_features, n_classes
+        self._lock = threading.Lock()  # the fast config owns one output buffer
+        self._out = np.zeros(n_classes, dtype=np.float64)
+        self._fast = None
+        try:
+            from lightgbm.basic import _LIB, _c_str
+
+            handle = ctypes.c_void_p()
+            ret = _LIB.LGBM_BoosterPredictForMatSingleRowFastInit(
+                booster._handle, ctypes.c_int(0),  # C_API_PREDICT_NORMAL: probabilities
+                ctypes.c_int(0), ctypes.c_int(-1),  # all iterations
+                ctypes.c_int(1),  # C_API_DTYPE_FLOAT64
+                ctypes.c_int32(n_features), _c_str("num_threads=1"), ctypes.byref(handle))
+            if ret == 0:
+                self._fast, self._lib = handle, _LIB
+                self._out_len = ctypes.c_int64()
+                self._out_ptr = self._out.ctypes.data_as(ctypes.POINTER(ctypes.c_double))
+        except (ImportError, AttributeError, OSError):
+            self._fast = None
+
+    @property
+    def fast(self) -> bool:
+        return self._fast is not None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float64).reshape(-1)
+        if self._fast is None:
+            return self.booster.predict(x[None], num_threads=1)[0]
+        with self._lock:
+            ret = self._lib.LGBM_BoosterPredictForMatSingleRowFast(
+                self._fast, x.ctypes.data_as(ctypes.c_void_p), ctypes.byref(self._out_len), self._out_ptr)
+            if ret != 0:
+                raise RuntimeError("LightGBM single-row predict failed")
+            return self._out.copy()
+
+    def __del__(self):
+        if getattr(self, "_fast", None) is not None:
+            self._lib.LGBM_FastConfigFree(self._fast)
+            self._fast = None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class TreeDrafter:
+    """Drafter protocol implementation; build it with ``TreeDrafter.load(bundle)``."""
+
+    name = "tree"
+
+    def __init__(self, model, booster, spec: FeatureSpec, *, k_max: int, p_min: float,
+                 verify_ms: Sequence[float], predict_ms: float, meta: dict | None = None):
+        self.model = model
+        self.booster = booster
+        self.spec = spec
+        self.k_max = int(k_max)
+        self.p_min = float(p_min)
+        self.verify_ms = [float(v) for v in verify_ms]
+        self.predict_ms = float(predict_ms)
+        self.meta = meta or {}
+        self.predict = _Predictor(booster, len(spec.names()), spec.K + 2)
+        self._cum_table = min_cum_p_table(self.verify_ms, self.predict_ms, max(self.k_max, 16))
+
+    @classmethod
+    def load(cls, bundle, k_max: int | None = None, p_min: float | None = None) -> "TreeDrafter":
+        """The drafter fitted into ``bundle.draft_dir``; ``k_max``/``p_min``
+        override the fitted settings."""
+        import lightgbm as lgb
+
+        d = Path(bundle.draft_dir)
+        meta_path = d / META_FILE
+        if not meta_path.is_file():
+            raise DrafterError(f"{meta_path}: no fitted tree drafter in this bundle; "
+                               f"run `treespec draft-fit --bundle {bundle.path}`")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise DrafterError(f"{meta_path}: not valid JSON ({e})") from None
+        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+            raise DrafterError(f"{meta_path}: not a treespec tree drafter of format version {FORMAT_VERSION} "
+                               f"(format {meta.get('format')!r}, version {meta.get('format_version')!r})")
+        fv = meta.get("feature_version")
+        if fv != FEATURE_VERSION:
+            raise DrafterError(f"{meta_path}: fitted with feature version {fv!r}, but this treespec computes "
+                               f"feature version {FEATURE_VERSION}; refit it with "
+                               f"`treespec draft-fit --bundle {bundle.path}`")
+        if meta.get("weights_sha256") != bundle.weights_sha256:
+            raise DrafterError(f"{meta_path}: this drafter was fitted against model weights with sha256 "
+                               f"{meta.get('weights_sha256')}, but the bundle's weights have sha256 "
+                               f"{bundle.weights_sha256}; its features would not mean what it learned. "
+                               f"Refit it with `treespec draft-fit --bundle {bundle.path}`")
+        model_path = d / meta.get("model_file", MODEL_FILE)
+        if not model_path.is_file():
+            raise DrafterError(f"{model_path}: missing LightGBM model file")
+        if meta.get("model_sha256") and _sha256(model_path) != meta["model_sha256"]:
+            raise DrafterError(f"{model_path}: checksum does not match meta.json; the file was changed "
+                               f"after fitting")
+        try:
+            spec = FeatureSpec.from_meta(meta["features"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DrafterError(f"{meta_path}: bad feature spec ({e})") from None
+        cfg = bundle.config
+        if spec.pca_mean.shape[0] != cfg.n_embd or spec.n_exits != len(cfg.exit_layers) - 1:
+            raise DrafterError(f"{meta_path}: feature spec is for a model with n_embd "
+                               f"{spec.pca_mean.shape[0]} and {spec.n_exits} intermediate exits, "
+                               f"not this bundle's {cfg.n_embd} and {len(cfg.exit_layers) - 1}")
+        try:
+            booster = lgb.Booster(model_file=str(model_path))
+        except lgb.basic.LightGBMError as e:
+            raise DrafterError(f"{model_path}: unreadable LightGBM model ({e})") from None
+        if booster.num_feature() != len(spec.names()):
+            raise DrafterError(f"{model_path}: expects {booster.num_feature()} features, the spec in "
+                               f"meta.json defines {len(spec.names())}")
+        s = meta["settings"]
+        return cls(bundle.model, booster, spec,
+                   k_max=s["k_max"] if k_max is None else k_max,
+                   p_min=s["p_min"] if p_min is None else p_min,
+                   verify_ms=s["verify_ms"], predict_ms=s["predict_ms"], meta=meta)
+
+    def state(self, features: ModelFeatures) -> np.ndarray:
+        """The model part of the features, (1, n_state): once per proposal."""
+        return state_features(self.spec, self.model, features.logits.reshape(1, -1),
+                              features.hidden.reshape(1, -1), [h.reshape(1, -1) for h in features.exit_hidden])
+
+    def propose(self, context: list[int], features: ModelFeatures | None, k_max: int) -> Draft:
+        if features is None or k_max <= 0:
+            return Draft(tokens=[])
+        spec = self.spec
+        state = self.state(features)
+        ctx = list(context)
+        drafted: list[int] = []
+        cum = 1.0
+        for j in range(k_max):
+            ng = ngram_candidate(ctx, spec.ngram_max_n)
+            x = features_for(spec, state, [ctx], [j], ngrams=[ng])
+            tok, p = choose(self.predict(x), [ng[0]], spec)
+            tok, p = int(tok[0]), float(p[0])
+            if tok < 0:  # __MODEL__ (or __COPY__ with nothing to copy)
+                return Draft(tokens=drafted, handback=True)
+            cum *= p
+            if p < self.p_min or cum < self._cum_table[min(j, len(self._cum_table) - 1)]:
+                return Draft(tokens=drafted, handback=True)
+            drafted.append(tok)
+            ctx.append(tok)
+        return Draft(tokens=drafted, handback=False)

@@ -1,0 +1,252 @@
+"""The tree drafter: features, fitting, loading and the drafting rule, on tiny models."""
+
+import contextlib
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from treespec.cli import main as cli_main
+from treespec.draft.features import FEATURE_VERSION, features_for
+from treespec.draft.fit import _windows, build_rows, collect
+from treespec.draft.ngram import ngram_candidate
+from treespec.draft.tree import DrafterError, TreeDrafter, choose
+from treespec.draft.types import ModelFeatures, SamplingParams
+from treespec.model import load_bundle, save_bundle
+from treespec.training.data import load_split, prepare
+
+K_MAX = 3
+WORDS = ("the cat sat on a mat and then it ran to the red house where a dog was sleeping near old trees "
+         "def return self value if else for in range print").split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small prepared corpus whose text repeats itself, as code and verse do."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    for d in range(10):
+        lines = []
+        for _ in range(30):
+            lines.append(" ".join(rng.choice(WORDS, size=int(rng.integers(4, 10)))) + ".")
+            if rng.random() < 0.3:
+                lines.append(lines[int(rng.integers(len(lines)))])
+        (root / f"doc{d}.txt").write_text("\n".join(lines) + "\n")
+    out = root / "data"
+    prepare([f"files:{root}/*.txt"], out, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, corpus, ranks_path):
+    """A tiny bundle with a drafter fitted by the real `treespec draft-fit`."""
+    path = save_bundle(tmp_path_factory.mktemp("b") / "bundle", tiny_model(), ranks_path)
+    buf = io.StringIO()
+    # A random model is never confident, so --threshold 0 makes its greedy
+    # tokens count; --verify-ms fixed keeps the test free of timing noise.
+    argv = ["draft-fit", "--bundle", str(path), "--data-dir", str(corpus), "--contexts", "48",
+            "--steps-per-context", "12", "--k-max", str(K_MAX), "--classes", "12", "--pca-dims", "4",
+            "--threshold", "0", "--min-context", "8", "--max-context", "24", "--rounds", "40",
+            "--verify-ms", "1.9,1.9,1.9,3.2", "--no-progress"]
+    with contextlib.redirect_stdout(buf):
+        rc = cli_main(argv)
+    assert rc == 0
+    return path, buf.getvalue()
+
+
+def _engine_features(out, row: int, n_vocab: int) -> ModelFeatures:
+    # What the engine hands the drafter after a forward: one position's view.
+    return ModelFeatures(logits=out.logits[0, row, :n_vocab], hidden=out.hidden[0, row],
+                         exit_hidden=[h[0, row] for h in out.exit_hidden])
+
+
+def test_draft_fit_writes_a_drafter_that_loads(fitted):
+    path, log = fitted
+    assert "__MODEL__: precision" in log and "depth" in log
+    files = sorted(p.name for p in (path / "draft").iterdir())
+    assert files == ["meta.json", "tree.txt"]  # LightGBM text + JSON, never a pickle
+    bundle = load_bundle(path)
+    meta = json.loads((path / "draft" / "meta.json").read_text())
+    assert meta["weights_sha256"] == bundle.weights_sha256
+    assert meta["feature_version"] == FEATURE_VERSION
+    assert 0 < len(meta["classes"]["tokens"]) <= 12
+    assert len(meta["features"]["pca_components"]) == 4
+    drafter = TreeDrafter.load(bundle)
+    assert drafter.k_max == K_MAX and drafter.name == "tree"
+    assert TreeDrafter.load(bundle, k_max=2, p_min=0.75).p_min == 0.75
+    # The single-row C fast path computes what Booster.predict computes.
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(20, len(drafter.spec.names())))
+    X[:, drafter.spec.categorical()] = rng.integers(0, drafter.spec.K + 2, size=(20, len(drafter.spec.categorical())))
+    want = drafter.booster.predict(X, num_threads=1)
+    got = np.stack([drafter.predict(x) for x in X])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_features_identical_at_fit_and_serve_time(fitted, corpus):
+    path, _ = fitted
+    bundle = load_bundle(path)
+    drafter = TreeDrafter.load(bundle)
+    spec, model, n_vocab = drafter.spec, bundle.model, bundle.tokenizer.n_vocab
+    data = load_split(corpus, "train")
+    steps = 6
+    batches = _windows(len(data), 4, 4, 10, 20, np.random.default_rng(5))
+    col = collect(model, spec, data, batches, steps, K_MAX, progress=False)
+    rows = build_rows(col, spec, threshold=0.0, eot=bundle.tokenizer.eot_id)
+    K = spec.K
+    # Labels follow the rule: __COPY__ iff the n-gram candidate is the model's
+    # token, a token class only for that very token.
+    assert np.array_equal(rows.y == K, rows.cand == rows.target)
+    tok_rows = rows.y < K
+    assert np.array_equal(np.asarray(spec.classes)[rows.y[tok_rows]], rows.target[tok_rows])
+
+    cat = spec.categorical() + [len(spec.names()) - 2, len(spec.names()) - 1]  # + ngram_len, depth
+    checked = 0
+    for s in range(len(col.tokens)):
+        toks, L = col.tokens[s], col.prompt_len[s]
+        # Serving: one sequence, the prompt prefilled, then one token per forward.
+        cache = model.new_cache(batch_size=1)
+        out = model.forward_step(torch.tensor([toks[:L]]), 0, cache)
+        states = [drafter.state(_engine_features(out, L - 1, n_vocab))]
+        for t in range(steps - 1):
+            out = model.forward_step(torch.tensor([[toks[L + t]]]), L + t, cache)
+            states.append(drafter.state(_engine_features(out, 0, n_vocab)))
+        for r in np.flatnonzero(rows.seq == s):
+            i, j = int(rows.step[r]), int(rows.depth[r])
+            ctx = toks[:L + i + j + 1]
+            serve = features_for(spec, states[i], [ctx], [j])[0]
+            fit = rows.X[r]
+            np.testing.assert_array_equal(serve[cat], fit[cat])
+            np.testing.assert_allclose(serve, fit, rtol=1e-4, atol=1e-4)
+            checked += 1
+    assert checked == len(rows.y) > 0
+
+
+def test_drafter_fitted_to_other_weights_is_refused(fitted, tmp_path, ranks_path):
+    path, _ = fitted
+    other = save_bundle(tmp_path / "other", tiny_model(seed=1), ranks_path)
+    shutil.copytree(path / "draft", other / "draft")
+    theirs, ours = load_bundle(other), load_bundle(path)
+    with pytest.raises(DrafterError) as e:
+        TreeDrafter.load(theirs)
+    assert theirs.weights_sha256 in str(e.value) and ours.weights_sha256 in str(e.value)
+
+    meta_path = tmp_path / "copy" / "draft" / "meta.json"
+    shutil.copytree(path, tmp_path / "copy")
+    meta = json.loads(meta_path.read_text())
+    meta["feature_version"] = FEATURE_VERSION + 1
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DrafterError, match="feature version"):
+        TreeDrafter.load(load_bundle(tmp_path / "copy"))
+
+    shutil.rmtree(tmp_path / "copy" / "draft")
+    with pytest.raises(DrafterError, match="draft-fit"):
+        TreeDrafter.load(load_bundle(tmp_path / "copy"))
+
+
+class _Scripted:
+    """Class probabilities by draft depth (the last feature), in place of the tree."""
+
+    def __init__(self, K, script):
+        self.K, self.script, self.calls = K, script, []
+
+    def __call__(self, x):
+        depth = int(x.reshape(-1)[-1])
+        self.calls.append(depth)
+        p = np.full(self.K + 2, 0.0)
+        for cls, v in self.script[min(depth, len(self.script) - 1)].items():
+            p[{"copy": self.K, "model": self.K + 1}.get(cls, cls)] = v
+        return p
+
+
+def _drafter(bundle, script, k_max=4, p_min=0.3, verify_ms=(1.0, 1.0, 1.0, 1.0, 1.0, 1.0)):
+    base = TreeDrafter.load(bundle)
+    d = TreeDrafter(bundle.model, base.booster, base.spec, k_max=k_max, p_min=p_min,
+                    verify_ms=list(verify_ms), predict_ms=0.0)
+    d.predict = _Scripted(base.spec.K, script)
+    return d
+
+
+def test_proposals_follow_the_drafting_rule(fitted):
+    path, _ = fitted
+    bundle = load_bundle(path)
+    model, n_vocab = bundle.model, bundle.tokenizer.n_vocab
+    context = [11, 12, 13, 11, 12]  # the n-gram candidate after "11 12" is 13
+    assert ngram_candidate(context) == (13, 2)
+    out = model.forward_step(torch.tensor([context]), 0, model.new_cache(batch_size=1))
+    feats = _engine_features(out, len(context) - 1, n_vocab)
+    spec = TreeDrafter.load(bundle).spec
+    c0, c1 = spec.classes[0], spec.classes[1]
+
+    # Tokens while confident, then __MODEL__: stop there and hand back.
+    d = _drafter(bundle, [{0: 0.9, "model": 0.1}, {1: 0.8, "model": 0.2}, {"model": 0.9, 0: 0.1}])
+    draft = d.propose(context, feats, 4)
+    assert draft.tokens == [c0, c1] and draft.handback
+    assert d.predict.calls == [0, 1, 2]
+
+    # Confident all the way: k_max tokens, no handback.
+    d = _drafter(bundle, [{0: 0.9, "model": 0.1}])
+    draft = d.propose(context, feats, 3)
+    assert draft.tokens == [c0] * 3 and not draft.handback
+
+    # __COPY__ proposes the n-gram candidate; each depth looks it up again in
+    # the context grown by the drafted tokens, so the copy runs on.
+    d = _drafter(bundle, [{"copy": 0.9, "model": 0.1}, {"model": 0.9}])
+    draft = d.propose(context, feats, 4)
+    assert draft.tokens == [13] and draft.handback
+    d = _drafter(bundle, [{"copy": 0.9, "model": 0.1}])
+    draft = d.propose(context, feats, 4)
+    assert draft.tokens == [13, 11, 12, 13] and not draft.handback
+    # __COPY__ with no candidate (nothing repeats) has nothing to propose.
+    assert d.propose([101, 102, 103], feats, 4).tokens == []
+
+    # The most likely token is below p_min: nothing drafted.
+    d = _drafter(bundle, [{0: 0.3, 1: 0.25, 2: 0.25, "model": 0.2}], p_min=0.5)
+    assert d.propose(context, feats, 4).tokens == []
+
+    # Cost-aware: a second draft costs a whole forward more here, and a
+    # 0.9 * 0.9 chance of two acceptances does not pay for it.
+    d = _drafter(bundle, [{0: 0.9, "model": 0.1}], verify_ms=(1.0, 1.0, 2.0, 2.0))
+    draft = d.propose(context, feats, 4)
+    assert draft.tokens == [c0] and draft.handback
+    # ... and the k_max the engine passes is honoured.
+    assert _drafter(bundle, [{0: 0.9}]).propose(context, feats, 0).tokens == []
+
+
+def test_choose_merges_copy_into_the_candidates_token(fitted):
+    spec = TreeDrafter.load(load_bundle(fitted[0])).spec
+    K = spec.K
+    p = np.zeros((3, K + 2))
+    p[:, 0], p[:, 1], p[:, K], p[:, K + 1] = 0.3, 0.25, 0.2, 0.25
+    cand = [spec.classes[1], None, 99999]  # a class token, none, a token outside the classes
+    tok, prob = choose(p, cand, spec)
+    # class 1 gets __COPY__'s 0.2 and wins; without a candidate class 0 wins;
+    # an outside candidate at 0.2 loses to class 0.
+    assert tok.tolist() == [spec.classes[1], spec.classes[0], spec.classes[0]]
+    np.testing.assert_allclose(prob, [0.45, 0.3, 0.3])
+    p2 = p.copy()
+    p2[:, K + 1] = 0.5
+    assert choose(p2, cand, spec)[0].tolist() == [-1, -1, -1]  # __MODEL__ wins
+
+
+def test_fitted_drafter_drafts_in_generation_and_stays_lossless(fitted, corpus):
+    from treespec.draft.engine import generate_all
+
+    bundle = load_bundle(fitted[0])
+    drafter = TreeDrafter.load(bundle)
+    data = load_split(corpus, "test")
+    params = SamplingParams(max_new_tokens=24)
+    drafted = 0
+    for start in (0, 40, 80):
+        prompt = data[start:start + 16].astype(int).tolist()
+        vanilla = generate_all(bundle.model, prompt, params, None, tokenizer=bundle.tokenizer)
+        spec = generate_all(bundle.model, prompt, params, drafter, tokenizer=bundle.tokenizer)
+        assert spec.token_ids == vanilla.token_ids
+        drafted += spec.stats.draft_tokens
+        assert spec.stats.draft_tokens <= K_MAX * spec.stats.verify_steps
+    # The random model's greedy text loops, which the tree learned to copy.
+    assert drafted > 0
