@@ -52,14 +52,27 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
         z = z.masked_fill(z < kth, float("-inf"))
     p = torch.softmax(z, dim=-1)
     if params.top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose mass reaches
-        # top_p: drop a token when the mass strictly before it already does.
-        sp, si = torch.sort(p, dim=-1, descending=True)
-        before = torch.cumsum(sp, dim=-1) - sp
-        sp = sp.masked_fill(before >= params.top_p, 0.0)
-        p = torch.zeros_like(p).scatter_(-1, si, sp)
-        p = p / p.sum(dim=-1, keepdim=True)
+        p = _nucleus(p, params.top_p)
     return p
+
+
+def _nucleus(p: torch.Tensor, top_p: float, first: int = 256) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p:
+    a token is dropped when the mass strictly before it already does.
+
+    Sorting 50k probabilities per row costs about a millisecond, so the
+    nucleus is looked for among the ``first`` most likely tokens and the full
+    sort runs only for rows whose nucleus is larger than that.
+    """
+    V = p.size(-1)
+    k = min(first, V)
+    sp, si = torch.topk(p, k, dim=-1)  # sorted, descending
+    if k < V and bool((sp.sum(dim=-1) < top_p).any()):
+        sp, si = torch.sort(p, dim=-1, descending=True)
+    before = torch.cumsum(sp, dim=-1) - sp
+    sp = sp.masked_fill(before >= top_p, 0.0)
+    out = torch.zeros_like(p).scatter_(-1, si, sp)
+    return out / out.sum(dim=-1, keepdim=True)
 
 
 def sample(p: torch.Tensor, generator: torch.Generator) -> int:

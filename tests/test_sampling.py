@@ -51,3 +51,16 @@ def test_greedy_acceptance_is_the_matching_prefix():
 def test_bad_params_are_refused(bad):
     with pytest.raises(ValueError):
         validate_params(SamplingParams(**bad))
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 8.0])  # flat (nucleus needs a full sort) to peaked
+def test_top_p_shortcut_equals_the_full_sort(scale):
+    g = torch.Generator().manual_seed(0)
+    logits = scale * torch.randn(3, 50257, generator=g)
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    p = probs_from_logits(logits, params)
+    full = torch.softmax(logits, dim=-1)
+    sp, si = torch.sort(full, dim=-1, descending=True)
+    keep = (torch.cumsum(sp, dim=-1) - sp) < 0.9
+    ref = torch.zeros_like(full).scatter_(-1, si, sp * keep)
+    torch.testing.assert_close(p, ref / ref.sum(dim=-1, keepdim=True))
