@@ -67,11 +67,17 @@ def generate(model, prompt_ids: list[int], params: SamplingParams, drafter: Draf
     """Generate from ``prompt_ids``; yield one StepEvent for the prefill's
     token and one per verify step. The last event has ``finish_reason`` set.
 
-    ``accept`` replaces the sampling acceptance rule (tests inject wrong
-    rules to show the exactness test can fail); greedy decoding ignores it.
-    ``cache`` is reused when given (it is reset first). ``should_stop`` is
-    polled before every verify step; when it returns True the generator
-    yields a last, empty event with finish reason "cancelled".
+    Bad requests (empty prompt, prompt + max_new_tokens past the context,
+    bad sampling settings) raise ValueError here, before anything runs, so
+    a server can refuse them before it starts streaming.
+
+    End-of-text, when generated, is the last token of the last event and
+    contributes no text. ``accept`` replaces the sampling acceptance rule
+    (tests inject wrong rules to show the exactness test can fail); greedy
+    decoding ignores it. ``cache`` is reused when given (it is reset
+    first). ``should_stop`` is polled before every verify step; when it
+    returns True the generator yields a last, empty event with finish reason
+    "cancelled" (text still held back for a possible stop string is dropped).
     """
     validate_params(params)
     prompt = [int(t) for t in prompt_ids]
@@ -83,7 +89,7 @@ def generate(model, prompt_ids: list[int], params: SamplingParams, drafter: Draf
                          f"{len(prompt) + params.max_new_tokens} exceeds the model's context of {block} tokens; "
                          f"shorten the prompt or lower max_new_tokens")
     # Real tokens only: the head's padding columns can never be chosen.
-    n_vocab, eot = min(tokenizer.n_vocab, model.config.vocab_size), tokenizer.eot_id
+    n_vocab = min(tokenizer.n_vocab, model.config.vocab_size)
     if max(prompt) >= n_vocab or min(prompt) < 0:
         raise ValueError(f"prompt token ids must be in [0, {n_vocab})")
     if cache is None:
@@ -91,8 +97,14 @@ def generate(model, prompt_ids: list[int], params: SamplingParams, drafter: Draf
     elif cache.max_len < len(prompt) + params.max_new_tokens - 1:
         raise ValueError(f"the KV cache holds {cache.max_len} positions; this request needs "
                          f"{len(prompt) + params.max_new_tokens - 1}")
-    cache.reset()
+    return _decode(model, prompt, params, drafter, tokenizer, n_vocab, cache, should_stop, accept)
 
+
+def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter | None, tokenizer, n_vocab: int,
+            cache, should_stop: Callable[[], bool] | None, accept: AcceptRule) -> Iterator[StepEvent]:
+    """The loop itself (``generate`` has checked the request)."""
+    cache.reset()
+    eot = tokenizer.eot_id
     greedy = params.greedy
     gen = None if greedy else make_generator(params.seed, model.wte.weight.device)
     device = model.wte.weight.device

@@ -248,9 +248,9 @@ def test_should_stop_cancels_within_one_step(tok, looping):
 def test_prompt_plus_max_new_tokens_must_fit_the_context(tok, looping):
     block = looping.config.block_size
     with pytest.raises(ValueError, match="exceeds the model's context"):
-        next(generate(looping, [1] * (block - 5), SamplingParams(max_new_tokens=6), tokenizer=tok))
+        generate(looping, [1] * (block - 5), SamplingParams(max_new_tokens=6), tokenizer=tok)  # eagerly
     with pytest.raises(ValueError, match="empty"):
-        next(generate(looping, [], SamplingParams(), tokenizer=tok))
+        generate(looping, [], SamplingParams(), tokenizer=tok)
     # exactly at the limit works
     r = generate_all(looping, [1] * (block - 6), SamplingParams(max_new_tokens=6), NgramDrafter(k_max=8),
                      tokenizer=tok)
