@@ -19,9 +19,11 @@
    contexts, never rows of a context on both sides).
 5. On the held-out contexts the drafting rule is simulated: accepted drafts
    per step (tau), drafted tokens, and the speed that gives with the
-   measured verify costs, for a grid of p_min; the best p_min is kept
-   (unless --p-min is given). The n-gram drafter is simulated on the same
-   steps for comparison.
+   measured verify cost and the measured drafter cost, for a grid of p_min
+   and for several numbers of boosting rounds. Every round adds K+2 trees
+   that each draft depth has to evaluate, so the kept model is the one with
+   the best estimated speed, not the lowest loss. (--p-min fixes p_min.)
+   The n-gram drafter is simulated on the same steps for comparison.
 6. ``BUNDLE/draft/tree.txt`` and ``meta.json`` are written.
 """
 
@@ -41,8 +43,8 @@ from tqdm import tqdm
 
 from .features import FEATURE_VERSION, FeatureSpec, features_for, fit_pca, state_features
 from .ngram import DEFAULT_MAX_N, NgramDrafter, ngram_candidate, ngram_continuation
-from .tree import (COPY, FORMAT, FORMAT_VERSION, META_FILE, MODEL, MODEL_FILE, TreeDrafter, _Predictor, _sha256,
-                   choose, min_cum_p_table)
+from .tree import (COPY, FORMAT, FORMAT_VERSION, META_FILE, MODEL, MODEL_FILE, _Predictor, _sha256, choose,
+                   min_cum_p_table)
 
 # Verify cost when it is not measured: a 16M-parameter model on the 2-core
 # CPU this project targets verified T = 1..3 positions in about 1.9 ms, 4 in
@@ -128,9 +130,9 @@ def collect(model, spec: FeatureSpec, data: np.ndarray, batches, steps: int, k_m
     return Collected(out_tokens, out_L, out_states, steps, k_max)
 
 
-def choose_classes(col: Collected, spec: FeatureSpec, n_classes: int, threshold: float, eot: int) -> list[int]:
-    """The n_classes tokens the model most often generated with probability
-    >= threshold (before any generated end-of-text)."""
+def confident_counts(col: Collected, spec: FeatureSpec, threshold: float, eot: int) -> Counter:
+    """How often the model generated each token with probability >= threshold
+    (before any generated end-of-text)."""
     counts: Counter = Counter()
     lp_col = spec.pca_dims  # top1_logprob column of the state features
     log_thr = np.log(threshold) if threshold > 0 else -np.inf
@@ -140,7 +142,7 @@ def choose_classes(col: Collected, spec: FeatureSpec, n_classes: int, threshold:
                 counts[g] += 1
             if g == eot:
                 break
-    return [tok for tok, _ in counts.most_common(n_classes)]
+    return counts
 
 
 @dataclass
@@ -279,10 +281,10 @@ def fit_drafter(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "d
 
 
 def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/default", *,
-         contexts: int = 600, steps: int = 32, n_classes: int = 128, pca_dims: int = 24,
+         contexts: int = 600, steps: int = 32, n_classes: int = 64, pca_dims: int = 24,
          k_max: int = 6, p_min: float | None = None, threshold: float = 0.5, seed: int = 0,
          batch_size: int = 16, min_context: int = 32, max_context: int = 384, rounds: int = 300,
-         learning_rate: float = 0.1, num_leaves: int = 15, early_stopping: int = 15,
+         learning_rate: float = 0.2, num_leaves: int = 15, max_depth: int = 5, early_stopping: int = 10,
          verify_ms: list[float] | str = "auto", threads: int = 1, n_last: int = 3,
          progress: bool = True, log=_log) -> dict:
     import lightgbm as lgb
@@ -320,7 +322,13 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
     col = collect(model, spec, data, batches, steps, k_max, progress=progress)
 
     # 3. Classes and rows.
-    classes = choose_classes(col, spec, n_classes, threshold, tok.eot_id)
+    confident = confident_counts(col, spec, threshold, tok.eot_id)
+    classes = [t for t, _ in confident.most_common(n_classes)]
+    total = sum(confident.values())
+    if total:
+        ranked = np.cumsum(sorted(confident.values(), reverse=True)) / total
+        log(f"{total:,} greedy tokens with p >= {threshold} ({len(confident):,} distinct); the top K cover: " +
+            ", ".join(f"K={k}: {ranked[min(k, len(ranked)) - 1]:.1%}" for k in (16, 32, 64, 128, 256, 512)))
     spec = FeatureSpec(classes=classes, pca_mean=mean, pca_components=comps, n_exits=spec.n_exits,
                        n_vocab=spec.n_vocab, vocab_size=spec.vocab_size, n_last=n_last, ngram_max_n=DEFAULT_MAX_N)
     K = spec.K
@@ -338,10 +346,9 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
 
     # 4. LightGBM.
     params = dict(objective="multiclass", num_class=K + 2, learning_rate=learning_rate, num_leaves=num_leaves,
-                  min_data_in_leaf=40, max_bin=63, feature_fraction=0.9, bagging_fraction=0.7, bagging_freq=1,
-                  lambda_l2=1.0, max_cat_to_onehot=4, cat_smooth=10.0, cat_l2=10.0,
-                  num_threads=threads, seed=seed, deterministic=True,
-                  force_col_wise=True, verbose=-1)
+                  max_depth=max_depth, min_data_in_leaf=40, max_bin=63, feature_fraction=0.9,
+                  bagging_fraction=0.7, bagging_freq=1, lambda_l2=1.0, max_cat_to_onehot=4, cat_smooth=10.0,
+                  cat_l2=10.0, num_threads=threads, seed=seed, deterministic=True, force_col_wise=True, verbose=-1)
     names, cats = spec.names(), spec.categorical()
     dtrain = lgb.Dataset(rows.X[tr], rows.y[tr], feature_name=names, categorical_feature=cats, free_raw_data=True)
     dval = lgb.Dataset(rows.X[va], rows.y[va], reference=dtrain)
@@ -358,21 +365,93 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
     bar.close()
     best_it = booster.best_iteration or booster.current_iteration()
     fit_s = time.time() - t0
+    log(f"LightGBM: best held-out loss after {best_it} rounds ({best_it * (K + 2)} trees), {fit_s:.1f}s")
+
+    # 5. Costs: the verify forward per length, and the drafter's own time.
+    if verify_ms == "auto":
+        verify_ms = measure_verify_ms(model, k_max, ctx_len=(min_context + max_context) // 2)
+        log(f"verify cost (measured, ms for T=1..{k_max + 1}): {verify_ms}")
+    verify_ms = [float(v) for v in verify_ms]
+    base_ms, state_ms = _time_features(model, spec, col, rows, va)
+
+    # 6. Simulated drafting on the held-out chains, for several numbers of
+    # boosting rounds: every round adds K+2 trees to every draft depth's
+    # predict, so the most accurate model is not always the fastest drafter.
+    uniq, valid, where = _chains(rows, va, k_max)
+    flat = np.where(valid, where, 0).reshape(-1)
+    pos_in_va = np.zeros(len(rows.y), dtype=np.int64)
+    pos_in_va[va] = np.arange(len(va))
+    cand_flat = [int(c) if c >= 0 else None for c in rows.cand[flat]]
+    tgt = rows.target[flat].reshape(valid.shape)
+    k_ng = NgramDrafter().k_max
+    v = verify_ms + [verify_ms[-1]] * (max(k_max, k_ng) + 1 - len(verify_ms))
+
+    def speed(drafted, accepted, evals, extra_ms, predict_ms):
+        ms = np.asarray([v[d] for d in drafted]) + extra_ms + evals * predict_ms
+        tokens = accepted + 1
+        return float(tokens.sum() / ms.sum() * v[0]), float(tokens.mean()), float(drafted.mean())
+
+    grid = [round(x, 2) for x in np.arange(0.05, 0.96, 0.05)] if p_min is None else [float(p_min)]
+    truncs = sorted({n for n in (5, 10, 20, 40, 80, 160, 320) if n < best_it} | {best_it})
+    raw = np.zeros((len(va), K + 2))
+    done, options = 0, []
+    for n in truncs:
+        # Raw scores add up over rounds: extend the previous truncation's.
+        raw += booster.predict(rows.X[va], start_iteration=done, num_iteration=n - done, raw_score=True,
+                               num_threads=threads)
+        done = n
+        P = np.exp(raw - raw.max(axis=1, keepdims=True))
+        P /= P.sum(axis=1, keepdims=True)
+        pred_ms = base_ms + _time_predict(_Predictor(booster, len(names), K + 2, num_iteration=n), rows.X[va])
+        tok_ch, p_ch = choose(P[pos_in_va[flat]], cand_flat, spec)
+        tok_ch, p_ch = tok_ch.reshape(valid.shape), p_ch.reshape(valid.shape)
+        cum_table = min_cum_p_table(verify_ms, pred_ms, k_max)
+        for pm in grid:
+            d, a, e = simulate(tok_ch, p_ch, tgt, valid, pm, cum_table)
+            options.append({"rounds": n, "p_min": pm, "predict_ms": pred_ms, "P": P,
+                            **dict(zip(("est_speedup", "tau", "drafted_per_step"), speed(d, a, e, state_ms, pred_ms)))})
+    best = max(options, key=lambda o: o["est_speedup"])
+    n_keep, chosen_p, predict_ms, P = best["rounds"], best["p_min"], best["predict_ms"], best["P"]
+    cum_table = min_cum_p_table(verify_ms, predict_ms, k_max)
+    log(f"held-out simulation over {len(uniq)} greedy steps (estimates, exact up to the first rejection):")
+    log(" rounds  trees  ms/depth  p_min   tau  drafted/step  est.speedup")
+    for n in truncs:
+        o = max((o for o in options if o["rounds"] == n), key=lambda o: o["est_speedup"])
+        log(f"{n:7d} {n * (K + 2):6d}  {o['predict_ms']:8.3f}  {o['p_min']:5.2f}  {o['tau']:4.2f}  "
+            f"{o['drafted_per_step']:12.2f}  {o['est_speedup']:10.2f}x" + ("  <- kept" if o is best else ""))
+    # The n-gram drafter on the same steps: its continuation at depth 0.
+    d_ng, a_ng = [], []
+    for key in uniq:
+        s, i = divmod(int(key), 100000)
+        L, toks = col.prompt_len[s], col.tokens[s]
+        cont = ngram_continuation(toks[:L + i + 1], k_ng, spec.ngram_max_n)
+        truth = toks[L + i + 1:L + i + 1 + k_ng]
+        n_acc = 0
+        while n_acc < min(len(cont), len(truth)) and cont[n_acc] == truth[n_acc]:
+            n_acc += 1
+        d_ng.append(len(cont))
+        a_ng.append(n_acc)
+    ng = speed(np.asarray(d_ng), np.asarray(a_ng), np.zeros(len(d_ng)), 0.0, 0.0)
+    log(f"  n-gram drafter (k={k_ng}) on the same steps: tau {ng[1]:.2f}, {ng[2]:.2f} drafted/step, "
+        f"est. speedup {ng[0]:.2f}x")
+
+    # 7. Save the kept rounds and report on exactly that model.
     draft_dir = bundle.draft_dir
     draft_dir.mkdir(parents=True, exist_ok=True)
     model_path = draft_dir / MODEL_FILE
-    booster.save_model(str(model_path), num_iteration=best_it)
-    booster = lgb.Booster(model_file=str(model_path))  # evaluate exactly what is shipped
-    log(f"LightGBM: {best_it} rounds kept ({booster.num_trees()} trees), {fit_s:.1f}s")
-
-    # 5. Held-out evaluation.
-    P = booster.predict(rows.X[va], num_threads=params["num_threads"])
+    booster.save_model(str(model_path), num_iteration=n_keep)
+    shipped = lgb.Booster(model_file=str(model_path))
+    check = va[:64]
+    if not np.allclose(shipped.predict(rows.X[check], num_threads=threads), P[:len(check)], atol=1e-9):
+        raise RuntimeError(f"{model_path}: the saved model does not reproduce the evaluated predictions")
     pred = P.argmax(axis=1)
     yv = rows.y[va]
     report = {"rows": int(len(rows.y)), "train_rows": int(len(tr)), "val_rows": int(len(va)),
-              "rounds": int(best_it), "trees": int(booster.num_trees()), "fit_s": round(fit_s, 2),
+              "best_rounds": int(best_it), "rounds": int(n_keep), "trees": int(shipped.num_trees()),
+              "fit_s": round(fit_s, 2),
               "label_share": {"tokens": float(counts[:K].sum() / len(rows.y)), COPY: float(counts[K] / len(rows.y)),
                               MODEL: float(counts[K + 1] / len(rows.y))}, "per_depth": []}
+    log(f"kept {n_keep} rounds ({shipped.num_trees()} trees); held-out accuracy by draft depth:")
     log("depth   rows  accuracy  " + f"{MODEL} share")
     for j in range(k_max):
         m = rows.depth[va] == j
@@ -387,68 +466,14 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
     rec = tp / max(int((yv == K + 1).sum()), 1)
     report["model_precision"], report["model_recall"] = prec, rec
     log(f"{MODEL}: precision {prec:.3f}, recall {rec:.3f}")
-
-    # Costs: the verify forward per length, and the drafter's own time.
-    if verify_ms == "auto":
-        verify_ms = measure_verify_ms(model, k_max, ctx_len=(min_context + max_context) // 2)
-        log(f"verify cost (measured, ms for T=1..{k_max + 1}): {verify_ms}")
-    verify_ms = [float(v) for v in verify_ms]
-    predictor = _Predictor(booster, len(names), K + 2)
-    predict_ms, state_ms = _time_drafter(model, spec, predictor, col, rows, va)
-    log(f"drafter cost: {state_ms:.3f} ms per proposal (model features) + {predict_ms:.3f} ms per depth "
-        f"(n-gram lookup, features, tree: {'C API fast path' if predictor.fast else 'Booster.predict'})")
-
-    # Simulated drafting on the held-out chains; pick p_min.
-    uniq, valid, where = _chains(rows, va, k_max)
-    flat = np.where(valid, where, 0).reshape(-1)
-    probs_all = np.zeros((len(rows.y), K + 2))
-    probs_all[va] = P
-    tok_ch, p_ch = choose(probs_all[flat], [int(c) if c >= 0 else None for c in rows.cand[flat]], spec)
-    tok_ch, p_ch = tok_ch.reshape(valid.shape), p_ch.reshape(valid.shape)
-    tgt = rows.target[flat].reshape(valid.shape)
-    cum_table = min_cum_p_table(verify_ms, predict_ms, k_max)
-    k_ng = NgramDrafter().k_max
-    v = verify_ms + [verify_ms[-1]] * (max(k_max, k_ng) + 1 - len(verify_ms))
-
-    def speed(drafted, accepted, evals, extra_ms=0.0):
-        ms = np.asarray([v[d] for d in drafted]) + extra_ms + evals * predict_ms
-        tokens = accepted + 1
-        return float(tokens.sum() / ms.sum() * v[0]), float(tokens.mean()), float(drafted.mean())
-
-    grid = [round(x, 2) for x in np.arange(0.05, 0.96, 0.05)]
-    sims = {}
-    for pm in grid:
-        d, a, e = simulate(tok_ch, p_ch, tgt, valid, pm, cum_table)
-        sims[pm] = speed(d, a, e, state_ms)
-    best_p = max(grid, key=lambda pm: sims[pm][0])
-    chosen_p = best_p if p_min is None else float(p_min)
-    if chosen_p not in sims:
-        d, a, e = simulate(tok_ch, p_ch, tgt, valid, chosen_p, cum_table)
-        sims[chosen_p] = speed(d, a, e, state_ms)
-    # The n-gram drafter on the same steps: its continuation at depth 0.
-    d_ng, a_ng = [], []
-    for key in uniq:
-        s, i = divmod(int(key), 100000)
-        L, toks = col.prompt_len[s], col.tokens[s]
-        cont = ngram_continuation(toks[:L + i + 1], k_ng, spec.ngram_max_n)
-        truth = toks[L + i + 1:L + i + 1 + k_ng]
-        n_acc = 0
-        while n_acc < min(len(cont), len(truth)) and cont[n_acc] == truth[n_acc]:
-            n_acc += 1
-        d_ng.append(len(cont))
-        a_ng.append(n_acc)
-    ng = speed(np.asarray(d_ng), np.asarray(a_ng), np.zeros(len(d_ng)))
+    log(f"drafter cost: {state_ms:.3f} ms per proposal (model features) + {predict_ms:.3f} ms per draft depth "
+        f"(n-gram lookup, features, tree)")
     report["simulation"] = {
-        "p_min_grid": {str(pm): {"est_speedup": s[0], "tau": s[1], "drafted_per_step": s[2]} for pm, s in sims.items()},
-        "tree": {"p_min": chosen_p, "est_speedup": sims[chosen_p][0], "tau": sims[chosen_p][1],
-                 "drafted_per_step": sims[chosen_p][2]},
-        "ngram": {"k": k_ng, "est_speedup": ng[0], "tau": ng[1], "drafted_per_step": ng[2]},
         "chains": int(len(uniq)),
+        "options": [{k: val for k, val in o.items() if k != "P"} for o in options],
+        "tree": {k: val for k, val in best.items() if k != "P"},
+        "ngram": {"k": k_ng, "est_speedup": ng[0], "tau": ng[1], "drafted_per_step": ng[2]},
     }
-    log(f"held-out simulation over {len(uniq)} greedy steps (estimates: exact up to the first rejection):")
-    log(f"  tree  p_min {chosen_p:.2f}: tau {sims[chosen_p][1]:.2f}, {sims[chosen_p][2]:.2f} drafted/step, "
-        f"est. speedup {sims[chosen_p][0]:.2f}x" + (" (best on the grid)" if p_min is None else ""))
-    log(f"  ngram k={k_ng}: tau {ng[1]:.2f}, {ng[2]:.2f} drafted/step, est. speedup {ng[0]:.2f}x")
 
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "feature_version": FEATURE_VERSION,
@@ -477,11 +502,13 @@ def _class_name(c: int, spec: FeatureSpec, tok) -> str:
     return repr(tok.decode([spec.classes[c]]))
 
 
-def _time_drafter(model, spec: FeatureSpec, predictor: _Predictor, col: Collected, rows: Rows,
-                  idx: np.ndarray, n: int = 300) -> tuple[float, float]:
-    """(ms per draft depth, ms per proposal for the model features), timed on
-    held-out rows through the serving code path."""
+def _time_features(model, spec: FeatureSpec, col: Collected, rows: Rows, idx: np.ndarray,
+                   n: int = 300) -> tuple[float, float]:
+    """(ms per draft depth without the tree: n-gram lookup, features_for and
+    choose; ms per proposal for the model features), timed on held-out rows
+    through the serving functions."""
     pick = idx[np.linspace(0, len(idx) - 1, min(n, len(idx))).astype(int)]
+    probs = np.full(spec.K + 2, 1.0 / (spec.K + 2))
     cases = []
     for r in pick:
         s, i, j = int(rows.seq[r]), int(rows.step[r]), int(rows.depth[r])
@@ -489,7 +516,8 @@ def _time_drafter(model, spec: FeatureSpec, predictor: _Predictor, col: Collecte
     t0 = _clock()
     for ctx, j, st in cases:
         ng = ngram_candidate(ctx, spec.ngram_max_n)
-        choose(predictor(features_for(spec, st, [ctx], [j], ngrams=[ng])), [ng[0]], spec)
+        features_for(spec, st, [ctx], [j], ngrams=[ng])
+        choose(probs, [ng[0]], spec)
     per_depth = (_clock() - t0) / len(cases) * 1e3
     # Model features for one position, as a proposal computes them.
     C = spec.pca_mean.shape[0]
@@ -504,6 +532,16 @@ def _time_drafter(model, spec: FeatureSpec, predictor: _Predictor, col: Collecte
     return per_depth, (_clock() - t0) / reps * 1e3
 
 
+def _time_predict(predictor: _Predictor, X: np.ndarray, n: int = 200) -> float:
+    """ms per single-row predict through the serving fast path."""
+    rows = X[np.linspace(0, len(X) - 1, min(n, len(X))).astype(int)]
+    predictor(rows[0])
+    t0 = _clock()
+    for x in rows:
+        predictor(x)
+    return (_clock() - t0) / len(rows) * 1e3
+
+
 # --- CLI -------------------------------------------------------------------
 
 def add_parser(sub, name: str) -> None:
@@ -514,7 +552,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--contexts", type=int, default=600, help="training windows (default: %(default)s)")
     p.add_argument("--steps-per-context", type=int, default=32,
                    help="greedy steps whose states become rows, per window (default: %(default)s)")
-    p.add_argument("--classes", type=int, default=128, help="K, the token classes (default: %(default)s)")
+    p.add_argument("--classes", type=int, default=64,
+                   help="K, the token classes; each costs one tree per boosting round at every draft depth "
+                        "(default: %(default)s)")
     p.add_argument("--pca-dims", type=int, default=24, help="PCA dimensions of the hidden state (default: %(default)s)")
     p.add_argument("--k-max", type=int, default=6, help="longest draft (default: %(default)s)")
     p.add_argument("--p-min", type=float, default=None,
@@ -526,8 +566,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--min-context", type=int, default=32)
     p.add_argument("--max-context", type=int, default=384)
     p.add_argument("--rounds", type=int, default=300, help="most boosting rounds (default: %(default)s)")
-    p.add_argument("--learning-rate", type=float, default=0.1)
+    p.add_argument("--learning-rate", type=float, default=0.2)
     p.add_argument("--num-leaves", type=int, default=15)
+    p.add_argument("--max-depth", type=int, default=5, help="tree depth cap: bounds the predict cost")
     p.add_argument("--verify-ms", default="auto",
                    help="verify forward cost in ms for T=1,2,... positions, comma-separated, or 'auto' to "
                         "measure it here (default: %(default)s)")
@@ -553,7 +594,8 @@ def run(args) -> int:
                     n_classes=args.classes, pca_dims=args.pca_dims, k_max=args.k_max, p_min=args.p_min,
                     threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
                     min_context=args.min_context, max_context=args.max_context, rounds=args.rounds,
-                    learning_rate=args.learning_rate, num_leaves=args.num_leaves, verify_ms=verify,
+                    learning_rate=args.learning_rate, num_leaves=args.num_leaves, max_depth=args.max_depth,
+                    verify_ms=verify,
                     threads=args.threads, progress=not args.no_progress)
     except (BundleError, DataError, ValueError) as e:
         print(f"treespec draft-fit: error: {e}", file=sys.stderr)
