@@ -10,7 +10,7 @@ from treespec.model.tokenizer import find_ranks_file
 REPO = Path(__file__).resolve().parents[1]
 
 torch.set_flush_denormal(True)
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)  # tiny models: more threads only add OpenMP spin and contention
 
 
 def tiny_config(**kw) -> GPTConfig:

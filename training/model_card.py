@@ -21,12 +21,14 @@ SAMPLE_PROMPTS = {
 }
 
 
-def greedy_sample(bundle, prompt: str, max_new_tokens: int = 80) -> str:
+def sample_text(bundle, prompt: str, max_new_tokens: int = 80, temperature: float = 0.0) -> str:
     from ..draft.engine import generate_all
     from ..draft.types import SamplingParams
 
     ids = bundle.tokenizer.encode(prompt)
-    res = generate_all(bundle.model, ids, SamplingParams(max_new_tokens=max_new_tokens), None,
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=40 if temperature else 0,
+                            seed=0)
+    res = generate_all(bundle.model, ids, params, None,
                        tokenizer=bundle.tokenizer)
     return res.text
 
@@ -90,10 +92,9 @@ def render(bundle, summary: dict, samples: dict[str, tuple[str, str]], history: 
             gap = v - GOALS[kind]
             verdict = "meets the goal" if gap <= 0 else f"{gap:.2f} nats above the goal"
             lines.append(f"- {d} ({kind}): {v:.3f}, {verdict}.")
-    lines += ["", "![loss curves](loss.png)", "", "## Greedy samples", ""]
-    for name, (prompt, text) in samples.items():
-        lines += [f"{name} prompt, 80 new tokens, greedy (`treespec generate --bundle models/default "
-                  f"--drafter none --max-new-tokens 80`):", "", "```", prompt + text, "```", ""]
+    lines += ["", "![loss curves](loss.png)", "", "## Samples", ""]
+    for (name, how), (prompt, text) in samples.items():
+        lines += [f"{name} prompt, 80 new tokens, {how}:", "", "```", prompt + text, "```", ""]
     return "\n".join(lines)
 
 
@@ -116,7 +117,10 @@ def run(args) -> int:
     summary = json.loads(summary_path.read_text())
     if args.loss_png:
         shutil.copyfile(args.loss_png, Path(args.bundle) / "loss.png")
-    samples = {name: (p, greedy_sample(bundle, p)) for name, p in SAMPLE_PROMPTS.items()}
+    samples = {}
+    for name, p in SAMPLE_PROMPTS.items():
+        samples[(name, "greedy (`treespec generate --drafter none --max-new-tokens 80`)")] = (p, sample_text(bundle, p))
+        samples[(name, "sampled (`--temperature 0.8 --top-k 40 --seed 0`)")] = (p, sample_text(bundle, p, temperature=0.8))
     (Path(args.bundle) / "README.md").write_text(render(bundle, summary, samples, args.history) + "\n")
     print(f"wrote {Path(args.bundle) / 'README.md'}")
     return 0
