@@ -145,12 +145,17 @@ def state_features(spec: FeatureSpec, model, logits: torch.Tensor, hidden: torch
     """
     l = logits[:, :spec.n_vocab].float()
     N = l.shape[0]
-    lse = torch.logsumexp(l, dim=-1)
     top = torch.topk(l, spec.agree_top, dim=-1)
-    lp1 = top.values[:, 0] - lse
+    # One pass of exp over the vocabulary serves both the log-normaliser and
+    # the entropy: with z = l - max and s = sum(e^z), log Z = max + log s and
+    # H = log s - sum(e^z * z) / s.
+    z = l - top.values[:, :1]
+    ez = z.exp()
+    s = ez.sum(dim=-1)
+    log_s = torch.log(s)
+    lp1 = -log_s  # the top-1 logit is the max, so its z is 0
     margin = top.values[:, 0] - top.values[:, 1]
-    p = torch.softmax(l, dim=-1)
-    entropy = lse - (p * l).sum(dim=-1)
+    entropy = log_s - (ez * z).sum(dim=-1) / s
     cols = [lp1, entropy, margin]
     if len(exit_hidden) != spec.n_exits:
         raise ValueError(f"expected {spec.n_exits} intermediate exits, got {len(exit_hidden)}")

@@ -19,17 +19,17 @@ a time::
         best token t with probability p_t, against p(__MODEL__):
           __MODEL__ wins           -> stop (handback)
           p_t < p_min              -> stop (handback)
-          P(all so far accepted) < min_cum_p[j]
-                                   -> stop (handback): the next verify
-                                      position costs more than it is
-                                      expected to save
+          not worth_drafting(...)  -> stop (handback): the longer verify
+                                      costs more than it is expected to save
           else draft t, continue (up to k_max)
 
-``min_cum_p`` is the cost-aware part: drafting token j makes the verify
+``worth_drafting`` is the cost-aware part: drafting token j makes the verify
 forward one position longer, which costs ``verify_ms[j+1] - verify_ms[j]``
 plus one more tree evaluation, and saves a whole forward (``verify_ms[0]``)
 only if it and every earlier draft are accepted. The verify costs are
-measured when fitting (or given) and stored in meta.json.
+measured when fitting (or given) and stored in meta.json, with the rule
+("myopic": this draft alone must pay; "lookahead": the drafts that may
+follow count too) that simulated faster on held-out text.
 
 Everything lives in ``BUNDLE/draft/``: ``tree.txt`` (LightGBM's text format,
 never a pickle) and ``meta.json`` (class map, feature spec with the PCA
@@ -64,16 +64,37 @@ class DrafterError(ValueError):
     """A drafter that cannot be loaded; the message says which file and why."""
 
 
-def min_cum_p_table(verify_ms: Sequence[float], predict_ms: float, k_max: int) -> list[float]:
-    """Per depth j, the probability that all drafts up to j are accepted
-    below which drafting token j costs more verify time than it is expected
-    to save. ``verify_ms[T-1]`` is a forward over T positions."""
-    v = list(verify_ms)
+def extend_costs(verify_ms: Sequence[float], n: int) -> list[float]:
+    """``verify_ms`` (ms for a forward over T = 1, 2, ... positions) up to T
+    = n, extrapolating its last step where it is shorter."""
+    v = [float(x) for x in verify_ms]
     if not v or v[0] <= 0:
         raise ValueError(f"verify_ms must start with a positive forward time, got {v}")
-    while len(v) < k_max + 1:  # beyond the measured lengths: the last step again
+    while len(v) < n:
         v.append(v[-1] + (v[-1] - v[-2] if len(v) > 1 else 0.0))
-    return [float(np.clip((v[j + 1] - v[j] + predict_ms) / v[0], 0.0, 1.0)) for j in range(k_max)]
+    return v
+
+
+def worth_drafting(j: int, cum, p, v: Sequence[float], predict_ms: float, k: int, lookahead: bool):
+    """Whether drafting the token at depth j pays for itself (vectorised over
+    arrays ``cum``/``p``).
+
+    ``cum`` is the probability that every draft up to and including j is
+    accepted, ``p`` the probability of draft j itself. An accepted draft saves
+    a forward (``v[0]`` ms); drafting j lengthens the verify by ``v[j+1] -
+    v[j]`` and costs one more tree evaluation. ``lookahead`` also counts the
+    drafts that could follow up to depth k-1, assuming each is as likely as
+    this one: where the cost curve has a step and is flat after it, a run of
+    confident drafts can pay for the step that one draft cannot.
+    """
+    cum, p = np.asarray(cum, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    gain, best, term = 0.0, None, cum
+    for m in range(j, (k if lookahead else j + 1)):
+        gain = gain + term * v[0]
+        net = gain - (v[m + 1] - v[j]) - (m - j + 1) * predict_ms
+        best = net if best is None else np.maximum(best, net)
+        term = term * p
+    return best >= 0
 
 
 def choose(probs: np.ndarray, cand: Sequence[int | None], spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -171,7 +192,8 @@ class TreeDrafter:
     name = "tree"
 
     def __init__(self, model, booster, spec: FeatureSpec, *, k_max: int, p_min: float,
-                 verify_ms: Sequence[float], predict_ms: float, meta: dict | None = None):
+                 verify_ms: Sequence[float], predict_ms: float, lookahead: bool = False,
+                 meta: dict | None = None):
         self.model = model
         self.booster = booster
         self.spec = spec
@@ -181,7 +203,7 @@ class TreeDrafter:
         self.predict_ms = float(predict_ms)
         self.meta = meta or {}
         self.predict = _Predictor(booster, len(spec.names()), spec.K + 2)
-        self._cum_table = min_cum_p_table(self.verify_ms, self.predict_ms, max(self.k_max, 16))
+        self.lookahead = bool(lookahead)
 
     @classmethod
     def load(cls, bundle, k_max: int | None = None, p_min: float | None = None) -> "TreeDrafter":
@@ -237,7 +259,8 @@ class TreeDrafter:
         return cls(bundle.model, booster, spec,
                    k_max=s["k_max"] if k_max is None else k_max,
                    p_min=s["p_min"] if p_min is None else p_min,
-                   verify_ms=s["verify_ms"], predict_ms=s["predict_ms"], meta=meta)
+                   verify_ms=s["verify_ms"], predict_ms=s["predict_ms"],
+                   lookahead=s.get("rule", "myopic") == "lookahead", meta=meta)
 
     def state(self, features: ModelFeatures) -> np.ndarray:
         """The model part of the features, (1, n_state): once per proposal."""
@@ -252,6 +275,7 @@ class TreeDrafter:
         ctx = list(context)
         drafted: list[int] = []
         cum = 1.0
+        v = extend_costs(self.verify_ms, k_max + 1)
         for j in range(k_max):
             ng = ngram_candidate(ctx, spec.ngram_max_n)
             x = features_for(spec, state, [ctx], [j], ngrams=[ng])
@@ -260,7 +284,7 @@ class TreeDrafter:
             if tok < 0:  # __MODEL__ (or __COPY__ with nothing to copy)
                 return Draft(tokens=drafted, handback=True)
             cum *= p
-            if p < self.p_min or cum < self._cum_table[min(j, len(self._cum_table) - 1)]:
+            if p < self.p_min or not worth_drafting(j, cum, p, v, self.predict_ms, k_max, self.lookahead):
                 return Draft(tokens=drafted, handback=True)
             drafted.append(tok)
             ctx.append(tok)

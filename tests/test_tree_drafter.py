@@ -163,10 +163,10 @@ class _Scripted:
         return p
 
 
-def _drafter(bundle, script, k_max=4, p_min=0.3, verify_ms=(1.0, 1.0, 1.0, 1.0, 1.0, 1.0)):
+def _drafter(bundle, script, k_max=4, p_min=0.3, verify_ms=(1.0, 1.0, 1.0, 1.0, 1.0, 1.0), lookahead=False):
     base = TreeDrafter.load(bundle)
     d = TreeDrafter(bundle.model, base.booster, base.spec, k_max=k_max, p_min=p_min,
-                    verify_ms=list(verify_ms), predict_ms=0.0)
+                    verify_ms=list(verify_ms), predict_ms=0.0, lookahead=lookahead)
     d.predict = _Scripted(base.spec.K, script)
     return d
 
@@ -209,10 +209,15 @@ def test_proposals_follow_the_drafting_rule(fitted):
     assert d.propose(context, feats, 4).tokens == []
 
     # Cost-aware: a second draft costs a whole forward more here, and a
-    # 0.9 * 0.9 chance of two acceptances does not pay for it.
+    # 0.9 * 0.9 chance of two acceptances does not pay for it ...
     d = _drafter(bundle, [{0: 0.9, "model": 0.1}], verify_ms=(1.0, 1.0, 2.0, 2.0))
     draft = d.propose(context, feats, 4)
     assert draft.tokens == [c0] and draft.handback
+    # ... unless the drafts after it, free once that step is paid, count too.
+    d = _drafter(bundle, [{0: 0.9, "model": 0.1}], verify_ms=(1.0, 1.0, 2.0, 2.0), lookahead=True)
+    assert d.propose(context, feats, 4).tokens == [c0] * 4
+    d = _drafter(bundle, [{0: 0.6, "model": 0.1}], verify_ms=(1.0, 1.0, 2.0, 2.0), lookahead=True)
+    assert d.propose(context, feats, 4).tokens == [c0]  # 0.36 + 0.22 + 0.13 < 1 forward
     # ... and the k_max the engine passes is honoured.
     assert _drafter(bundle, [{0: 0.9}]).propose(context, feats, 0).tokens == []
 
