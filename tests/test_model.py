@@ -86,8 +86,11 @@ def test_forward_step_errors_and_last_only():
         model.forward_step(torch.tensor([[1]]), 3, cache)
     out = model.forward_step(torch.tensor([[1, 2, 3]]), 0, cache, last_only=True)
     assert out.logits.shape == (1, 1, model.config.vocab_size)
-    assert out.hidden.shape == (1, 3, model.config.n_embd)
+    assert out.hidden.shape == (1, 1, model.config.n_embd)  # the same row as the logits
     assert len(out.exit_hidden) == len(model.config.exit_layers) - 1
+    full = model.forward_step(torch.tensor([[1, 2, 3]]), 0, model.new_cache())
+    torch.testing.assert_close(out.hidden[:, 0], full.hidden[:, -1])
+    torch.testing.assert_close(out.exit_hidden[0][:, 0], full.exit_hidden[0][:, -1])
     with pytest.raises(ValueError, match="exceed the KV cache"):
         model.forward_step(torch.ones(1, 6, dtype=torch.long), 3, cache)
     with pytest.raises(ValueError, match="cannot roll back"):
