@@ -44,7 +44,8 @@ from tqdm import tqdm
 
 from .features import FEATURE_VERSION, FeatureSpec, features_for, fit_pca, state_features
 from .ngram import DEFAULT_MAX_N, NgramDrafter, ngram_candidate, ngram_continuation
-from .tree import (COPY, FORMAT, FORMAT_VERSION, META_FILE, MODEL, MODEL_FILE, _Predictor, _sha256, choose,
+from ..model.tokenizer import sha256_file
+from .tree import (COPY, FORMAT, FORMAT_VERSION, META_FILE, MODEL, MODEL_FILE, _Predictor, choose,
                    extend_costs, worth_drafting)
 
 # Verify cost when it is not measured: a 16M-parameter model on the 2-core
@@ -489,7 +490,7 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "feature_version": FEATURE_VERSION,
         "weights_sha256": bundle.weights_sha256,
-        "model_file": MODEL_FILE, "model_sha256": _sha256(model_path),
+        "model_file": MODEL_FILE, "model_sha256": sha256_file(model_path),
         "classes": {"tokens": classes, "copy": K, "model": K + 1,
                     "text": [tok.decode([t]) for t in classes]},
         "features": spec.to_meta(),

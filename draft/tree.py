@@ -40,7 +40,6 @@ against; a drafter fitted to other weights is refused).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import threading
 from pathlib import Path
@@ -49,6 +48,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..model.tokenizer import sha256_file
 from .features import FEATURE_VERSION, FeatureSpec, features_for, state_features
 from .ngram import ngram_candidate
 from .types import Draft, ModelFeatures
@@ -178,14 +178,6 @@ class _Predictor:
             self._fast = None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class TreeDrafter:
     """Drafter protocol implementation; build it with ``TreeDrafter.load(bundle)``."""
 
@@ -236,7 +228,7 @@ class TreeDrafter:
         model_path = d / meta.get("model_file", MODEL_FILE)
         if not model_path.is_file():
             raise DrafterError(f"{model_path}: missing LightGBM model file")
-        if meta.get("model_sha256") and _sha256(model_path) != meta["model_sha256"]:
+        if meta.get("model_sha256") and sha256_file(model_path) != meta["model_sha256"]:
             raise DrafterError(f"{model_path}: checksum does not match meta.json; the file was changed "
                                f"after fitting")
         try:
