@@ -314,9 +314,9 @@ class GPT(nn.Module):
         if last_only:  # every field then describes the same (last) row
             hidden, exit_hidden = hidden[:, -1:], [h[:, -1:] for h in exit_hidden]
         # The output head as W @ h^T, not F.linear(h, W): for the few rows a
-        # verify step has (T = 2..8) the latter took 5-7x longer on this CPU
-        # (9.7 vs 1.6 ms at T=2 for a 50304 x 384 head), which made every
-        # extra draft token as expensive as a whole forward.
+        # verify step has (T = 2..8) the latter took 2.4-7x longer on this CPU
+        # (9.7 vs 1.6 ms at T=2 for a 50304 x 384 head; bench/head_matmul.py),
+        # which made every extra draft token as expensive as a whole forward.
         W = self.exit_heads[-1].weight
         logits = (W @ hidden.reshape(-1, hidden.size(-1)).T).T.reshape(B, hidden.size(1), -1)
         return StepOutput(logits=logits, hidden=hidden, exit_hidden=exit_hidden)
