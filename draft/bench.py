@@ -11,6 +11,10 @@ draft position, the share of wall time spent drafting, and whether every
 greedy output was identical to vanilla. It prints a table, writes JSON and
 a PNG, and exits with status 1 if any greedy output differs.
 
+A drafter may be named with a draft-length cap, ``NAME@K`` (``ngram@7``),
+so a baseline can be compared at its best length and not only at its
+default: ``--drafters none,ngram,ngram@7,tree``.
+
 Suites ``code`` and ``prose`` come from the test split of a prepared corpus
 (``treespec prepare-data``): each prompt is 64-128 tokens from a different
 test document of that kind, at a seeded position, so the suite is the same
@@ -125,27 +129,49 @@ def summarise(runs: list[dict], reference: list[dict] | None, greedy: bool) -> d
     return out
 
 
+def parse_drafter_spec(spec: str) -> tuple[str, int | None]:
+    """``"ngram@7"`` -> ("ngram", 7); ``"tree"`` -> ("tree", None)."""
+    name, at, k = spec.partition("@")
+    if name not in DRAFTERS:
+        raise ValueError(f"unknown drafter {name!r} in {spec!r}; choose from {', '.join(DRAFTERS)}")
+    if not at:
+        return name, None
+    if not k.isdigit() or int(k) < 1 or name == "none":
+        raise ValueError(f"bad drafter spec {spec!r}: the form is NAME@K with K >= 1 (not for none)")
+    return name, int(k)
+
+
 def run_bench(bundle, prompts: list[dict], drafter_names: list[str], params_for, warmup: int = 1,
               progress: bool = True) -> dict[str, list[dict]]:
-    """Run every prompt with every drafter, interleaved; the raw per-run records."""
+    """Run every prompt with every drafter (``NAME`` or ``NAME@K``),
+    interleaved; the raw per-run records."""
+    from dataclasses import replace
+
     from tqdm import tqdm
 
     from .engine import generate_all
     from .registry import make_drafter
 
     model, tok = bundle.model, bundle.tokenizer
-    drafters = {name: make_drafter(name, bundle) for name in drafter_names}
+    specs = {label: parse_drafter_spec(label) for label in drafter_names}
+    drafters = {label: make_drafter(name, bundle) for label, (name, _) in specs.items()}
+
+    def params(label: str, i: int, max_new: int | None):
+        p, k = params_for(i, max_new), specs[label][1]
+        return p if k is None else replace(p, k_max=k)
+
     cache = model.new_cache()
     for name, d in drafters.items():  # warm the allocator and any lazy state
         for _ in range(warmup):
-            generate_all(model, prompts[0]["prompt_ids"], params_for(0, 16), d, tokenizer=tok, cache=cache)
+            generate_all(model, prompts[0]["prompt_ids"], params(name, 0, 16), d, tokenizer=tok, cache=cache)
     runs: dict[str, list[dict]] = {name: [] for name in drafter_names}
     bar = tqdm(total=len(prompts) * len(drafter_names), desc="bench", unit="run", disable=not progress)
     for i, p in enumerate(prompts):
         order = drafter_names[i % len(drafter_names):] + drafter_names[:i % len(drafter_names)]
         for name in order:
             t0 = time.perf_counter()
-            r = generate_all(model, p["prompt_ids"], params_for(i, None), drafters[name], tokenizer=tok, cache=cache)
+            r = generate_all(model, p["prompt_ids"], params(name, i, None), drafters[name], tokenizer=tok,
+                             cache=cache)
             wall = time.perf_counter() - t0
             runs[name].append({"id": p["id"], "prompt_tokens": len(p["prompt_ids"]), "tokens": len(r.token_ids),
                                "wall_s": wall, "finish_reason": r.finish_reason, "token_ids": r.token_ids,
@@ -160,7 +186,7 @@ def run_bench(bundle, prompts: list[dict], drafter_names: list[str], params_for,
 # --- reporting -------------------------------------------------------------------
 
 def format_table(summary: dict[str, dict], positions: int = 5) -> str:
-    head = (f"{'drafter':<8} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft':>6} "
+    head = (f"{'drafter':<9} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft':>6} "
             + " ".join(f"{'acc@' + str(j + 1):>6}" for j in range(positions))
             + f" {'draft%':>7} {'ms/verify':>9} {'identical':>10}")
     lines = [head, "-" * len(head)]
@@ -168,7 +194,7 @@ def format_table(summary: dict[str, dict], positions: int = 5) -> str:
         acc = s["acceptance_per_position"]
         cells = " ".join(f"{acc[j]:>6.2f}" if j < len(acc) else f"{'-':>6}" for j in range(positions))
         ident = "n/a" if s["identical"] is None else f"{s['identical']}/{s['prompts']}"
-        lines.append(f"{name:<8} {s['tokens_per_s']:>8.1f} {s['speedup']:>7.2f}x {s['tau']:>6.2f} "
+        lines.append(f"{name:<9} {s['tokens_per_s']:>8.1f} {s['speedup']:>7.2f}x {s['tau']:>6.2f} "
                      f"{s['mean_draft_length']:>6.2f} {cells} {100 * s['drafter_share']:>6.1f}% "
                      f"{s['verify_ms_per_step']:>9.2f} {ident:>10}")
     return "\n".join(lines)
@@ -215,7 +241,8 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--bundle", default="models/default", help="model bundle (default: %(default)s)")
     p.add_argument("--suite", default="code", help="code, prose, or a FILE.jsonl of {\"prompt\": ...} lines")
     p.add_argument("--drafters", default="none,ngram,tree",
-                   help=f"comma-separated, from {', '.join(DRAFTERS)} (default: %(default)s; none is always run)")
+                   help=f"comma-separated, from {', '.join(DRAFTERS)}, each optionally NAME@K to cap its draft "
+                        f"length at K (default: %(default)s; none is always run)")
     p.add_argument("--n", type=int, default=10, help="number of prompts (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
@@ -241,9 +268,11 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.drafters.split(",") if n.strip()]
-    bad = [n for n in names if n not in DRAFTERS]
-    if bad:
-        print(f"error: unknown drafter(s) {', '.join(bad)}; choose from {', '.join(DRAFTERS)}", file=sys.stderr)
+    try:
+        for n in names:
+            parse_drafter_spec(n)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     names = ["none"] + [n for n in dict.fromkeys(names) if n != "none"]
     try:

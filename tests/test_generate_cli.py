@@ -118,3 +118,24 @@ def test_bench_fails_when_greedy_outputs_differ(tiny_bundle, corpus, tmp_path, c
     rc = main(bench_args(tiny_bundle, corpus, tmp_path / "res", "--suite", "code"))
     assert rc == 1
     assert "differ from vanilla" in capsys.readouterr().err
+
+
+def test_bench_compares_a_drafter_at_several_draft_lengths(long_bundle, corpus, tmp_path, capsys):
+    args = bench_args(long_bundle, corpus, tmp_path / "res", "--suite", "code", "--json")
+    args[args.index("--drafters") + 1] = "ngram,ngram@1,ngram@6"
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    d = report["drafters"]
+    assert list(d) == ["none", "ngram", "ngram@1", "ngram@6"]
+    assert all(d[n]["identical"] == 3 for n in d)
+    assert len(d["ngram@1"]["drafted_per_position"]) == 1  # capped at one drafted token per step
+    assert 1 < len(d["ngram@6"]["drafted_per_position"]) <= 6
+    assert d["ngram@6"]["mean_draft_length"] > d["ngram@1"]["mean_draft_length"]
+
+
+@pytest.mark.parametrize("spec", ["ngram@0", "ngram@x", "none@3", "medusa", "tree@"])
+def test_bench_refuses_bad_drafter_specs(tiny_bundle, corpus, tmp_path, capsys, spec):
+    args = bench_args(tiny_bundle, corpus, tmp_path / "res", "--suite", "code")
+    args[args.index("--drafters") + 1] = spec
+    assert main(args) == 2
+    assert spec.split("@")[0] in capsys.readouterr().err
