@@ -383,6 +383,9 @@ def test_shipped_default_bundle():
     ids = torch.tensor([bundle.tokenizer.encode("def __init__(self):\n")])
     assert torch.isfinite(bundle.model(ids).logits[-1]).all()
     assert (path / "README.md").is_file()  # the model card
+    # The committed tree drafter belongs to these weights and this feature version.
+    from treespec.draft.tree import TreeDrafter
+    assert TreeDrafter.load(bundle).spec.K > 0
 
     s = json.loads((path / "training_summary.json").read_text())
     exits = {f"exit_{l}" for l in bundle.config.exit_layers}

@@ -11,7 +11,7 @@ import torch
 
 from conftest import tiny_model
 from treespec.cli import main as cli_main
-from treespec.draft.features import FEATURE_VERSION, features_for
+from treespec.draft.features import FEATURE_VERSION, features_for, top_indices
 from treespec.draft.fit import _windows, build_rows, collect
 from treespec.draft.ngram import ngram_candidate
 from treespec.draft.tree import DrafterError, TreeDrafter, choose
@@ -85,6 +85,21 @@ def test_draft_fit_writes_a_drafter_that_loads(fitted):
     want = drafter.booster.predict(X, num_threads=1)
     got = np.stack([drafter.predict(x) for x in X])
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("V", [50257, 2049, 1024, 100, 7])
+def test_top_indices_is_an_exact_top_a(V):
+    rng = np.random.default_rng(V)
+    x = rng.standard_normal((6, V)).astype(np.float32)
+    x[0] = np.round(x[0])  # many ties: the values must still be the top ones
+    x[1, -1] = 50.0  # the largest in the last, partial group
+    for a in (2, 4):
+        got = top_indices(x, a)
+        ref = np.argsort(-x, axis=1, kind="stable")[:, :a]
+        assert np.array_equal(np.take_along_axis(x, got, 1), np.take_along_axis(x, ref, 1))
+        assert np.array_equal(got[1:], ref[1:])  # without ties, the very same columns
+        for r in range(len(x)):  # a row gives the same answer alone as in a batch
+            assert np.array_equal(top_indices(x[r:r + 1], a)[0], got[r])
 
 
 def test_features_identical_at_fit_and_serve_time(fitted, corpus):
