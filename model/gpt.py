@@ -317,8 +317,11 @@ class GPT(nn.Module):
         # verify step has (T = 2..8) the latter took 2.4-7x longer on this CPU
         # (9.7 vs 1.6 ms at T=2 for a 50304 x 384 head; bench/head_matmul.py),
         # which made every extra draft token as expensive as a whole forward.
+        # Its result is (vocab, T) in memory; the copy to (T, vocab) pays for
+        # itself: the verify step's argmax/logsumexp/softmax over each row ran
+        # about 2x slower on the strided view, and far slower with the CPU busy.
         W = self.exit_heads[-1].weight
-        logits = (W @ hidden.reshape(-1, hidden.size(-1)).T).T.reshape(B, hidden.size(1), -1)
+        logits = (W @ hidden.reshape(-1, hidden.size(-1)).T).T.contiguous().reshape(B, hidden.size(1), -1)
         return StepOutput(logits=logits, hidden=hidden, exit_hidden=exit_hidden)
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:

@@ -1,0 +1,103 @@
+"""Why the tree drafter's full-vocabulary features run in NumPy, and what a proposal costs.
+
+Times, on a bundle's vocabulary width, the work a proposal does once over the
+final logits (the top-4 tokens, and exp/sum for the log-normaliser and
+entropy) as torch ops and as NumPy (``draft.features.top_indices``), then
+``TreeDrafter.state`` and a whole ``TreeDrafter.propose`` when the bundle has
+a fitted drafter. ``--busy`` runs a 2-thread torch matmul loop in another
+process meanwhile, as a server's other work or a training job would:
+
+    python bench/drafter_cost.py --bundle models/default --threads 2
+    python bench/drafter_cost.py --bundle models/default --threads 2 --busy
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+BUSY = ("import torch; torch.set_num_threads(2); a = torch.randn(512, 512)\n"
+        "while True: a = (a @ a).clamp_(-1, 1)")
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    from treespec.draft.engine import generate_all
+    from treespec.draft.features import top_indices
+    from treespec.draft.registry import DrafterUnavailable, make_drafter
+    from treespec.draft.tree import DrafterError
+    from treespec.draft.types import SamplingParams
+    from treespec.model import load_bundle
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundle", default="models/default")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=201)
+    ap.add_argument("--busy", action="store_true", help="load the CPU from another process meanwhile")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    bundle = load_bundle(args.bundle)
+    V = bundle.tokenizer.n_vocab
+    busy = subprocess.Popen([sys.executable, "-c", BUSY]) if args.busy else None
+    try:
+        if busy:
+            time.sleep(2)  # let it spin up
+        logits = torch.randn(1, V) * 3
+        l_np = logits.numpy()
+
+        def torch_way():
+            top = torch.topk(logits, 4, dim=-1)
+            z = logits - top.values[:, :1]
+            ez = z.exp()
+            return ez.sum(-1), (ez * z).sum(-1)
+
+        def numpy_way():
+            top = top_indices(l_np, 4)
+            z = l_np - l_np[0, top[0, 0]]
+            ez = np.exp(z)
+            return ez.sum(), np.einsum("nv,nv->n", ez, z)
+
+        print(f"{args.bundle}: vocabulary {V}, {args.threads} torch threads, "
+              f"{'busy CPU' if busy else 'idle CPU'}, median of {args.reps}")
+        print("| what | ms |\n| --- | --- |")
+        print(f"| top-4 + softmax sums, torch ops | {median_ms(torch_way, args.reps):.3f} |")
+        print(f"| top-4 + softmax sums, NumPy | {median_ms(numpy_way, args.reps):.3f} |")
+        try:
+            drafter = make_drafter("tree", bundle)
+        except (DrafterUnavailable, DrafterError) as e:
+            print(f"(no tree drafter timings: {e})")
+            return
+        seen = []
+        propose = drafter.propose
+        drafter.propose = lambda ctx, f, k: seen.append((list(ctx), f)) or propose(ctx, f, k)
+        prompt = bundle.tokenizer.encode("class Stack:\n    def __init__(self):\n        self.items = []\n")
+        generate_all(bundle.model, prompt, SamplingParams(max_new_tokens=48), drafter, tokenizer=bundle.tokenizer)
+        drafter.propose = propose
+        ctx, feats = seen[len(seen) // 2]
+        print(f"| TreeDrafter.state (once per proposal) | {median_ms(lambda: drafter.state(feats), args.reps):.3f} |")
+        n = len(drafter.propose(ctx, feats, drafter.k_max).tokens)
+        print(f"| TreeDrafter.propose ({n} tokens drafted) | "
+              f"{median_ms(lambda: drafter.propose(ctx, feats, drafter.k_max), args.reps):.3f} |")
+    finally:
+        if busy:
+            busy.kill()
+            busy.wait()
+
+
+if __name__ == "__main__":
+    main()
