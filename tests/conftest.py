@@ -1,6 +1,9 @@
+import contextlib
+import io
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,3 +39,48 @@ def tiny_bundle(tmp_path, ranks_path):
 
     model = tiny_model()
     return save_bundle(tmp_path / "bundle", model, ranks_path)
+
+
+DRAFT_K_MAX = 3
+DRAFT_WORDS = ("the cat sat on a mat and then it ran to the red house where a dog was sleeping near old trees "
+               "def return self value if else for in range print").split()
+
+
+@pytest.fixture(scope="session")
+def draft_corpus(tmp_path_factory):
+    """A small prepared corpus whose text repeats itself, as code and verse do."""
+    from treespec.training.data import prepare
+
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    for d in range(10):
+        lines = []
+        for _ in range(30):
+            lines.append(" ".join(rng.choice(DRAFT_WORDS, size=int(rng.integers(4, 10)))) + ".")
+            if rng.random() < 0.3:
+                lines.append(lines[int(rng.integers(len(lines)))])
+        (root / f"doc{d}.txt").write_text("\n".join(lines) + "\n")
+    out = root / "data"
+    prepare([f"files:{root}/*.txt"], out, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory, draft_corpus, ranks_path):
+    """A tiny bundle with a tree drafter fitted by the real `treespec draft-fit`:
+    (bundle path, what draft-fit printed)."""
+    from treespec.cli import main as cli_main
+    from treespec.model import save_bundle
+
+    path = save_bundle(tmp_path_factory.mktemp("b") / "bundle", tiny_model(), ranks_path)
+    buf = io.StringIO()
+    # A random model is never confident, so --threshold 0 makes its greedy
+    # tokens count; --verify-ms fixed keeps the test free of timing noise.
+    argv = ["draft-fit", "--bundle", str(path), "--data-dir", str(draft_corpus), "--contexts", "48",
+            "--steps-per-context", "12", "--k-max", str(DRAFT_K_MAX), "--classes", "12", "--pca-dims", "4",
+            "--threshold", "0", "--min-context", "8", "--max-context", "24", "--rounds", "40",
+            "--verify-ms", "1.9,1.9,1.9,3.2", "--no-progress"]
+    with contextlib.redirect_stdout(buf):
+        rc = cli_main(argv)
+    assert rc == 0
+    return path, buf.getvalue()

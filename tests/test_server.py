@@ -580,3 +580,32 @@ def test_load_benchmark_reports_what_the_server_counted(srv):
     assert r["tokens_per_s"] * r["wall_s"] == pytest.approx(4 * r["ok"])
     p = r["e2e_s"]
     assert 0 < r["ttft_s"]["p50"] <= p["p99"] and p["p50"] <= p["p95"] <= p["p99"]
+
+
+# ---------------------------------------------------------------- the tree drafter, live
+
+
+def test_tree_drafter_serves_through_a_live_server(fitted):
+    """A bundle with a fitted tree: the server picks it by default, drafts with
+    it, stays lossless, and counts its drafts and handbacks under its label."""
+    path, _ = fitted
+    server = start_server(path, env={"TREESPEC_THREADS": "1"})
+    try:
+        with server.client() as c:
+            info = c.get("/info").json()["drafters"]
+            assert info["default"] == "tree" and "tree" in info["available"]
+            assert info["settings"]["tree"]["classes"] == info["settings"]["tree"]["token_classes"] + 2
+            prompt = "the cat sat on a mat and then it ran. the cat sat on a mat and then"
+            before = server.wait_idle()
+            tree = generate(c, prompt, max_new_tokens=16)  # the default drafter
+            after = server.wait_idle()
+            plain = generate(c, prompt, max_new_tokens=16, drafter="none")
+        spec = tree["details"]["speculative"]
+        assert spec["drafter"] == "tree" and spec["draft_tokens"] > 0
+        assert tree["generated_text"] == plain["generated_text"]
+        L = {"drafter": "tree"}
+        assert delta(before, after, "treespec_spec_decode_num_draft_tokens_total", **L) == spec["draft_tokens"]
+        assert delta(before, after, "treespec_spec_decode_model_handbacks_total", **L) == spec["model_handbacks"]
+        assert delta(before, after, "treespec_request_success_total", **L) == 1
+    finally:
+        stop_server(server)

@@ -1,7 +1,5 @@
 """The tree drafter: features, fitting, loading and the drafting rule, on tiny models."""
 
-import contextlib
-import io
 import json
 import shutil
 
@@ -9,53 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import DRAFT_K_MAX as K_MAX
 from conftest import tiny_model
-from treespec.cli import main as cli_main
 from treespec.draft.features import FEATURE_VERSION, features_for, top_indices
 from treespec.draft.fit import _windows, build_rows, collect
 from treespec.draft.ngram import ngram_candidate
 from treespec.draft.tree import DrafterError, TreeDrafter, choose
 from treespec.draft.types import ModelFeatures, SamplingParams
 from treespec.model import load_bundle, save_bundle
-from treespec.training.data import load_split, prepare
-
-K_MAX = 3
-WORDS = ("the cat sat on a mat and then it ran to the red house where a dog was sleeping near old trees "
-         "def return self value if else for in range print").split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small prepared corpus whose text repeats itself, as code and verse do."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    for d in range(10):
-        lines = []
-        for _ in range(30):
-            lines.append(" ".join(rng.choice(WORDS, size=int(rng.integers(4, 10)))) + ".")
-            if rng.random() < 0.3:
-                lines.append(lines[int(rng.integers(len(lines)))])
-        (root / f"doc{d}.txt").write_text("\n".join(lines) + "\n")
-    out = root / "data"
-    prepare([f"files:{root}/*.txt"], out, workers=1, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory, corpus, ranks_path):
-    """A tiny bundle with a drafter fitted by the real `treespec draft-fit`."""
-    path = save_bundle(tmp_path_factory.mktemp("b") / "bundle", tiny_model(), ranks_path)
-    buf = io.StringIO()
-    # A random model is never confident, so --threshold 0 makes its greedy
-    # tokens count; --verify-ms fixed keeps the test free of timing noise.
-    argv = ["draft-fit", "--bundle", str(path), "--data-dir", str(corpus), "--contexts", "48",
-            "--steps-per-context", "12", "--k-max", str(K_MAX), "--classes", "12", "--pca-dims", "4",
-            "--threshold", "0", "--min-context", "8", "--max-context", "24", "--rounds", "40",
-            "--verify-ms", "1.9,1.9,1.9,3.2", "--no-progress"]
-    with contextlib.redirect_stdout(buf):
-        rc = cli_main(argv)
-    assert rc == 0
-    return path, buf.getvalue()
+from treespec.training.data import load_split
 
 
 def _engine_features(out, row: int, n_vocab: int) -> ModelFeatures:
@@ -102,12 +62,12 @@ def test_top_indices_is_an_exact_top_a(V):
             assert np.array_equal(top_indices(x[r:r + 1], a)[0], got[r])
 
 
-def test_features_identical_at_fit_and_serve_time(fitted, corpus):
+def test_features_identical_at_fit_and_serve_time(fitted, draft_corpus):
     path, _ = fitted
     bundle = load_bundle(path)
     drafter = TreeDrafter.load(bundle)
     spec, model, n_vocab = drafter.spec, bundle.model, bundle.tokenizer.n_vocab
-    data = load_split(corpus, "train")
+    data = load_split(draft_corpus, "train")
     steps = 6
     batches = _windows(len(data), 4, 4, 10, 20, np.random.default_rng(5))
     col = collect(model, spec, data, batches, steps, K_MAX, progress=False)
@@ -253,12 +213,12 @@ def test_choose_merges_copy_into_the_candidates_token(fitted):
     assert choose(p2, cand, spec)[0].tolist() == [-1, -1, -1]  # __MODEL__ wins
 
 
-def test_fitted_drafter_drafts_in_generation_and_stays_lossless(fitted, corpus):
+def test_fitted_drafter_drafts_in_generation_and_stays_lossless(fitted, draft_corpus):
     from treespec.draft.engine import generate_all
 
     bundle = load_bundle(fitted[0])
     drafter = TreeDrafter.load(bundle)
-    data = load_split(corpus, "test")
+    data = load_split(draft_corpus, "test")
     params = SamplingParams(max_new_tokens=24)
     drafted = 0
     for start in (0, 40, 80):
