@@ -2,7 +2,8 @@
 
 Times, on a bundle's vocabulary width, the work a proposal does once over the
 final logits (the top-4 tokens, and exp/sum for the log-normaliser and
-entropy) as torch ops and as NumPy (``draft.features.top_indices``), then
+entropy) as torch ops and as NumPy (``draft.features.top_indices``), on a
+strided row and a contiguous one, then
 ``TreeDrafter.state`` and a whole ``TreeDrafter.propose`` when the bundle has
 a fitted drafter. ``--busy`` runs a 2-thread torch matmul loop in another
 process meanwhile, as a server's other work or a training job would:
@@ -20,19 +21,10 @@ import time
 
 import numpy as np
 import torch
+from head_matmul import median_ms  # bench/ is on sys.path when run as a script
 
 BUSY = ("import torch; torch.set_num_threads(2); a = torch.randn(512, 512)\n"
         "while True: a = (a @ a).clamp_(-1, 1)")
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -57,26 +49,31 @@ def main() -> None:
     try:
         if busy:
             time.sleep(2)  # let it spin up
-        logits = torch.randn(1, V) * 3
-        l_np = logits.numpy()
+        # A verify step's row of logits, as forward_step returned it before it
+        # made them contiguous ((vocab, T) memory: the row has stride T = 7),
+        # and contiguous.
+        strided = (torch.randn(V, 7) * 3).T[:1]
+        rows = {"strided row": strided, "contiguous row": strided.contiguous()}
 
-        def torch_way():
+        def torch_way(logits):
             top = torch.topk(logits, 4, dim=-1)
             z = logits - top.values[:, :1]
             ez = z.exp()
             return ez.sum(-1), (ez * z).sum(-1)
 
-        def numpy_way():
-            top = top_indices(l_np, 4)
-            z = l_np - l_np[0, top[0, 0]]
+        def numpy_way(logits):
+            x = logits.numpy()
+            top = top_indices(x, 4)
+            z = x - x[0, top[0, 0]]
             ez = np.exp(z)
             return ez.sum(), np.einsum("nv,nv->n", ez, z)
 
         print(f"{args.bundle}: vocabulary {V}, {args.threads} torch threads, "
               f"{'busy CPU' if busy else 'idle CPU'}, median of {args.reps}")
         print("| what | ms |\n| --- | --- |")
-        print(f"| top-4 + softmax sums, torch ops | {median_ms(torch_way, args.reps):.3f} |")
-        print(f"| top-4 + softmax sums, NumPy | {median_ms(numpy_way, args.reps):.3f} |")
+        for layout, logits in rows.items():
+            for how, fn in (("torch ops", torch_way), ("NumPy", numpy_way)):
+                print(f"| top-4 + softmax sums, {how}, {layout} | {median_ms(lambda: fn(logits), args.reps):.3f} |")
         try:
             drafter = make_drafter("tree", bundle)
         except (DrafterUnavailable, DrafterError) as e:
