@@ -388,8 +388,9 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
     pos_in_va[va] = np.arange(len(va))
     cand_flat = [int(c) if c >= 0 else None for c in rows.cand[flat]]
     tgt = rows.target[flat].reshape(valid.shape)
-    k_ng = NgramDrafter().k_max
-    v = verify_ms + [verify_ms[-1]] * (max(k_max, k_ng) + 1 - len(verify_ms))
+    # The n-gram drafter at its default length and at the tree's k_max.
+    ks_ng = sorted({NgramDrafter().k_max, k_max})
+    v = verify_ms + [verify_ms[-1]] * (max(k_max, *ks_ng) + 1 - len(verify_ms))
 
     def speed(drafted, accepted, evals, extra_ms, predict_ms):
         ms = np.asarray([v[d] for d in drafted]) + extra_ms + evals * predict_ms
@@ -432,20 +433,21 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
             log(f"{n:7d} {n * (K + 2):6d}  {o['predict_ms']:8.3f}  {rule:9s}  {o['p_min']:5.2f}  {o['tau']:4.2f}  "
                 f"{o['drafted_per_step']:12.2f}  {o['est_speedup']:10.2f}x" + ("  <- kept" if o is best else ""))
     # The n-gram drafter on the same steps: its continuation at depth 0.
-    d_ng, a_ng = [], []
-    for key in uniq:
-        s, i = divmod(int(key), 100000)
-        L, toks = col.prompt_len[s], col.tokens[s]
-        cont = ngram_continuation(toks[:L + i + 1], k_ng, spec.ngram_max_n)
-        truth = toks[L + i + 1:L + i + 1 + k_ng]
-        n_acc = 0
-        while n_acc < min(len(cont), len(truth)) and cont[n_acc] == truth[n_acc]:
-            n_acc += 1
-        d_ng.append(len(cont))
-        a_ng.append(n_acc)
-    ng = speed(np.asarray(d_ng), np.asarray(a_ng), np.zeros(len(d_ng)), 0.0, 0.0)
-    log(f"  n-gram drafter (k={k_ng}) on the same steps: tau {ng[1]:.2f}, {ng[2]:.2f} drafted/step, "
-        f"est. speedup {ng[0]:.2f}x")
+    for k_ng in ks_ng:
+        d_ng, a_ng = [], []
+        for key in uniq:
+            s, i = divmod(int(key), 100000)
+            L, toks = col.prompt_len[s], col.tokens[s]
+            cont = ngram_continuation(toks[:L + i + 1], k_ng, spec.ngram_max_n)
+            truth = toks[L + i + 1:L + i + 1 + k_ng]
+            n_acc = 0
+            while n_acc < min(len(cont), len(truth)) and cont[n_acc] == truth[n_acc]:
+                n_acc += 1
+            d_ng.append(len(cont))
+            a_ng.append(n_acc)
+        ng = speed(np.asarray(d_ng), np.asarray(a_ng), np.zeros(len(d_ng)), 0.0, 0.0)
+        log(f"  n-gram drafter (k={k_ng}) on the same steps: tau {ng[1]:.2f}, {ng[2]:.2f} drafted/step, "
+            f"est. speedup {ng[0]:.2f}x")
 
     # 7. Save the kept rounds and report on exactly that model.
     draft_dir = bundle.draft_dir
