@@ -4,6 +4,7 @@ Every run uses a 2-layer, 32-wide model on a tiny corpus prepared in a temp
 folder, one thread, fp32 (bitwise-reproducible on a CPU), no progress bar.
 """
 
+import contextlib
 import io
 import json
 import math
@@ -217,6 +218,30 @@ def test_bundle_and_training_summary(short_run, data_dir):
     # The final val loss is the last evaluation in the log, at the last step.
     last_val = [r for r in metrics(short_run) if "val" in r][-1]
     assert last_val["step"] == 20 and last_val["val"] == s["final_val_loss"]
+
+
+def test_model_card_from_the_training_summary(short_run, tmp_path):
+    import shutil
+
+    from treespec.cli import main as cli_main
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(short_run / "bundle", bundle)
+    first = "treespec train --preset cpu-default --max_steps=10"
+    then = "treespec train --preset cpu-default --max_steps=20 --lr=1e-3 --resume"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli_main(["model-card", str(bundle), "--train-command", first, "--train-command", then,
+                         "--history", "It was resumed once.", "--loss-png", str(short_run / "loss.png")]) == 0
+    card = (bundle / "README.md").read_text()
+    s = json.loads((bundle / "training_summary.json").read_text())
+    assert card.index(first) < card.index(then) < card.index("It was resumed once.")
+    assert (bundle / "loss.png").read_bytes() == (short_run / "loss.png").read_bytes()
+    for exit_name, losses in s["final_test_loss"].items():  # every held-out loss, as recorded
+        row = next(l for l in card.splitlines() if l.startswith(f"| {exit_name.split('_')[1]}"))
+        assert all(f"{v:.3f}" in row for v in losses.values())
+    prose = s["final_test_loss"]["exit_2"]["shakespeare"]
+    assert f"shakespeare (prose): {prose:.3f}, {prose - 4.2:.2f} nats above the goal" in card
+    assert card.count("greedy (`treespec generate") == 2 and card.count("```") >= 8
 
 
 def test_refuses_to_overwrite_a_run(short_run, data_dir):

