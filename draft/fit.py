@@ -390,7 +390,7 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
     tgt = rows.target[flat].reshape(valid.shape)
     # The n-gram drafter at its default length and at the tree's k_max.
     ks_ng = sorted({NgramDrafter().k_max, k_max})
-    v = verify_ms + [verify_ms[-1]] * (max(k_max, *ks_ng) + 1 - len(verify_ms))
+    v = verify_ms + [verify_ms[-1]] * (max(ks_ng) + 1 - len(verify_ms))  # ks_ng holds k_max
 
     def speed(drafted, accepted, evals, extra_ms, predict_ms):
         ms = np.asarray([v[d] for d in drafted]) + extra_ms + evals * predict_ms
