@@ -44,6 +44,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..model.gpt import LN_EPS
 from .ngram import ngram_candidate
 
 FEATURE_VERSION = 2  # 2: top-A and the softmax computed in NumPy
@@ -193,19 +194,31 @@ def state_features(spec: FeatureSpec, model, logits: torch.Tensor, hidden: torch
     cols = [lp1, entropy, margin]
     if len(exit_hidden) != spec.n_exits:
         raise ValueError(f"expected {spec.n_exits} intermediate exits, got {len(exit_hidden)}")
-    rows = torch.arange(N)
     top_t = torch.from_numpy(top.reshape(-1)).to(logits.device)
     for e, h in enumerate(exit_hidden):
-        # Score only the final exit's top-A tokens with this exit's head: the
-        # union over the batch, then each row's own block (cheap: N*A tokens).
-        sub = model.exit_logits(e, h.reshape(N, -1), tokens=top_t).float()
-        sub = sub.view(N, N, spec.agree_top)[rows, rows].double().cpu().numpy()  # (N, A)
+        sub = _exit_scores(model, e, h.reshape(N, -1), top_t)  # (N, A)
         best_other = sub[:, 1:].max(axis=1)
         cols += [(sub[:, 0] >= best_other).astype(np.float64), sub[:, 0] - best_other]
     conf = np.stack(cols, axis=1)
     h = hidden.reshape(N, -1).double().cpu().numpy()
     pca = (h - spec.pca_mean) @ spec.pca_components.T
     return np.concatenate([pca, conf], axis=1)
+
+
+def _exit_scores(model, e: int, h: torch.Tensor, top: torch.Tensor) -> np.ndarray:
+    """Exit ``e``'s logits for each row's own top-A tokens, (N, A) float64:
+    ``GPT.exit_logits`` restricted to N*A head rows, in NumPy. As torch ops
+    on a few rows, dispatch overhead was most of their cost in the decode
+    loop; only the N*A head rows and the N residual rows leave the device."""
+    N = h.shape[0]
+    ln, head = model.exit_ln[e], model.exit_heads[e].weight
+    x = h.detach().float().cpu().numpy().astype(np.float64)
+    d = x - x.mean(axis=1, keepdims=True)
+    z = d / np.sqrt((d * d).mean(axis=1, keepdims=True) + LN_EPS) * ln.weight.detach().cpu().numpy()
+    if ln.bias is not None:
+        z = z + ln.bias.detach().cpu().numpy()
+    w = head.detach()[top].float().cpu().numpy().reshape(N, -1, x.shape[1])
+    return np.einsum("nac,nc->na", w, z)
 
 
 def features_for(spec: FeatureSpec, states: np.ndarray, contexts: Sequence[Sequence[int]],

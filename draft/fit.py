@@ -203,15 +203,36 @@ def build_rows(col: Collected, spec: FeatureSpec, threshold: float, eot: int,
 
 # --- cost measurements -------------------------------------------------------
 
-# Costs are timed in process CPU time, not wall time: the fit may share a
-# busy machine, and time spent descheduled is not the cost of the work. With
-# one torch thread (the fit's default) the two agree on an idle machine.
+# The drafter's own costs (single-threaded NumPy and LightGBM work) are timed
+# in process CPU time: the fit may share a busy machine, and time spent
+# descheduled is not the cost of the work.
 _clock = time.process_time
+# torch's default intra-op threads in a fresh process: what a server started
+# with threads=0 (its default) runs on.
+_SERVING_THREADS = torch.get_num_threads()
 
 
-def measure_verify_ms(model, k_max: int, ctx_len: int, reps: int = 30) -> list[float]:
-    """CPU time of a forward over T = 1..k_max+1 new positions after ``ctx_len`` cached ones."""
+def measure_verify_ms(model, k_max: int, ctx_len: int, reps: int = 30, threads: int | None = None) -> list[float]:
+    """Wall time (median ms) of a forward over T = 1..k_max+1 new positions
+    after ``ctx_len`` cached ones, on ``threads`` torch threads.
+
+    Wall time at the serving thread count, because the drafter trades
+    verify latency against accepted tokens. It used to be process CPU time
+    on the fit's own thread count (1 by default); that curve rose from 8.6
+    ms (T=1) to 14.0 ms (T=7) where the decode loop's forwards on 2 threads
+    took about 8.9 and 10.3 ms (docs/speculative.md), and the drafter
+    stopped drafting too soon. Run it on a quiet machine."""
     ctx_len = max(1, min(ctx_len, model.config.block_size - k_max - 1))
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _verify_ms(model, k_max, ctx_len, reps)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _verify_ms(model, k_max: int, ctx_len: int, reps: int) -> list[float]:
     cache = model.new_cache(batch_size=1)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, min(model.config.vocab_size, 50257), (1, ctx_len), generator=g)
@@ -222,9 +243,9 @@ def measure_verify_ms(model, k_max: int, ctx_len: int, reps: int = 30) -> list[f
         times = []
         for _ in range(reps + 3):
             cache.rollback(ctx_len)
-            t0 = _clock()
+            t0 = time.perf_counter()
             model.forward_step(idx, ctx_len, cache)
-            times.append(_clock() - t0)
+            times.append(time.perf_counter() - t0)
         out.append(round(float(np.median(times[3:])) * 1e3, 4))
     # A longer verify never costs less: keep the curve monotone against timing noise.
     return [float(v) for v in np.maximum.accumulate(out)]
@@ -290,7 +311,8 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
          k_max: int = 6, p_min: float | None = None, threshold: float = 0.5, seed: int = 0,
          batch_size: int = 16, min_context: int = 32, max_context: int = 384, rounds: int = 300,
          learning_rate: float = 0.2, num_leaves: int = 15, max_depth: int = 5, early_stopping: int = 10,
-         verify_ms: list[float] | str = "auto", threads: int = 1, n_last: int = 3,
+         verify_ms: list[float] | str = "auto", verify_threads: int | None = None, threads: int = 1,
+         n_last: int = 3,
          progress: bool = True, log=_log) -> dict:
     import lightgbm as lgb
 
@@ -373,9 +395,11 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
     log(f"LightGBM: best held-out loss after {best_it} rounds ({best_it * (K + 2)} trees), {fit_s:.1f}s")
 
     # 5. Costs: the verify forward per length, and the drafter's own time.
-    if verify_ms == "auto":
-        verify_ms = measure_verify_ms(model, k_max, ctx_len=(min_context + max_context) // 2)
-        log(f"verify cost (measured, ms for T=1..{k_max + 1}): {verify_ms}")
+    verify_ms_given = verify_ms != "auto"
+    if not verify_ms_given:
+        vt = verify_threads or _SERVING_THREADS
+        verify_ms = measure_verify_ms(model, k_max, ctx_len=(min_context + max_context) // 2, threads=vt)
+        log(f"verify cost (measured, wall ms on {vt} threads for T=1..{k_max + 1}): {verify_ms}")
     verify_ms = [float(v) for v in verify_ms]
     base_ms, state_ms = _time_features(model, spec, col, rows, va)
 
@@ -500,7 +524,8 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
                      "verify_ms": verify_ms, "predict_ms": round(predict_ms, 4), "state_ms": round(state_ms, 4),
                      "rule": best["rule"]},
         "fit": {"data_dir": str(data_dir), "contexts": contexts, "steps_per_context": steps, "seed": seed,
-                "min_context": min_context, "max_context": max_context, "lightgbm": params,
+                "min_context": min_context, "max_context": max_context, "lightgbm": params, "threads": threads,
+                "verify_threads": None if verify_ms_given else vt,
                 "seconds": round(time.time() - t_start, 1), **report},
     }
     (draft_dir / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
@@ -586,6 +611,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--verify-ms", default="auto",
                    help="verify forward cost in ms for T=1,2,... positions, comma-separated, or 'auto' to "
                         "measure it here (default: %(default)s)")
+    p.add_argument("--verify-threads", type=int, default=None,
+                   help="torch threads to time the verify forward on: the count you will serve with "
+                        f"(default: torch's default here, {_SERVING_THREADS})")
     p.add_argument("--threads", type=int, default=1,
                    help="threads for LightGBM and torch (default: %(default)s; OpenMP threads on a machine whose "
                         "cores are busy spin instead of working, which made a 2-thread fit 100x slower here)")
@@ -609,7 +637,7 @@ def run(args) -> int:
                     threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
                     min_context=args.min_context, max_context=args.max_context, rounds=args.rounds,
                     learning_rate=args.learning_rate, num_leaves=args.num_leaves, max_depth=args.max_depth,
-                    verify_ms=verify,
+                    verify_ms=verify, verify_threads=args.verify_threads,
                     threads=args.threads, progress=not args.no_progress)
     except (BundleError, DataError, ValueError) as e:
         print(f"treespec draft-fit: error: {e}", file=sys.stderr)

@@ -87,7 +87,8 @@ def worth_drafting(j: int, cum, p, v: Sequence[float], predict_ms: float, k: int
     this one: where the cost curve has a step and is flat after it, a run of
     confident drafts can pay for the step that one draft cannot.
     """
-    cum, p = np.asarray(cum, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    # Plain arithmetic, so the same code serves floats (serving, one draft
+    # at a time) and arrays (draft-fit's simulation, every chain at once).
     gain, best, term = 0.0, None, cum
     for m in range(j, (k if lookahead else j + 1)):
         gain = gain + term * v[0]
@@ -262,22 +263,53 @@ class TreeDrafter:
     def propose(self, context: list[int], features: ModelFeatures | None, k_max: int) -> Draft:
         if features is None or k_max <= 0:
             return Draft(tokens=[])
-        spec = self.spec
+        spec, L = self.spec, self.spec.n_last
         state = self.state(features)
+        v = extend_costs(self.verify_ms, k_max + 1)
         ctx = list(context)
         drafted: list[int] = []
         cum = 1.0
-        v = extend_costs(self.verify_ms, k_max + 1)
-        for j in range(k_max):
-            ng = ngram_candidate(ctx, spec.ngram_max_n)
-            x = features_for(spec, state, [ctx], [j], ngrams=[ng])
-            tok, p = choose(self.predict(x), [ng[0]], spec)
-            tok, p = int(tok[0]), float(p[0])
-            if tok < 0:  # __MODEL__ (or __COPY__ with nothing to copy)
-                return Draft(tokens=drafted, handback=True)
-            cum *= p
-            if p < self.p_min or not worth_drafting(j, cum, p, v, self.predict_ms, k_max, self.lookahead):
-                return Draft(tokens=drafted, handback=True)
-            drafted.append(tok)
-            ctx.append(tok)
-        return Draft(tokens=drafted, handback=False)
+        while True:
+            # One batch of rows per round instead of one tree call per depth:
+            # the row for depth j assumes the drafts before it are the n-gram
+            # candidates (what __COPY__ drafts), so up to the first depth where
+            # the tree picks anything else every row is exactly the row the
+            # one-at-a-time walk would build. Past that depth the rows are
+            # stale, and the next round starts from the token it picked.
+            j0 = len(drafted)
+            path, ngs, tails = self._copy_path(ctx, k_max - j0)
+            X = features_for(spec, np.repeat(state, len(ngs), axis=0), tails,
+                             list(range(j0, j0 + len(ngs))), ngrams=ngs)
+            tok, p = choose(np.stack([self.predict(x) for x in X]), [c for c, _ in ngs], spec)
+            for i in range(len(ngs)):
+                t, pj = int(tok[i]), float(p[i])
+                if t < 0:  # __MODEL__ (or __COPY__ with nothing to copy)
+                    return Draft(tokens=drafted, handback=True)
+                cum *= pj
+                if pj < self.p_min or not worth_drafting(j0 + i, cum, pj, v, self.predict_ms, k_max,
+                                                          self.lookahead):
+                    return Draft(tokens=drafted, handback=True)
+                drafted.append(t)
+                ctx.append(t)
+                if len(drafted) == k_max:
+                    return Draft(tokens=drafted, handback=False)
+                if i >= len(path) or t != path[i]:
+                    break  # off the copy path: rows past this depth are stale
+
+    def _copy_path(self, ctx: list[int], n: int):
+        """The n-gram candidates along the copy path from ``ctx``: (path
+        tokens, (candidate, match length) for depths 0..m, each depth's last
+        n_last tokens) where the path stops after n depths or where there
+        is no candidate to copy (that depth still gets its row)."""
+        L, max_n = self.spec.n_last, self.spec.ngram_max_n
+        path, ngs, tails = [], [], []
+        ext = ctx
+        for i in range(n):
+            ng = ngram_candidate(ext, max_n)
+            ngs.append(ng)
+            tails.append(ext[-L:])
+            if ng[0] is None or i == n - 1:
+                break
+            path.append(ng[0])
+            ext = ctx + path
+        return path, ngs, tails

@@ -32,6 +32,9 @@ from .config import GPTConfig
 from .kv_cache import KVCache
 
 
+LN_EPS = 1e-5
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's cannot drop just the bias)."""
 
@@ -41,7 +44,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, LN_EPS)
 
 
 @dataclass
