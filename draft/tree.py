@@ -23,6 +23,14 @@ a time::
                                       costs more than it is expected to save
           else draft t, continue (up to k_max)
 
+That is the rule. The drafter evaluates it in rounds rather than one tree
+call per depth: a round builds the rows for every remaining depth along the
+copy path (each depth's context extended by the n-gram candidates before
+it, which is what ``__COPY__`` drafts), predicts them in one go and walks
+them with the rule above. Up to the first depth where the tree picks a
+token other than the candidate, every row is the row the one-depth walk
+would build; after it they are stale, and the next round starts there.
+
 ``worth_drafting`` is the cost-aware part: drafting token j makes the verify
 forward one position longer, which costs ``verify_ms[j+1] - verify_ms[j]``
 plus one more tree evaluation, and saves a whole forward (``verify_ms[0]``)

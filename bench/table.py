@@ -1,0 +1,44 @@
+"""The markdown table in docs/speculative.md, from `treespec bench` JSON files.
+
+    python bench/table.py bench/results/default-{code,prose}-T0.json bench/results/default-{code,prose}-T0.8.json
+
+Prints one row per drafter per file, in the files' order, so the docs quote
+what the benchmark wrote rather than numbers copied by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HEAD = ("suite", "T", "drafter", "tok/s", "speedup", "τ", "acc@1", "acc@2", "acc@3", "draft%", "ms/draft",
+        "ms/verify", "identical to vanilla")
+
+
+def rows(result: dict) -> list[list[str]]:
+    out = []
+    greedy = not result["temperature"]
+    for name in result["runs"]:
+        r = result["drafters"][name]
+        acc = r.get("acceptance_per_position") or []
+        cells = [f"{acc[j]:.2f}" if j < len(acc) and name != "none" else "–" for j in range(3)]
+        out.append([result["suite"], f"{result['temperature']:g}", name, f"{r['tokens_per_s']:.1f}",
+                    f"{r['speedup']:.2f}×", f"{r['tau']:.2f}", *cells, f"{100 * r['drafter_share']:.1f}%",
+                    f"{r['drafter_ms_per_step']:.2f}", f"{r['verify_ms_per_step']:.2f}",
+                    f"{r['identical']}/{r['prompts']}" if greedy else "n/a"])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="+", help="JSON files written by `treespec bench --out`")
+    args = ap.parse_args()
+    lines = ["| " + " | ".join(HEAD) + " |", "|" + " --- |" * len(HEAD)]
+    for path in args.files:
+        with open(path) as f:
+            lines += ["| " + " | ".join(r) + " |" for r in rows(json.load(f))]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
