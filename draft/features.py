@@ -163,6 +163,38 @@ def top_indices(x: np.ndarray, a: int, groups: int = 1024) -> np.ndarray:
     return np.take_along_axis(cols, order, axis=1)
 
 
+# Tokens within this many nats of the top-1 are the top-A candidates (when
+# there are at least A of them; otherwise the whole row is searched).
+_TOP_WINDOW = 4.0
+_TOP_MAX_CANDIDATES = 2048
+
+
+def _vocab_stats(l: np.ndarray, a: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """One row of logits (V,) float32: (its ``a`` largest columns, largest
+    first, ties by column; their values; log sum(e^(l - max)); the entropy).
+
+    One row at a time and in few NumPy calls on purpose: in the decode loop
+    this runs right after a verify forward has streamed the weights through
+    the caches, where every call costs several times its warm time
+    (bench/drafter_cost.py). One pass of exp serves the log-normaliser and
+    the entropy: with z = l - max and s = sum(e^z), log Z = max + log s and
+    H = log s - sum(e^z * z) / s. The top-A set is exact: if at least A
+    tokens lie within ``_TOP_WINDOW`` nats of the maximum, the A largest are
+    among them.
+    """
+    z = l - l.max()
+    cand = np.flatnonzero(z >= -_TOP_WINDOW)
+    if a <= cand.size <= _TOP_MAX_CANDIDATES:
+        vals = z[cand]
+        top = cand[np.lexsort((cand, -vals))[:a]]
+    else:  # a flat row (an untrained model): the grouped search over all of it
+        top = top_indices(l[None], a)[0]
+    ez = np.exp(z)
+    s = float(ez.sum(dtype=np.float64))
+    log_s = float(np.log(s))
+    return top, l[top].astype(np.float64), log_s, log_s - float(ez.dot(z)) / s
+
+
 @torch.no_grad()
 def state_features(spec: FeatureSpec, model, logits: torch.Tensor, hidden: torch.Tensor,
                    exit_hidden: Sequence[torch.Tensor]) -> np.ndarray:
@@ -179,18 +211,13 @@ def state_features(spec: FeatureSpec, model, logits: torch.Tensor, hidden: torch
     """
     l = logits[:, :spec.n_vocab].detach().float().cpu().numpy()
     N = l.shape[0]
-    top = top_indices(l, spec.agree_top)  # (N, A)
-    top_val = np.take_along_axis(l, top, axis=1).astype(np.float64)
-    # One pass of exp over the vocabulary serves both the log-normaliser and
-    # the entropy: with z = l - max and s = sum(e^z), log Z = max + log s and
-    # H = log s - sum(e^z * z) / s.
-    z = l - top_val[:, :1].astype(np.float32)
-    ez = np.exp(z)
-    s = ez.sum(axis=1, dtype=np.float64)
-    log_s = np.log(s)
+    stats = [_vocab_stats(row, spec.agree_top) for row in l]
+    top = np.stack([t for t, _, _, _ in stats])  # (N, A)
+    top_val = np.stack([v for _, v, _, _ in stats])
+    log_s = np.array([x for _, _, x, _ in stats])
     lp1 = -log_s  # the top-1 logit is the max, so its z is 0
     margin = top_val[:, 0] - top_val[:, 1]
-    entropy = log_s - np.einsum("nv,nv->n", ez, z).astype(np.float64) / s
+    entropy = np.array([x for _, _, _, x in stats])
     cols = [lp1, entropy, margin]
     if len(exit_hidden) != spec.n_exits:
         raise ValueError(f"expected {spec.n_exits} intermediate exits, got {len(exit_hidden)}")

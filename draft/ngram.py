@@ -118,6 +118,22 @@ class NgramIndex:
         return out
 
 
+    def copy_path(self, k: int, max_n: int | None = None) -> list[tuple[int | None, int]]:
+        """(candidate, match length) at each of up to k depths of a copy
+        that looks the candidate up again after every copied token (what the
+        tree drafter's __COPY__ does, depth by depth); it stops after the
+        first depth without a candidate. The index is left describing the
+        context plus the copied tokens."""
+        out = []
+        for i in range(k):
+            c = self.candidate(max_n)
+            out.append(c)
+            if c[0] is None or i == k - 1:
+                break
+            self._extend([c[0]])
+        return out
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix, with list comparisons done in C:
     back off exponentially from the end (drafts diverge near the end), then
@@ -193,6 +209,11 @@ def ngram_candidate(context: Sequence[int], max_n: int = DEFAULT_MAX_N) -> tuple
     context's longest matching suffix (n = max_n down to 1), and n; (None, 0)
     when there is none."""
     return _thread_index(context, max_n).candidate(max_n)
+
+
+def ngram_copy_path(context: Sequence[int], k: int, max_n: int = DEFAULT_MAX_N) -> list[tuple[int | None, int]]:
+    """``NgramIndex.copy_path`` from ``context``: one index sync for all k depths."""
+    return _thread_index(context, max_n).copy_path(k, max_n)
 
 
 def ngram_continuation(context: Sequence[int], k: int, max_n: int = DEFAULT_MAX_N) -> list[int]:

@@ -58,7 +58,7 @@ import torch
 
 from ..model.tokenizer import sha256_file
 from .features import FEATURE_VERSION, FeatureSpec, features_for, state_features
-from .ngram import ngram_candidate
+from .ngram import ngram_copy_path
 from .types import Draft, ModelFeatures
 
 META_FILE = "meta.json"
@@ -309,15 +309,8 @@ class TreeDrafter:
         tokens, (candidate, match length) for depths 0..m, each depth's last
         n_last tokens) where the path stops after n depths or where there
         is no candidate to copy (that depth still gets its row)."""
-        L, max_n = self.spec.n_last, self.spec.ngram_max_n
-        path, ngs, tails = [], [], []
-        ext = ctx
-        for i in range(n):
-            ng = ngram_candidate(ext, max_n)
-            ngs.append(ng)
-            tails.append(ext[-L:])
-            if ng[0] is None or i == n - 1:
-                break
-            path.append(ng[0])
-            ext = ctx + path
+        L = self.spec.n_last
+        ngs = ngram_copy_path(ctx, n, self.spec.ngram_max_n)
+        path = [c for c, _ in ngs[:-1]]
+        tails = [(ctx[-L:] + path[:i])[-L:] for i in range(len(ngs))]
         return path, ngs, tails

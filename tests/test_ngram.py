@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from treespec.draft.ngram import IndexPool, NgramDrafter, NgramIndex, ngram_candidate, ngram_continuation
+from treespec.draft.ngram import (IndexPool, NgramDrafter, NgramIndex, ngram_candidate, ngram_continuation,
+                                  ngram_copy_path)
 from treespec.draft.registry import DRAFTERS, DrafterUnavailable, make_drafter
 
 
@@ -28,6 +29,18 @@ def rescan_continuation(context, k, max_n=3):
     for i in range(j + 1, j + 1 + k):
         ext.append(ext[i])
     return ext[len(context):]
+
+
+def rescan_copy_path(context, k, max_n=3):
+    """Look the candidate up again after every copied token, k depths at most."""
+    ext, out = list(context), []
+    for _ in range(k):
+        j, n = rescan(ext, max_n)
+        out.append((ext[j + 1], n) if n else (None, 0))
+        if not n:
+            break
+        ext.append(ext[j + 1])
+    return out
 
 
 def test_examples():
@@ -66,6 +79,7 @@ def test_index_matches_rescan_under_growth_and_rollback(max_n):
         k = rng.randint(1, 7)
         assert idx.continuation(k) == rescan_continuation(context, k, max_n)
         assert ngram_continuation(context, k, max_n) == rescan_continuation(context, k, max_n)
+        assert ngram_copy_path(context, k, max_n) == rescan_copy_path(context, k, max_n)
 
 
 def test_pool_keeps_one_index_per_interleaved_sequence():
