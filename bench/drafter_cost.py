@@ -2,10 +2,11 @@
 
 Times, on a bundle's vocabulary width, the work a proposal does once over the
 final logits (the top-4 tokens, and exp/sum for the log-normaliser and
-entropy) as torch ops and as NumPy (``draft.features.top_indices``), on a
-strided row and a contiguous one, then
-``TreeDrafter.state`` and a whole ``TreeDrafter.propose`` when the bundle has
-a fitted drafter. ``--busy`` runs a 2-thread torch matmul loop in another
+entropy) as torch ops and as NumPy (``draft.features._vocab_stats``), on a
+strided row and a contiguous one; then ``TreeDrafter.state`` and a whole
+``TreeDrafter.propose`` when the bundle has a fitted drafter; then each piece
+of a proposal where it really runs, inside the decode loop right after a
+verify forward. ``--busy`` runs a 2-thread torch matmul loop in another
 process meanwhile, as a server's other work or a training job would:
 
     python bench/drafter_cost.py --bundle models/default --threads 2
@@ -29,7 +30,7 @@ BUSY = ("import torch; torch.set_num_threads(2); a = torch.randn(512, 512)\n"
 
 def main() -> None:
     from treespec.draft.engine import generate_all
-    from treespec.draft.features import top_indices
+    from treespec.draft.features import _vocab_stats
     from treespec.draft.registry import DrafterUnavailable, make_drafter
     from treespec.draft.tree import DrafterError
     from treespec.draft.types import SamplingParams
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=201)
     ap.add_argument("--busy", action="store_true", help="load the CPU from another process meanwhile")
+    ap.add_argument("--prompts", type=int, default=4, help="held-out code prompts for the in-loop timings")
+    ap.add_argument("--data-dir", default="data/default", help="prepared corpus whose test split gives them")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -61,12 +64,8 @@ def main() -> None:
             ez = z.exp()
             return ez.sum(-1), (ez * z).sum(-1)
 
-        def numpy_way(logits):
-            x = logits.numpy()
-            top = top_indices(x, 4)
-            z = x - x[0, top[0, 0]]
-            ez = np.exp(z)
-            return ez.sum(), np.einsum("nv,nv->n", ez, z)
+        def numpy_way(logits):  # what state_features runs per row
+            return [_vocab_stats(row, 4) for row in logits.numpy()]
 
         print(f"{args.bundle}: vocabulary {V}, {args.threads} torch threads, "
               f"{'busy CPU' if busy else 'idle CPU'}, median of {args.reps}")
@@ -90,10 +89,64 @@ def main() -> None:
         n = len(drafter.propose(ctx, feats, drafter.k_max).tokens)
         print(f"| TreeDrafter.propose ({n} tokens drafted) | "
               f"{median_ms(lambda: drafter.propose(ctx, feats, drafter.k_max), args.reps):.3f} |")
+        in_loop(bundle, drafter, args.prompts, args.data_dir)
     finally:
         if busy:
             busy.kill()
             busy.wait()
+
+
+def in_loop(bundle, drafter, n_prompts: int, data_dir: str) -> None:
+    """The same work timed where it really runs: inside the decode loop,
+    right after each verify forward (greedy, held-out code prompts)."""
+    from collections import defaultdict
+
+    from treespec.draft import tree
+    from treespec.draft.bench import corpus_suite
+    from treespec.draft.engine import generate_all
+    from treespec.draft.types import SamplingParams
+
+    total, calls = defaultdict(float), defaultdict(int)
+
+    def timed(owner, name, label):
+        fn = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                total[label] += time.perf_counter() - t
+                calls[label] += 1
+        setattr(owner, name, wrapper)
+        return fn
+
+    pieces = [(tree, "state_features", "model features (state_features)"),
+              (tree, "ngram_copy_path", "n-gram lookups along the copy path"),
+              (tree, "features_for", "feature rows (features_for)"),
+              (drafter, "predict", "LightGBM predict, per row"),
+              (tree, "choose", "choose"),
+              (tree, "worth_drafting", "cost rule (worth_drafting)"),
+              (drafter, "propose", "whole proposal")]
+    saved = [(owner, name, timed(owner, name, label)) for owner, name, label in pieces]
+    try:
+        prompts = corpus_suite("code", data_dir, n_prompts, bundle.tokenizer)
+        for prompt in prompts:
+            generate_all(bundle.model, prompt["prompt_ids"], SamplingParams(max_new_tokens=128), drafter,
+                         tokenizer=bundle.tokenizer)
+    finally:
+        for owner, name, fn in saved:
+            if owner is drafter:
+                delattr(owner, name)  # back to the class's method / the constructor's predictor
+                if name == "predict":
+                    owner.predict = fn
+            else:
+                setattr(owner, name, fn)
+    steps = calls["whole proposal"]
+    print(f"\nIn the decode loop ({len(prompts)} held-out code prompts, greedy, {steps} proposals):")
+    print("| piece | ms per proposal | calls per proposal |\n| --- | --- | --- |")
+    for _, _, label in pieces:
+        print(f"| {label} | {total[label] / steps * 1e3:.3f} | {calls[label] / steps:.2f} |")
 
 
 if __name__ == "__main__":
