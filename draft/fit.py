@@ -412,9 +412,7 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
     pos_in_va[va] = np.arange(len(va))
     cand_flat = [int(c) if c >= 0 else None for c in rows.cand[flat]]
     tgt = rows.target[flat].reshape(valid.shape)
-    # The n-gram drafter at its default length and at the tree's k_max.
-    ks_ng = sorted({NgramDrafter().k_max, k_max})
-    v = verify_ms + [verify_ms[-1]] * (max(ks_ng) + 1 - len(verify_ms))  # ks_ng holds k_max
+    v = extend_costs(verify_ms, max(k_max, NgramDrafter().k_max) + 1)  # the tree and the n-gram baseline
 
     def speed(drafted, accepted, evals, extra_ms, predict_ms):
         ms = np.asarray([v[d] for d in drafted]) + extra_ms + evals * predict_ms
@@ -435,28 +433,40 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
         pred_ms = base_ms + _time_predict(_Predictor(booster, len(names), K + 2, num_iteration=n), rows.X[va])
         tok_ch, p_ch = choose(P[pos_in_va[flat]], cand_flat, spec)
         tok_ch, p_ch = tok_ch.reshape(valid.shape), p_ch.reshape(valid.shape)
-        for rule in ("myopic", "lookahead"):
-            for pm in grid:
-                d, a, e = simulate(tok_ch, p_ch, tgt, valid, pm, verify_ms, pred_ms, rule == "lookahead")
-                options.append({"rounds": n, "rule": rule, "p_min": pm, "predict_ms": pred_ms, "P": P,
-                                **dict(zip(("est_speedup", "tau", "drafted_per_step"),
-                                           speed(d, a, e, state_ms, pred_ms)))})
+        # The longest draft is a setting too (every depth lengthens the
+        # verify): the chains truncated to k columns are the drafter with
+        # k_max = k.
+        for k in range(1, k_max + 1):
+            for rule in ("myopic", "lookahead"):
+                for pm in grid:
+                    d, a, e = simulate(tok_ch[:, :k], p_ch[:, :k], tgt[:, :k], valid[:, :k], pm, verify_ms,
+                                       pred_ms, rule == "lookahead")
+                    options.append({"rounds": n, "k_max": k, "rule": rule, "p_min": pm, "predict_ms": pred_ms,
+                                    "P": P, **dict(zip(("est_speedup", "tau", "drafted_per_step"),
+                                                       speed(d, a, e, state_ms, pred_ms)))})
     # Near-ties (the estimate is noisy) go to the more permissive setting:
-    # lookahead, then the lowest p_min, then the cheaper model. Held-out
-    # probabilities can cluster near 0 and 1, and a strict rule that costs
-    # nothing there refuses the in-between cases real prompts bring.
+    # lookahead, then the longest drafts, then the lowest p_min, then the
+    # cheaper model. Held-out probabilities can cluster near 0 and 1, and a
+    # strict rule that costs nothing there refuses the in-between cases real
+    # prompts bring.
     top = max(o["est_speedup"] for o in options)
     best = min((o for o in options if o["est_speedup"] >= top * 0.995),
-               key=lambda o: (o["rule"] != "lookahead", o["p_min"], o["rounds"]))
+               key=lambda o: (o["rule"] != "lookahead", -o["k_max"], o["p_min"], o["rounds"]))
     n_keep, chosen_p, predict_ms, P = best["rounds"], best["p_min"], best["predict_ms"], best["P"]
+    chosen_k = best["k_max"]
     log(f"held-out simulation over {len(uniq)} greedy steps (estimates, exact up to the first rejection):")
-    log(" rounds  trees  ms/depth  rule       p_min   tau  drafted/step  est.speedup")
+    log(" rounds  trees  ms/depth  k_max  rule       p_min   tau  drafted/step  est.speedup")
     for n in truncs:
-        for rule in ("myopic", "lookahead"):
-            o = max((o for o in options if o["rounds"] == n and o["rule"] == rule), key=lambda o: o["est_speedup"])
-            log(f"{n:7d} {n * (K + 2):6d}  {o['predict_ms']:8.3f}  {rule:9s}  {o['p_min']:5.2f}  {o['tau']:4.2f}  "
-                f"{o['drafted_per_step']:12.2f}  {o['est_speedup']:10.2f}x" + ("  <- kept" if o is best else ""))
-    # The n-gram drafter on the same steps: its continuation at depth 0.
+        for k in sorted({1, (k_max + 1) // 2, chosen_k, k_max}):
+            for rule in ("myopic", "lookahead"):
+                o = max((o for o in options if o["rounds"] == n and o["rule"] == rule and o["k_max"] == k),
+                        key=lambda o: o["est_speedup"])
+                log(f"{n:7d} {n * (K + 2):6d}  {o['predict_ms']:8.3f}  {k:5d}  {rule:9s}  {o['p_min']:5.2f}  "
+                    f"{o['tau']:4.2f}  {o['drafted_per_step']:12.2f}  {o['est_speedup']:10.2f}x"
+                    + ("  <- kept" if o is best else ""))
+    # The n-gram drafter on the same steps, at its default length and at the
+    # tree's k_max: its continuation at depth 0.
+    ks_ng = sorted({NgramDrafter().k_max, chosen_k})
     for k_ng in ks_ng:
         d_ng, a_ng = [], []
         for key in uniq:
@@ -506,9 +516,14 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
     log(f"{MODEL}: precision {prec:.3f}, recall {rec:.3f}")
     log(f"drafter cost: {state_ms:.3f} ms per proposal (model features) + {predict_ms:.3f} ms per draft depth "
         f"(n-gram lookup, features, tree)")
+    per_setting = {}  # the best p_min for every (rounds, k_max, rule)
+    for o in options:
+        key = (o["rounds"], o["k_max"], o["rule"])
+        if key not in per_setting or o["est_speedup"] > per_setting[key]["est_speedup"]:
+            per_setting[key] = o
     report["simulation"] = {
         "chains": int(len(uniq)),
-        "options": [{k: val for k, val in o.items() if k != "P"} for o in options],
+        "options": [{k: val for k, val in o.items() if k != "P"} for o in per_setting.values()],
         "tree": {k: val for k, val in best.items() if k != "P"},
         "ngram": {"k": k_ng, "est_speedup": ng[0], "tau": ng[1], "drafted_per_step": ng[2]},
     }
@@ -520,11 +535,12 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
         "classes": {"tokens": classes, "copy": K, "model": K + 1,
                     "text": [tok.decode([t]) for t in classes]},
         "features": spec.to_meta(),
-        "settings": {"k_max": int(k_max), "p_min": chosen_p, "threshold": float(threshold),
+        "settings": {"k_max": int(chosen_k), "p_min": chosen_p, "threshold": float(threshold),
                      "verify_ms": verify_ms, "predict_ms": round(predict_ms, 4), "state_ms": round(state_ms, 4),
                      "rule": best["rule"]},
         "fit": {"data_dir": str(data_dir), "contexts": contexts, "steps_per_context": steps, "seed": seed,
                 "min_context": min_context, "max_context": max_context, "lightgbm": params, "threads": threads,
+                "k_max_considered": int(k_max),
                 "verify_threads": None if verify_ms_given else vt,
                 "seconds": round(time.time() - t_start, 1), **report},
     }

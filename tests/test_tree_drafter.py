@@ -36,7 +36,8 @@ def test_draft_fit_writes_a_drafter_that_loads(fitted):
     assert 0 < len(meta["classes"]["tokens"]) <= 12
     assert len(meta["features"]["pca_components"]) == 4
     drafter = TreeDrafter.load(bundle)
-    assert drafter.k_max == K_MAX and drafter.name == "tree"
+    assert 1 <= drafter.k_max <= K_MAX and drafter.name == "tree"  # draft-fit picks k_max up to --k-max
+    assert meta["fit"]["k_max_considered"] == K_MAX and drafter.k_max == meta["settings"]["k_max"]
     assert TreeDrafter.load(bundle, k_max=2, p_min=0.75).p_min == 0.75
     # The single-row C fast path computes what Booster.predict computes.
     rng = np.random.default_rng(1)
