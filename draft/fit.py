@@ -20,10 +20,11 @@
 5. On the held-out contexts the drafting rule is simulated: accepted drafts
    per step (tau), drafted tokens, and the speed that gives with the
    measured verify cost and the measured drafter cost, for a grid of p_min,
-   both stopping rules (tree.worth_drafting) and several numbers of
-   boosting rounds. Every round adds K+2 trees
-   that each draft depth has to evaluate, so the kept model is the one with
-   the best estimated speed, not the lowest loss. (--p-min fixes p_min.)
+   both stopping rules (tree.worth_drafting), every longest draft k_max up
+   to --k-max and several numbers of boosting rounds. Every round adds K+2
+   trees that each draft depth has to evaluate, and every depth lengthens
+   the verify, so the kept setting is the one with the best estimated
+   speed, not the lowest loss. (--p-min fixes p_min.)
    The n-gram drafter is simulated on the same steps for comparison.
 6. ``BUNDLE/draft/tree.txt`` and ``meta.json`` are written.
 """
@@ -308,7 +309,7 @@ def fit_drafter(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "d
 
 def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/default", *,
          contexts: int = 600, steps: int = 32, n_classes: int = 64, pca_dims: int = 24,
-         k_max: int = 6, p_min: float | None = None, threshold: float = 0.5, seed: int = 0,
+         k_max: int = 8, p_min: float | None = None, threshold: float = 0.5, seed: int = 0,
          batch_size: int = 16, min_context: int = 32, max_context: int = 384, rounds: int = 300,
          learning_rate: float = 0.2, num_leaves: int = 15, max_depth: int = 5, early_stopping: int = 10,
          verify_ms: list[float] | str = "auto", verify_threads: int | None = None, threads: int = 1,
@@ -611,7 +612,9 @@ def add_parser(sub, name: str) -> None:
                    help="K, the token classes; each costs one tree per boosting round at every draft depth "
                         "(default: %(default)s)")
     p.add_argument("--pca-dims", type=int, default=24, help="PCA dimensions of the hidden state (default: %(default)s)")
-    p.add_argument("--k-max", type=int, default=6, help="longest draft (default: %(default)s)")
+    p.add_argument("--k-max", type=int, default=8,
+                   help="longest draft considered; the held-out simulation keeps the fastest length up to it "
+                        "(default: %(default)s)")
     p.add_argument("--p-min", type=float, default=None,
                    help="lowest probability a drafted token may have (default: tuned on held-out contexts)")
     p.add_argument("--threshold", type=float, default=0.5,
