@@ -271,7 +271,7 @@ class TreeDrafter:
     def propose(self, context: list[int], features: ModelFeatures | None, k_max: int) -> Draft:
         if features is None or k_max <= 0:
             return Draft(tokens=[])
-        spec, L = self.spec, self.spec.n_last
+        spec = self.spec
         state = self.state(features)
         v = extend_costs(self.verify_ms, k_max + 1)
         ctx = list(context)
