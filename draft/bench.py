@@ -96,8 +96,8 @@ def summarise(runs: list[dict], reference: list[dict] | None, greedy: bool) -> d
     tokens = sum(r["tokens"] for r in runs)
     wall = sum(r["wall_s"] for r in runs)
     s = {k: sum(r["stats"][k] for r in runs)
-         for k in ("verify_steps", "draft_tokens", "accepted_tokens", "model_handbacks", "drafter_time_s",
-                   "verify_time_s", "prefill_time_s")}
+         for k in ("verify_steps", "draft_tokens", "accepted_tokens", "model_handbacks", "skipped_proposals",
+                   "drafter_time_s", "verify_time_s", "prefill_time_s")}
     depth = max((len(r["stats"]["drafted_per_position"]) for r in runs), default=0)
     drafted = [sum(r["stats"]["drafted_per_position"][j] for r in runs
                    if j < len(r["stats"]["drafted_per_position"])) for j in range(depth)]
@@ -118,7 +118,8 @@ def summarise(runs: list[dict], reference: list[dict] | None, greedy: bool) -> d
         "verify_share": s["verify_time_s"] / wall if wall else 0.0,
         "drafter_ms_per_step": 1e3 * s["drafter_time_s"] / steps if steps else 0.0,
         "verify_ms_per_step": 1e3 * s["verify_time_s"] / steps if steps else 0.0,
-        **{k: s[k] for k in ("verify_steps", "draft_tokens", "accepted_tokens", "model_handbacks")},
+        **{k: s[k] for k in ("verify_steps", "draft_tokens", "accepted_tokens", "model_handbacks",
+                             "skipped_proposals")},
     }
     if greedy and reference is not None:
         same = [r["token_ids"] == v["token_ids"] for r, v in zip(runs, reference)]

@@ -51,6 +51,61 @@ def _features(out, row: int, n_vocab: int) -> ModelFeatures:
                          exit_hidden=[h[0, row] for h in out.exit_hidden])
 
 
+@dataclass
+class DraftGate:
+    """Ask a costly drafter only while its proposals pay for themselves.
+
+    A proposal costs the drafter's time and a longer verify, and saves a
+    forward for every accepted token. Where drafts are rarely accepted (free
+    sampling on prose) a costly drafter makes decoding slower than vanilla.
+    After each proposal the gate books, from the drafter's own cost model,
+
+        earned = accepted * forward_ms - step_cost_ms(drafted)
+
+    into a running mean. When the mean turns negative the gate closes for
+    one step, then asks for one proposal (a probe): a probe that earns
+    reopens it, one that does not closes it for twice as long (up to
+    ``max_backoff`` steps). While it is closed the drafter's cheap
+    ``fallback`` drafter proposes instead when it has one (the tree's is
+    prompt lookup, its own __COPY__ path), else the step is a vanilla step.
+    Neither changes the output (greedy) or its distribution (sampling). The
+    costs are the drafter's fitted estimates, not clocks, so a seeded
+    request does the same thing on every run.
+    """
+
+    forward_ms: float
+    step_cost_ms: Callable[[int], float]
+    alpha: float = 0.3
+    max_backoff: int = 32
+    mean: float | None = None  # ms earned per proposal, exponentially averaged
+    backoff: int = 0  # > 0: closed, and the next proposal is a probe
+    wait: int = 0  # steps left before that probe
+
+    @classmethod
+    def for_drafter(cls, drafter) -> "DraftGate | None":
+        cost, fwd = getattr(drafter, "step_cost_ms", None), getattr(drafter, "forward_ms", None)
+        return cls(forward_ms=float(fwd), step_cost_ms=cost) if cost is not None and fwd else None
+
+    def open(self) -> bool:
+        if self.wait > 0:
+            self.wait -= 1
+            return False
+        return True
+
+    def record(self, drafted: int, accepted: int) -> None:
+        earned = accepted * self.forward_ms - self.step_cost_ms(drafted)
+        if self.backoff:  # a probe
+            if earned > 0:
+                self.backoff, self.mean = 0, earned
+            else:
+                self.backoff = min(2 * self.backoff, self.max_backoff)
+                self.wait = self.backoff
+            return
+        self.mean = earned if self.mean is None else (1 - self.alpha) * self.mean + self.alpha * earned
+        if self.mean < 0:
+            self.backoff = self.wait = 1
+
+
 def _snapshot(stats: SpecStats) -> SpecStats:
     return replace(stats, accepted_per_position=list(stats.accepted_per_position),
                    drafted_per_position=list(stats.drafted_per_position))
@@ -113,6 +168,7 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
     stats = SpecStats(drafter=getattr(drafter, "name", "none") if drafter is not None else "none",
                       prompt_tokens=len(prompt))
     context = list(prompt)  # prompt + generated; the last token has not been through the model yet
+    gate = DraftGate.for_drafter(drafter) if drafter is not None else None
 
     def choose(logits: torch.Tensor, drafts: list[int], q) -> tuple[list[int], list[float]]:
         """Verify ``drafts`` against logits rows (len(drafts)+1, n_vocab):
@@ -176,9 +232,13 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
         # keeps every position inside the cache.
         k = min(k_cap, params.max_new_tokens - stats.generated_tokens - 1) if drafter is not None else 0
         drafts, q = [], None
-        if k > 0:
+        asked = k > 0 and (gate is None or gate.open())
+        stats.skipped_proposals += int(k > 0 and not asked)
+        fallback = getattr(drafter, "fallback", None) if k > 0 and not asked else None
+        if asked or fallback is not None:
             td = time.perf_counter()
-            draft: Draft = drafter.propose(context, features, k)
+            draft: Draft = (drafter.propose(context, features, k) if asked else
+                            fallback.propose(context, features, min(k, getattr(fallback, "k_max", k))))
             stats.drafter_time_s += time.perf_counter() - td
             for d in draft.tokens[:k]:
                 d = int(d)
@@ -194,6 +254,8 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
         out = model.forward_step(torch.tensor([[context[-1]] + drafts], device=device), pos, cache)
         new, lps = choose(out.logits[0, :, :n_vocab], drafts, q)
         n = len(new) - 1  # drafts accepted
+        if asked and gate is not None:
+            gate.record(len(drafts), n)
         cache.rollback(pos + n + 1)  # [last] + the accepted drafts stay; the bonus is not run yet
         features = _features(out, n, n_vocab)
         stats.verify_time_s += time.perf_counter() - tv

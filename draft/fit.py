@@ -46,7 +46,7 @@ from tqdm import tqdm
 from .features import FEATURE_VERSION, FeatureSpec, features_for, fit_pca, state_features
 from .ngram import DEFAULT_MAX_N, NgramDrafter, ngram_candidate, ngram_continuation
 from ..model.tokenizer import sha256_file
-from .tree import (COPY, FORMAT, FORMAT_VERSION, META_FILE, MODEL, MODEL_FILE, _Predictor, choose,
+from .tree import (COPY, FORMAT, FORMAT_VERSION, META_FILE, MODEL, MODEL_FILE, TreeDrafter, _Predictor, choose,
                    extend_costs, worth_drafting)
 
 # Verify cost when it is not measured: a 16M-parameter model on the 2-core
@@ -546,6 +546,14 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
                 "seconds": round(time.time() - t_start, 1), **report},
     }
     (draft_dir / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    # 8. What a proposal costs where it runs: in the decode loop, right after
+    # a verify forward (several times its isolated time). The engine's
+    # DraftGate weighs it against what proposals earn.
+    if not verify_ms_given:
+        proposal_ms = _time_in_loop(bundle_path, data_dir, vt)
+        meta["settings"]["proposal_ms"] = round(proposal_ms, 4)
+        (draft_dir / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        log(f"drafter cost in the decode loop: {proposal_ms:.3f} ms per proposal")
     log(f"wrote {model_path} and {draft_dir / META_FILE}")
     return meta
 
@@ -586,6 +594,42 @@ def _time_features(model, spec: FeatureSpec, col: Collected, rows: Rows, idx: np
     for _ in range(reps):
         state_features(spec, model, lg, h.reshape(1, C), ex)
     return per_depth, (_clock() - t0) / reps * 1e3
+
+
+def _time_in_loop(bundle_path, data_dir, threads: int, n: int = 6, prompt_len: int = 96,
+                  new_tokens: int = 64) -> float:
+    """Mean ms per proposal of the saved drafter inside greedy decoding, on
+    ``n`` validation windows, at the serving thread count."""
+    from ..model import load_bundle
+    from ..training.data import load_split
+    from .engine import generate_all
+    from .types import Draft, SamplingParams
+
+    bundle = load_bundle(bundle_path)
+    drafter = TreeDrafter.load(bundle)
+    spent = []
+
+    class Timed:  # the drafter without its cost model: the gate stays out of the measurement
+        name, k_max = drafter.name, drafter.k_max
+
+        def propose(self, context, features, k) -> Draft:
+            t = time.perf_counter()
+            d = drafter.propose(context, features, k)
+            spent.append(time.perf_counter() - t)
+            return d
+
+    data = load_split(data_dir, "val")
+    starts = np.linspace(0, max(len(data) - prompt_len - 1, 0), n).astype(int)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for s0 in starts:
+            prompt = [int(t) for t in data[s0:s0 + prompt_len]]
+            generate_all(bundle.model, prompt, SamplingParams(max_new_tokens=new_tokens), Timed(),
+                         tokenizer=bundle.tokenizer)
+    finally:
+        torch.set_num_threads(old)
+    return float(np.mean(spent[len(spent) // 10:])) * 1e3 if spent else 0.0  # the first few warm up
 
 
 def _time_predict(predictor: _Predictor, X: np.ndarray, n: int = 200) -> float:

@@ -58,7 +58,7 @@ import torch
 
 from ..model.tokenizer import sha256_file
 from .features import FEATURE_VERSION, FeatureSpec, features_for, state_features
-from .ngram import ngram_copy_path
+from .ngram import NgramDrafter, ngram_copy_path
 from .types import Draft, ModelFeatures
 
 META_FILE = "meta.json"
@@ -194,7 +194,7 @@ class TreeDrafter:
 
     def __init__(self, model, booster, spec: FeatureSpec, *, k_max: int, p_min: float,
                  verify_ms: Sequence[float], predict_ms: float, lookahead: bool = False,
-                 meta: dict | None = None):
+                 proposal_ms: float | None = None, meta: dict | None = None):
         self.model = model
         self.booster = booster
         self.spec = spec
@@ -205,6 +205,26 @@ class TreeDrafter:
         self.meta = meta or {}
         self.predict = _Predictor(booster, len(spec.names()), spec.K + 2)
         self.lookahead = bool(lookahead)
+        # What a proposal costs inside the decode loop (draft-fit measures it
+        # there, after a verify forward); None: not measured.
+        self.proposal_ms = None if proposal_ms is None else float(proposal_ms)
+        # What the engine's DraftGate drafts with while the tree is not worth
+        # its cost: the tree's own __COPY__ path, prompt lookup, at no cost.
+        self.fallback = NgramDrafter(max_n=spec.ngram_max_n)
+
+    @property
+    def forward_ms(self) -> float:
+        """A verify forward over one position: what an accepted draft saves."""
+        return self.verify_ms[0]
+
+    def step_cost_ms(self, drafted: int) -> float:
+        """What a proposal that drafted ``drafted`` tokens cost: the drafter's
+        time and the longer verify (for the engine's DraftGate)."""
+        v = extend_costs(self.verify_ms, drafted + 1)
+        own = self.proposal_ms
+        if own is None:  # the fit's isolated timings: an underestimate in the loop
+            own = self.meta.get("settings", {}).get("state_ms", 0.0) + self.predict_ms * max(drafted, 1)
+        return own + v[drafted] - v[0]
 
     @classmethod
     def load(cls, bundle, k_max: int | None = None, p_min: float | None = None) -> "TreeDrafter":
@@ -261,7 +281,8 @@ class TreeDrafter:
                    k_max=s["k_max"] if k_max is None else k_max,
                    p_min=s["p_min"] if p_min is None else p_min,
                    verify_ms=s["verify_ms"], predict_ms=s["predict_ms"],
-                   lookahead=s.get("rule", "myopic") == "lookahead", meta=meta)
+                   lookahead=s.get("rule", "myopic") == "lookahead", proposal_ms=s.get("proposal_ms"),
+                   meta=meta)
 
     def state(self, features: ModelFeatures) -> np.ndarray:
         """The model part of the features, (1, n_state): once per proposal."""
@@ -288,21 +309,30 @@ class TreeDrafter:
             path, ngs, tails = self._copy_path(ctx, k_max - j0)
             X = features_for(spec, np.repeat(state, len(ngs), axis=0), tails,
                              list(range(j0, j0 + len(ngs))), ngrams=ngs)
-            tok, p = choose(np.stack([self.predict(x) for x in X]), [c for c, _ in ngs], spec)
-            for i in range(len(ngs)):
-                t, pj = int(tok[i]), float(p[i])
-                if t < 0:  # __MODEL__ (or __COPY__ with nothing to copy)
-                    return Draft(tokens=drafted, handback=True)
-                cum *= pj
-                if pj < self.p_min or not worth_drafting(j0 + i, cum, pj, v, self.predict_ms, k_max,
-                                                          self.lookahead):
-                    return Draft(tokens=drafted, handback=True)
-                drafted.append(t)
-                ctx.append(t)
-                if len(drafted) == k_max:
-                    return Draft(tokens=drafted, handback=False)
-                if i >= len(path) or t != path[i]:
-                    break  # off the copy path: rows past this depth are stale
+            # The round's first row is predicted alone: where the model is
+            # unsure, most proposals hand back right there, and should pay
+            # for one tree evaluation, not for the whole path's.
+            for lo, hi in ((0, 1), (1, len(ngs))):
+                if lo >= hi:
+                    continue
+                tok, p = choose(np.stack([self.predict(x) for x in X[lo:hi]]), [c for c, _ in ngs[lo:hi]], spec)
+                for i in range(lo, hi):
+                    t, pj = int(tok[i - lo]), float(p[i - lo])
+                    if t < 0:  # __MODEL__ (or __COPY__ with nothing to copy)
+                        return Draft(tokens=drafted, handback=True)
+                    cum *= pj
+                    if pj < self.p_min or not worth_drafting(j0 + i, cum, pj, v, self.predict_ms, k_max,
+                                                              self.lookahead):
+                        return Draft(tokens=drafted, handback=True)
+                    drafted.append(t)
+                    ctx.append(t)
+                    if len(drafted) == k_max:
+                        return Draft(tokens=drafted, handback=False)
+                    if i >= len(path) or t != path[i]:
+                        break  # off the copy path: rows past this depth are stale
+                else:
+                    continue  # on the path through this chunk: on to the next
+                break  # off the path: a new round from here
 
     def _copy_path(self, ctx: list[int], n: int):
         """The n-gram candidates along the copy path from ``ctx``: (path

@@ -62,6 +62,12 @@ class Drafter(Protocol):
         """Up to ``k_max`` tokens to follow ``context`` (prompt + generated so far)."""
         ...
 
+    # Optional, for the engine's DraftGate: ``step_cost_ms(n)`` is what a
+    # proposal that drafts n tokens costs (the drafter's own time plus the
+    # longer verify), and ``forward_ms`` what one accepted token saves (a
+    # forward). A drafter without them is always asked. ``fallback``, a
+    # cheap Drafter, proposes while the gate is closed.
+
 
 @dataclass
 class SpecStats:
@@ -74,6 +80,7 @@ class SpecStats:
     accepted_per_position: list[int] = field(default_factory=list)  # [j]: accepted at draft position j
     drafted_per_position: list[int] = field(default_factory=list)  # [j]: proposed at draft position j
     model_handbacks: int = 0  # drafts that ended in __MODEL__
+    skipped_proposals: int = 0  # steps the DraftGate did not ask the drafter (its fallback, if any, drafted)
     drafter_time_s: float = 0.0
     verify_time_s: float = 0.0
     prefill_time_s: float = 0.0

@@ -358,7 +358,8 @@ class Engine:
             return inc
 
         for key, counter in (("draft_tokens", m.num_draft_tokens), ("accepted_tokens", m.num_accepted_tokens),
-                             ("model_handbacks", m.model_handbacks), ("verify_steps", m.verify_steps)):
+                             ("model_handbacks", m.model_handbacks), ("skipped_proposals", m.skipped_proposals),
+                             ("verify_steps", m.verify_steps)):
             inc = delta(key, getattr(st, key))
             if inc:
                 counter.labels(d).inc(inc)

@@ -399,3 +399,73 @@ def test_sampling_is_reproducible_per_seed(tok, sharp):
     draws = {tuple(generate_all(model, prompt, SamplingParams(max_new_tokens=12, temperature=TEMP, top_k=TOP_K,
                                                               seed=s), tokenizer=tok).token_ids) for s in range(6)}
     assert len(draws) > 1
+
+
+# --- the draft gate -------------------------------------------------------------
+
+class CostedOracle(Oracle):
+    """An Oracle with a cost model, so the engine puts a DraftGate in front of it:
+    every proposal costs ``cost_ms``, an accepted token saves ``forward_ms``."""
+
+    def __init__(self, *a, cost_ms: float, forward_ms: float = 10.0, **kw):
+        super().__init__(*a, **kw)
+        self.cost_ms, self.forward_ms = cost_ms, forward_ms
+
+    def step_cost_ms(self, drafted: int) -> float:
+        return self.cost_ms
+
+
+def test_gate_skips_a_drafter_that_costs_more_than_it_earns_and_stays_lossless(tok, wandering):
+    from treespec.draft.engine import DraftGate
+
+    params = SamplingParams(max_new_tokens=40)  # the tiny model's context is 64
+    for prompt in random_prompts(3, seed=21):
+        ref = generate_all(wandering, prompt, params, tokenizer=tok)
+        # Never accepted: it only costs, so the gate asks it after 1, 2, 4, ... skipped steps.
+        never = CostedOracle(ref.token_ids, len(prompt), 3, "wrong", cost_ms=1.0)
+        got = generate_all(wandering, prompt, params, never, tokenizer=tok)
+        assert got.token_ids == ref.token_ids
+        s = got.stats
+        assert len(never.calls) + s.skipped_proposals == s.verify_steps - 1  # the last step cannot draft
+        assert len(never.calls) <= 7 and s.skipped_proposals >= 28
+        # Always right: each proposal saves 3 forwards, the gate never closes.
+        right = CostedOracle(ref.token_ids, len(prompt), 3, "right", cost_ms=1.0)
+        got = generate_all(wandering, prompt, params, right, tokenizer=tok)
+        assert got.token_ids == ref.token_ids and got.stats.skipped_proposals == 0
+        # A drafter without a cost model is always asked.
+        plain = Oracle(ref.token_ids, len(prompt), 3, "wrong")
+        got = generate_all(wandering, prompt, params, plain, tokenizer=tok)
+        assert got.stats.skipped_proposals == 0 and len(plain.calls) == got.stats.verify_steps - 1
+
+        # While the gate is closed, a drafter's fallback drafts instead.
+        never = CostedOracle(ref.token_ids, len(prompt), 3, "wrong", cost_ms=1.0)
+        never.fallback = Oracle(ref.token_ids, len(prompt), 2, "right")
+        got = generate_all(wandering, prompt, params, never, tokenizer=tok)
+        assert got.token_ids == ref.token_ids
+        # every step but possibly the last (no room left to draft) asked one of them
+        assert 0 <= got.stats.verify_steps - (len(never.calls) + len(never.fallback.calls)) <= 1
+        assert len(never.fallback.calls) == got.stats.skipped_proposals > 0
+        assert all(k <= 2 for _, _, k in never.fallback.calls)  # at the fallback's own k_max
+        assert got.stats.accepted_tokens >= len(never.fallback.calls)
+
+    # A negative mean closes the gate for a step; failed probes double the
+    # wait up to its cap; a probe that earns reopens it.
+    gate = DraftGate(forward_ms=10.0, step_cost_ms=lambda n: 1.0, max_backoff=4)
+    gate.record(drafted=3, accepted=1)  # earns 9
+    losses = 0
+    while gate.open():
+        gate.record(drafted=3, accepted=0)  # earns -1
+        losses += 1
+    assert losses == 7 and gate.backoff == 1  # 9 -> 6.0 -> 3.9 -> 2.4 -> 1.4 -> 0.7 -> 0.2 -> -0.2
+    waits = [1]
+    for _ in range(3):
+        while gate.wait:
+            assert not gate.open()
+        assert gate.open()
+        gate.record(drafted=3, accepted=0)  # a failed probe
+        waits.append(gate.wait)
+    assert waits == [1, 2, 4, 4]
+    while gate.wait:
+        assert not gate.open()
+    gate.record(drafted=3, accepted=1)  # the probe earns 9
+    assert gate.wait == 0 and gate.backoff == 0 and gate.open()
