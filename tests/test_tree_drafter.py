@@ -308,3 +308,17 @@ def test_verify_costs_are_timed_on_the_serving_thread_count():
     ms = measure_verify_ms(model, k_max=3, ctx_len=8, reps=2, threads=1)
     assert len(ms) == 4 and all(v > 0 for v in ms) and ms == sorted(ms)  # T = 1..4, never cheaper when longer
     assert set(seen) == {1} and torch.get_num_threads() == before
+
+
+def test_in_loop_proposal_cost_is_measured_on_decoding(fitted, draft_corpus):
+    from treespec.draft.fit import _time_in_loop
+
+    ms = _time_in_loop(fitted[0], draft_corpus, threads=1, n=2, prompt_len=8, new_tokens=12)
+    assert 0 < ms < 1000
+    drafter = TreeDrafter.load(load_bundle(fitted[0]))
+    # The gate's cost model: the measured proposal cost plus the longer verify.
+    drafter.proposal_ms = ms
+    v = drafter.verify_ms
+    assert drafter.forward_ms == v[0]
+    assert drafter.step_cost_ms(0) == pytest.approx(ms)
+    assert drafter.step_cost_ms(3) == pytest.approx(ms + v[3] - v[0])
