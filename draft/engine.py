@@ -234,11 +234,13 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
         drafts, q = [], None
         asked = k > 0 and (gate is None or gate.open())
         stats.skipped_proposals += int(k > 0 and not asked)
-        fallback = getattr(drafter, "fallback", None) if k > 0 and not asked else None
-        if asked or fallback is not None:
+        # While the gate is closed, the drafter's cheap fallback (if any) drafts, at its own length.
+        proposer = drafter if asked else getattr(drafter, "fallback", None) if k > 0 else None
+        if proposer is not None:
+            if not asked:
+                k = min(k, getattr(proposer, "k_max", k))
             td = time.perf_counter()
-            draft: Draft = (drafter.propose(context, features, k) if asked else
-                            fallback.propose(context, features, min(k, getattr(fallback, "k_max", k))))
+            draft: Draft = proposer.propose(context, features, k)
             stats.drafter_time_s += time.perf_counter() - td
             for d in draft.tokens[:k]:
                 d = int(d)
