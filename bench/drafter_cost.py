@@ -136,12 +136,7 @@ def in_loop(bundle, drafter, n_prompts: int, data_dir: str) -> None:
                          tokenizer=bundle.tokenizer)
     finally:
         for owner, name, fn in saved:
-            if owner is drafter:
-                delattr(owner, name)  # back to the class's method / the constructor's predictor
-                if name == "predict":
-                    owner.predict = fn
-            else:
-                setattr(owner, name, fn)
+            setattr(owner, name, fn)
     steps = calls["whole proposal"]
     print(f"\nIn the decode loop ({len(prompts)} held-out code prompts, greedy, {steps} proposals):")
     print("| piece | ms per proposal | calls per proposal |\n| --- | --- | --- |")

@@ -168,7 +168,7 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
     stats = SpecStats(drafter=getattr(drafter, "name", "none") if drafter is not None else "none",
                       prompt_tokens=len(prompt))
     context = list(prompt)  # prompt + generated; the last token has not been through the model yet
-    gate = DraftGate.for_drafter(drafter) if drafter is not None else None
+    gate = DraftGate.for_drafter(drafter)  # None without a drafter or a cost model
 
     def choose(logits: torch.Tensor, drafts: list[int], q) -> tuple[list[int], list[float]]:
         """Verify ``drafts`` against logits rows (len(drafts)+1, n_vocab):

@@ -211,13 +211,10 @@ def state_features(spec: FeatureSpec, model, logits: torch.Tensor, hidden: torch
     """
     l = logits[:, :spec.n_vocab].detach().float().cpu().numpy()
     N = l.shape[0]
-    stats = [_vocab_stats(row, spec.agree_top) for row in l]
-    top = np.stack([t for t, _, _, _ in stats])  # (N, A)
-    top_val = np.stack([v for _, v, _, _ in stats])
-    log_s = np.array([x for _, _, x, _ in stats])
+    # (N, A) top columns and values, (N,) log-normalisers and entropies
+    top, top_val, log_s, entropy = map(np.array, zip(*(_vocab_stats(row, spec.agree_top) for row in l)))
     lp1 = -log_s  # the top-1 logit is the max, so its z is 0
     margin = top_val[:, 0] - top_val[:, 1]
-    entropy = np.array([x for _, _, _, x in stats])
     cols = [lp1, entropy, margin]
     if len(exit_hidden) != spec.n_exits:
         raise ValueError(f"expected {spec.n_exits} intermediate exits, got {len(exit_hidden)}")

@@ -31,6 +31,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -224,13 +225,8 @@ def measure_verify_ms(model, k_max: int, ctx_len: int, reps: int = 30, threads: 
     took about 8.9 and 10.3 ms (docs/speculative.md), and the drafter
     stopped drafting too soon. Run it on a quiet machine."""
     ctx_len = max(1, min(ctx_len, model.config.block_size - k_max - 1))
-    old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _verify_ms(model, k_max, ctx_len, reps)
-    finally:
-        torch.set_num_threads(old)
 
 
 def _verify_ms(model, k_max: int, ctx_len: int, reps: int) -> list[float]:
@@ -299,10 +295,18 @@ def fit_drafter(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "d
                 threads: int = 1, **kw) -> dict:
     """Fit and save the tree drafter; returns its meta.json contents.
     Keyword arguments are ``_fit``'s (and the CLI's flags)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _fit(bundle_path, data_dir, threads=threads, **kw)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op threads set to ``n`` (None or 0: unchanged) for the block."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
     finally:
         torch.set_num_threads(old)
 
@@ -620,15 +624,11 @@ def _time_in_loop(bundle_path, data_dir, threads: int, n: int = 6, prompt_len: i
 
     data = load_split(data_dir, "val")
     starts = np.linspace(0, max(len(data) - prompt_len - 1, 0), n).astype(int)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for s0 in starts:
             prompt = [int(t) for t in data[s0:s0 + prompt_len]]
             generate_all(bundle.model, prompt, SamplingParams(max_new_tokens=new_tokens), Timed(),
                          tokenizer=bundle.tokenizer)
-    finally:
-        torch.set_num_threads(old)
     return float(np.mean(spent[len(spent) // 10:])) * 1e3 if spent else 0.0  # the first few warm up
 
 

@@ -309,30 +309,30 @@ class TreeDrafter:
             path, ngs, tails = self._copy_path(ctx, k_max - j0)
             X = features_for(spec, np.repeat(state, len(ngs), axis=0), tails,
                              list(range(j0, j0 + len(ngs))), ngrams=ngs)
-            # The round's first row is predicted alone: where the model is
-            # unsure, most proposals hand back right there, and should pay
-            # for one tree evaluation, not for the whole path's.
-            for lo, hi in ((0, 1), (1, len(ngs))):
-                if lo >= hi:
-                    continue
-                tok, p = choose(np.stack([self.predict(x) for x in X[lo:hi]]), [c for c, _ in ngs[lo:hi]], spec)
-                for i in range(lo, hi):
-                    t, pj = int(tok[i - lo]), float(p[i - lo])
-                    if t < 0:  # __MODEL__ (or __COPY__ with nothing to copy)
-                        return Draft(tokens=drafted, handback=True)
-                    cum *= pj
-                    if pj < self.p_min or not worth_drafting(j0 + i, cum, pj, v, self.predict_ms, k_max,
-                                                              self.lookahead):
-                        return Draft(tokens=drafted, handback=True)
-                    drafted.append(t)
-                    ctx.append(t)
-                    if len(drafted) == k_max:
-                        return Draft(tokens=drafted, handback=False)
-                    if i >= len(path) or t != path[i]:
-                        break  # off the copy path: rows past this depth are stale
-                else:
-                    continue  # on the path through this chunk: on to the next
-                break  # off the path: a new round from here
+            for i, (t, pj) in enumerate(self._decisions(X, ngs)):
+                if t < 0:  # __MODEL__ (or __COPY__ with nothing to copy)
+                    return Draft(tokens=drafted, handback=True)
+                cum *= pj
+                if pj < self.p_min or not worth_drafting(j0 + i, cum, pj, v, self.predict_ms, k_max,
+                                                          self.lookahead):
+                    return Draft(tokens=drafted, handback=True)
+                drafted.append(t)
+                ctx.append(t)
+                if len(drafted) == k_max:
+                    return Draft(tokens=drafted, handback=False)
+                if i >= len(path) or t != path[i]:
+                    break  # off the copy path: rows past this depth are stale, a new round from here
+
+    def _decisions(self, X: np.ndarray, ngs):
+        """(token or -1, probability) for the rows X, lazily: the first row is
+        predicted alone, because where the model is unsure most proposals
+        hand back right there and should pay for one tree evaluation, not
+        for the whole path's."""
+        for lo, hi in ((0, 1), (1, len(X))):
+            if lo < hi:
+                tok, p = choose(np.stack([self.predict(x) for x in X[lo:hi]]), [c for c, _ in ngs[lo:hi]],
+                                self.spec)
+                yield from zip(tok.tolist(), p.tolist())
 
     def _copy_path(self, ctx: list[int], n: int):
         """The n-gram candidates along the copy path from ``ctx``: (path
