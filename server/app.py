@@ -230,7 +230,8 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
                 accepted_tokens=st.accepted_tokens, acceptance_rate=st.acceptance_rate,
                 mean_accepted_length=st.mean_accepted_length,
                 accepted_per_position=list(st.accepted_per_position),
-                drafted_per_position=list(st.drafted_per_position), model_handbacks=st.model_handbacks))
+                drafted_per_position=list(st.drafted_per_position), model_handbacks=st.model_handbacks,
+                skipped_proposals=st.skipped_proposals))
 
     eot = None
 

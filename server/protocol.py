@@ -171,6 +171,7 @@ class Speculative(BaseModel):
     accepted_per_position: list[int]
     drafted_per_position: list[int]
     model_handbacks: int
+    skipped_proposals: int
 
 
 class Details(BaseModel):

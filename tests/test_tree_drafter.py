@@ -322,3 +322,24 @@ def test_in_loop_proposal_cost_is_measured_on_decoding(fitted, draft_corpus):
     assert drafter.forward_ms == v[0]
     assert drafter.step_cost_ms(0) == pytest.approx(ms)
     assert drafter.step_cost_ms(3) == pytest.approx(ms + v[3] - v[0])
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 4.0])
+def test_vocab_stats_are_an_exact_top_a_and_the_softmax_entropy(scale):
+    from treespec.draft.features import _vocab_stats
+
+    rng = np.random.default_rng(int(scale * 100))
+    x = (rng.standard_normal((8, 50257)) * scale).astype(np.float32)
+    x[0] = np.round(x[0] * 2) / 2  # ties
+    x[1, 123] = x[1].max() + 20.0  # one token far ahead: fewer than A within the window
+    for r, row in enumerate(x):
+        top, val, log_s, ent = _vocab_stats(row, 4)
+        ref = np.argsort(-row, kind="stable")[:4]
+        assert np.array_equal(row[top], row[ref])  # the largest values, largest first
+        if r > 0:  # without ties, the very same columns
+            assert np.array_equal(top, ref)
+        np.testing.assert_array_equal(val, row[top].astype(np.float64))
+        z = row.astype(np.float64) - row.max()
+        p = np.exp(z) / np.exp(z).sum()
+        assert log_s == pytest.approx(np.log(np.exp(z).sum()), rel=1e-5)
+        assert ent == pytest.approx(-(p * np.log(p)).sum(), rel=1e-4, abs=1e-6)
