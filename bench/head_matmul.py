@@ -1,10 +1,12 @@
-"""Why GPT.forward_step computes the output head as ``W @ h^T``.
+"""Why ``model.gpt.linear`` runs a decode step's few-row products as ``W @ h^T``.
 
-Times the final head of a bundle's model both ways for the few rows a verify
-step has (T = 1..8), on random hidden states. ``W @ h^T`` leaves the logits
-in (vocab, T) memory order; the last columns time what a verify step then
-does with them (argmax and logsumexp over each row) on that strided view,
-and on a contiguous copy (the copy included):
+For the rows a decode step has (T = 1 for vanilla decoding, 1 + drafts for a
+verify step), times a bundle's weights three ways: ``F.linear(h, W)`` (what
+nn.Linear does), ``W @ h^T`` as it is, and ``model.gpt.linear`` (``W @ h^T``
+with a single row doubled, and the result copied to row order). First for
+the output head and for one block's MLP input weight, then for the whole
+``GPT.forward_step`` over a 200-token cache with ``linear`` and with
+``F.linear`` everywhere:
 
     python bench/head_matmul.py --bundle models/default --threads 2
 """
@@ -13,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
+
+ROWS = (1, 2, 3, 4, 6, 8, 12, 16)
 
 
 def median_ms(fn, reps: int) -> float:
@@ -29,7 +34,7 @@ def median_ms(fn, reps: int) -> float:
 
 
 def main() -> None:
-    from treespec.model import load_bundle
+    from treespec.model import gpt, load_bundle
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", default="models/default")
@@ -37,22 +42,35 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=21)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    W = load_bundle(args.bundle).model.exit_heads[-1].weight.detach()
-    print(f"head {tuple(W.shape)}, {args.threads} threads, median of {args.reps}")
-    print("| T | F.linear(h, W) ms | (W @ h.T).T ms | argmax+logsumexp, strided ms | "
-          "copy+argmax+logsumexp, contiguous ms |\n| --- | --- | --- | --- | --- |")
-    for T in (1, 2, 3, 4, 6, 8):
-        h = torch.randn(T, W.shape[1])
-        a = median_ms(lambda: F.linear(h, W), args.reps)
-        b = median_ms(lambda: (W @ h.T).T, args.reps)
-        logits = (W @ h.T).T
+    model = load_bundle(args.bundle).model
+    weights = {"head": model.exit_heads[-1].weight.detach(), "c_fc": model.blocks[0].mlp.c_fc.weight.detach()}
+    print(f"{args.threads} threads, median of {args.reps} runs, ms")
+    for name, W in weights.items():
+        print(f"\n{name} {tuple(W.shape)}\n| T | F.linear(h, W) | W @ h.T | gpt.linear |\n| --- | --- | --- | --- |")
+        for T in ROWS:
+            h = torch.randn(T, W.shape[1])
+            a = median_ms(lambda: F.linear(h, W), args.reps)
+            b = median_ms(lambda: (W @ h.T).T, args.reps)
+            c = median_ms(lambda: gpt.linear(h, W), args.reps)
+            print(f"| {T} | {a:.2f} | {b:.2f} | {c:.2f} |")
 
-        def rows(x):
-            return x.argmax(dim=-1), torch.logsumexp(x, dim=-1)
+    cache = model.new_cache(batch_size=1)
+    model.forward_step(torch.randint(0, 50000, (1, 200)), 0, cache)
 
-        c = median_ms(lambda: rows(logits), args.reps)
-        d = median_ms(lambda: rows(logits.contiguous()), args.reps)
-        print(f"| {T} | {a:.2f} | {b:.2f} | {c:.2f} | {d:.2f} |")
+    def step_ms(T: int) -> float:
+        idx = torch.randint(0, 50000, (1, T))
+
+        def run():
+            cache.rollback(200)
+            model.forward_step(idx, 200, cache)
+
+        return median_ms(run, args.reps)
+
+    print("\nGPT.forward_step over a 200-token cache\n| T | F.linear everywhere | gpt.linear |\n| --- | --- | --- |")
+    for T in ROWS:
+        with mock.patch.object(gpt, "FEW_ROWS", 0):  # every product through F.linear
+            a = step_ms(T)
+        print(f"| {T} | {a:.2f} | {step_ms(T):.2f} |")
 
 
 if __name__ == "__main__":

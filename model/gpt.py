@@ -35,6 +35,41 @@ from .kv_cache import KVCache
 LN_EPS = 1e-5
 
 
+# Decoding multiplies a weight by very few rows (1 for vanilla decoding, 1 +
+# drafts for a verify step), where F.linear's BLAS path is slow on the CPUs we
+# measured (AMD EPYC, MKL): a 50304 x 384 head took 5.2 ms for 1 row as a
+# matrix-vector product against 1.6 ms for 2 rows as W @ h^T, and F.linear
+# on 2 rows took 9.5 ms (bench/head_matmul.py). So up to FEW_ROWS rows on the
+# CPU, without autograd, the product runs as W @ h^T with at least 2 rows (a
+# single row is doubled). Training and prompt prefill keep F.linear.
+FEW_ROWS = 16
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), faster for the few rows of a decode step."""
+    rows = x.numel() // x.shape[-1]
+    if (rows > FEW_ROWS or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return F.linear(x, weight, bias)
+    h = x.reshape(rows, x.shape[-1])
+    if rows == 1:
+        h = h.repeat(2, 1)
+    y = (weight @ h.T)[:, :rows].T
+    if bias is not None:
+        y = y + bias
+    # (W @ h^T)^T is (vocab, T) in memory; the copy pays for itself: the
+    # verify step's argmax/logsumexp/softmax over each row ran about 2x
+    # slower on the strided view.
+    return y.contiguous().reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) through ``linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's cannot drop just the bias)."""
 
@@ -62,8 +97,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.n_embd = config.n_embd
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -88,8 +123,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -316,15 +351,9 @@ class GPT(nn.Module):
         cache.length = end
         if last_only:  # every field then describes the same (last) row
             hidden, exit_hidden = hidden[:, -1:], [h[:, -1:] for h in exit_hidden]
-        # The output head as W @ h^T, not F.linear(h, W): for the few rows a
-        # verify step has (T = 2..8) the latter took 2.4-7x longer on this CPU
-        # (9.7 vs 1.6 ms at T=2 for a 50304 x 384 head; bench/head_matmul.py),
-        # which made every extra draft token as expensive as a whole forward.
-        # Its result is (vocab, T) in memory; the copy to (T, vocab) pays for
-        # itself: the verify step's argmax/logsumexp/softmax over each row ran
-        # about 2x slower on the strided view, and far slower with the CPU busy.
-        W = self.exit_heads[-1].weight
-        logits = (W @ hidden.reshape(-1, hidden.size(-1)).T).T.contiguous().reshape(B, hidden.size(1), -1)
+        # ``linear``, not the head module: F.linear on a verify step's few
+        # rows made every extra draft token as expensive as a whole forward.
+        logits = linear(hidden, self.exit_heads[-1].weight)
         return StepOutput(logits=logits, hidden=hidden, exit_hidden=exit_hidden)
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
