@@ -20,8 +20,9 @@
 5. On the held-out contexts the drafting rule is simulated: accepted drafts
    per step (tau), drafted tokens, and the speed that gives with the
    measured verify cost and the measured drafter cost, for a grid of p_min,
-   both stopping rules (tree.worth_drafting), every longest draft k_max up
-   to --k-max and several numbers of boosting rounds. Every round adds K+2
+   both stopping rules (tree.worth_drafting), with and without copy-through
+   (tree.TreeDrafter.decide), every longest draft k_max up to --k-max and
+   several numbers of boosting rounds. Every round adds K+2
    trees that each draft depth has to evaluate, and every depth lengthens
    the verify, so the kept setting is the one with the best estimated
    speed, not the lowest loss. (--p-min fixes p_min.)
@@ -32,6 +33,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -250,11 +252,13 @@ def _verify_ms(model, k_max: int, ctx_len: int, reps: int) -> list[float]:
 
 # --- evaluation and simulation ----------------------------------------------
 
-def simulate(chosen: np.ndarray, p: np.ndarray, targets: np.ndarray, valid: np.ndarray, p_min: float,
-             verify_ms: list[float], predict_ms: float, lookahead: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The drafting rule (TreeDrafter.propose) on chains of rows (n, k_max):
+def simulate(chosen: np.ndarray, p: np.ndarray, cand: np.ndarray, p_cand: np.ndarray, targets: np.ndarray,
+             valid: np.ndarray, p_min: float, verify_ms: list[float], predict_ms: float, lookahead: bool,
+             copy_through: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The drafting rule (TreeDrafter.decide) on chains of rows (n, k_max):
     per chain the drafted count, the accepted count and the number of tree
-    evaluations.
+    evaluations. ``chosen``/``p``/``p_cand`` are ``choose``'s per row,
+    ``cand`` the n-gram candidate (-1: none).
 
     Exact up to the first rejected draft; after it the real drafter would see
     its own wrong token, which no row describes, so the drafted count assumes
@@ -268,12 +272,20 @@ def simulate(chosen: np.ndarray, p: np.ndarray, targets: np.ndarray, valid: np.n
     ok = np.ones(n, dtype=bool)
     cum = np.ones(n)
     for j in range(k):
-        evals += alive & valid[:, j]
-        cum = cum * np.where(alive, p[:, j], 1.0)
-        go = (alive & valid[:, j] & (chosen[:, j] >= 0) & (p[:, j] >= p_min)
-              & worth_drafting(j, cum, p[:, j], v, predict_ms, k, lookahead))
+        here = alive & valid[:, j]
+        evals += here
+        pj, pc = p[:, j], p_cand[:, j]
+        by_tree = (here & (chosen[:, j] >= 0) & (pj >= p_min)
+                   & worth_drafting(j, cum * pj, pj, v, predict_ms, k, lookahead))
+        by_copy = np.zeros(n, dtype=bool)
+        if copy_through:
+            by_copy = (here & ~by_tree & (cand[:, j] >= 0)
+                       & worth_drafting(j, cum * pc, pc, v, predict_ms, k, lookahead))
+        go = by_tree | by_copy
+        cum = np.where(by_tree, cum * pj, np.where(by_copy, cum * pc, cum))
         drafted += go
-        ok = ok & go & (chosen[:, j] == targets[:, j])
+        tok = np.where(by_tree, chosen[:, j], cand[:, j])
+        ok = ok & go & (tok == targets[:, j])
         accepted += ok
         alive = go
     return drafted, accepted, evals
@@ -317,7 +329,7 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
          batch_size: int = 16, min_context: int = 32, max_context: int = 384, rounds: int = 300,
          learning_rate: float = 0.2, num_leaves: int = 15, max_depth: int = 5, early_stopping: int = 10,
          verify_ms: list[float] | str = "auto", verify_threads: int | None = None, threads: int = 1,
-         n_last: int = 3,
+         n_last: int = 3, copy_through: bool | None = None,
          progress: bool = True, log=_log) -> dict:
     import lightgbm as lgb
 
@@ -417,6 +429,7 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
     pos_in_va[va] = np.arange(len(va))
     cand_flat = [int(c) if c >= 0 else None for c in rows.cand[flat]]
     tgt = rows.target[flat].reshape(valid.shape)
+    cand_ch = np.where(valid, rows.cand[flat].reshape(valid.shape), -1)
     v = extend_costs(verify_ms, max(k_max, NgramDrafter().k_max) + 1)  # the tree and the n-gram baseline
 
     def speed(drafted, accepted, evals, extra_ms, predict_ms):
@@ -436,38 +449,37 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
         P = np.exp(raw - raw.max(axis=1, keepdims=True))
         P /= P.sum(axis=1, keepdims=True)
         pred_ms = base_ms + _time_predict(_Predictor(booster, len(names), K + 2, num_iteration=n), rows.X[va])
-        tok_ch, p_ch = choose(P[pos_in_va[flat]], cand_flat, spec)
-        tok_ch, p_ch = tok_ch.reshape(valid.shape), p_ch.reshape(valid.shape)
+        tok_ch, p_ch, pc_ch = (a.reshape(valid.shape) for a in choose(P[pos_in_va[flat]], cand_flat, spec))
         # The longest draft is a setting too (every depth lengthens the
         # verify): the chains truncated to k columns are the drafter with
         # k_max = k.
-        for k in range(1, k_max + 1):
-            for rule in ("myopic", "lookahead"):
-                for pm in grid:
-                    d, a, e = simulate(tok_ch[:, :k], p_ch[:, :k], tgt[:, :k], valid[:, :k], pm, verify_ms,
-                                       pred_ms, rule == "lookahead")
-                    options.append({"rounds": n, "k_max": k, "rule": rule, "p_min": pm, "predict_ms": pred_ms,
-                                    "P": P, **dict(zip(("est_speedup", "tau", "drafted_per_step"),
-                                                       speed(d, a, e, state_ms, pred_ms)))})
-    # Near-ties (the estimate is noisy) go to the more permissive setting:
-    # lookahead, then the longest drafts, then the lowest p_min, then the
-    # cheaper model. Held-out probabilities can cluster near 0 and 1, and a
-    # strict rule that costs nothing there refuses the in-between cases real
-    # prompts bring.
+        cts = (False, True) if copy_through is None else (bool(copy_through),)
+        for k, rule, ct, pm in itertools.product(range(1, k_max + 1), ("myopic", "lookahead"), cts, grid):
+            d, a, e = simulate(tok_ch[:, :k], p_ch[:, :k], cand_ch[:, :k], pc_ch[:, :k], tgt[:, :k], valid[:, :k],
+                               pm, verify_ms, pred_ms, rule == "lookahead", ct)
+            options.append({"rounds": n, "k_max": k, "rule": rule, "copy_through": ct, "p_min": pm,
+                            "predict_ms": pred_ms, "P": P,
+                            **dict(zip(("est_speedup", "tau", "drafted_per_step"), speed(d, a, e, state_ms, pred_ms)))})
+    # Near-ties (the estimate is noisy) go first to the plain __MODEL__
+    # handback (copy-through must pay clearly to replace the issue's rule),
+    # then to the more permissive setting: lookahead, the longest drafts, the
+    # lowest p_min, then the cheaper model. Held-out probabilities can
+    # cluster near 0 and 1, and a strict rule that costs nothing there
+    # refuses the in-between cases real prompts bring.
     top = max(o["est_speedup"] for o in options)
     best = min((o for o in options if o["est_speedup"] >= top * 0.995),
-               key=lambda o: (o["rule"] != "lookahead", -o["k_max"], o["p_min"], o["rounds"]))
+               key=lambda o: (o["copy_through"], o["rule"] != "lookahead", -o["k_max"], o["p_min"], o["rounds"]))
     n_keep, chosen_p, predict_ms, P = best["rounds"], best["p_min"], best["predict_ms"], best["P"]
     chosen_k = best["k_max"]
     log(f"held-out simulation over {len(uniq)} greedy steps (estimates, exact up to the first rejection):")
-    log(" rounds  trees  ms/depth  k_max  rule       p_min   tau  drafted/step  est.speedup")
+    log(" rounds  trees  ms/depth  k_max  rule       copy-through  p_min   tau  drafted/step  est.speedup")
     for n in truncs:
         for k in sorted({1, (k_max + 1) // 2, chosen_k, k_max}):
-            for rule in ("myopic", "lookahead"):
-                o = max((o for o in options if o["rounds"] == n and o["rule"] == rule and o["k_max"] == k),
+            for rule, ct in itertools.product(("myopic", "lookahead"), cts):
+                o = max((o for o in options if (o["rounds"], o["rule"], o["k_max"], o["copy_through"]) == (n, rule, k, ct)),
                         key=lambda o: o["est_speedup"])
-                log(f"{n:7d} {n * (K + 2):6d}  {o['predict_ms']:8.3f}  {k:5d}  {rule:9s}  {o['p_min']:5.2f}  "
-                    f"{o['tau']:4.2f}  {o['drafted_per_step']:12.2f}  {o['est_speedup']:10.2f}x"
+                log(f"{n:7d} {n * (K + 2):6d}  {o['predict_ms']:8.3f}  {k:5d}  {rule:9s}  {'yes' if ct else 'no':12s}  "
+                    f"{o['p_min']:5.2f}  {o['tau']:4.2f}  {o['drafted_per_step']:12.2f}  {o['est_speedup']:10.2f}x"
                     + ("  <- kept" if o is best else ""))
     # The n-gram drafter on the same steps, at its default length and at the
     # tree's k_max: its continuation at depth 0.
@@ -521,9 +533,9 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
     log(f"{MODEL}: precision {prec:.3f}, recall {rec:.3f}")
     log(f"drafter cost: {state_ms:.3f} ms per proposal (model features) + {predict_ms:.3f} ms per draft depth "
         f"(n-gram lookup, features, tree)")
-    per_setting = {}  # the best p_min for every (rounds, k_max, rule)
+    per_setting = {}  # the best p_min for every (rounds, k_max, rule, copy-through)
     for o in options:
-        key = (o["rounds"], o["k_max"], o["rule"])
+        key = (o["rounds"], o["k_max"], o["rule"], o["copy_through"])
         if key not in per_setting or o["est_speedup"] > per_setting[key]["est_speedup"]:
             per_setting[key] = o
     report["simulation"] = {
@@ -542,7 +554,7 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
         "features": spec.to_meta(),
         "settings": {"k_max": int(chosen_k), "p_min": chosen_p, "threshold": float(threshold),
                      "verify_ms": verify_ms, "predict_ms": round(predict_ms, 4), "state_ms": round(state_ms, 4),
-                     "rule": best["rule"]},
+                     "rule": best["rule"], "copy_through": bool(best["copy_through"])},
         "fit": {"data_dir": str(data_dir), "contexts": contexts, "steps_per_context": steps, "seed": seed,
                 "min_context": min_context, "max_context": max_context, "lightgbm": params, "threads": threads,
                 "k_max_considered": int(k_max),
@@ -661,6 +673,10 @@ def add_parser(sub, name: str) -> None:
                         "(default: %(default)s)")
     p.add_argument("--p-min", type=float, default=None,
                    help="lowest probability a drafted token may have (default: tuned on held-out contexts)")
+    p.add_argument("--copy-through", choices=("auto", "yes", "no"), default="auto",
+                   help="where the tree says __MODEL__, still draft the n-gram candidate when it pays for its "
+                        "verify position; 'auto' keeps it only if the held-out simulation is faster with it "
+                        "(default: %(default)s)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="model probability a token needs to be a token label (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -701,6 +717,7 @@ def run(args) -> int:
                     min_context=args.min_context, max_context=args.max_context, rounds=args.rounds,
                     learning_rate=args.learning_rate, num_leaves=args.num_leaves, max_depth=args.max_depth,
                     verify_ms=verify, verify_threads=args.verify_threads,
+                    copy_through={"auto": None, "yes": True, "no": False}[args.copy_through],
                     threads=args.threads, progress=not args.no_progress)
     except (BundleError, DataError, ValueError) as e:
         print(f"treespec draft-fit: error: {e}", file=sys.stderr)

@@ -22,8 +22,15 @@ a time::
           not worth_drafting(...)  -> stop (handback): the longer verify
                                       costs more than it is expected to save
           else draft t, continue (up to k_max)
+        copy-through (a fitted setting, off unless it simulated faster):
+          where the rule above stops, draft the n-gram candidate instead if
+          worth_drafting(...) at the chance the tree gives it (p(__COPY__)
+          plus its token's class), and continue
 
-That is the rule. The drafter evaluates it in rounds rather than one tree
+That is the rule. Copy-through is the cost-aware form of the handback:
+where the verify forward costs about the same for 1 and 8 positions,
+a candidate the tree thinks is right only 30% of the time is still worth
+its position, and stopping at __MODEL__ gives that away. The drafter evaluates it in rounds rather than one tree
 call per depth: a round builds the rows for every remaining depth along the
 copy path (each depth's context extended by the n-gram candidates before
 it, which is what ``__COPY__`` drafts), predicts them in one go and walks
@@ -106,12 +113,15 @@ def worth_drafting(j: int, cum, p, v: Sequence[float], predict_ms: float, k: int
     return best >= 0
 
 
-def choose(probs: np.ndarray, cand: Sequence[int | None], spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
+def choose(probs: np.ndarray, cand: Sequence[int | None],
+           spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The drafter's decision for rows of class probabilities (R, K+2).
 
     Returns (token (R,) with -1 where __MODEL__ wins or there is nothing to
-    propose, probability (R,) of the chosen token). __COPY__'s probability is
-    added to the candidate's token class when the candidate is a class token.
+    propose, probability (R,) of the chosen token, probability (R,) that the
+    n-gram candidate is the model's token: 0 where there is none). __COPY__'s
+    probability is added to the candidate's token class when the candidate is
+    a class token.
     """
     probs = np.asarray(probs, dtype=np.float64).reshape(-1, spec.K + 2)
     R, K = probs.shape[0], spec.K
@@ -130,7 +140,8 @@ def choose(probs: np.ndarray, cand: Sequence[int | None], spec: FeatureSpec) -> 
     tok = np.where(out_copy, c, tok)
     p_best = np.where(out_copy, probs[:, K], p_best)
     stop = probs[:, K + 1] >= p_best
-    return np.where(stop, -1, tok), np.where(stop, probs[:, K + 1], p_best)
+    p_cand = np.where(in_set, p_tok[rows, np.minimum(c_cls, max(K - 1, 0))] if K else 0.0, probs[:, K])
+    return np.where(stop, -1, tok), np.where(stop, probs[:, K + 1], p_best), np.where(has, p_cand, 0.0)
 
 
 class _Predictor:
@@ -194,7 +205,7 @@ class TreeDrafter:
 
     def __init__(self, model, booster, spec: FeatureSpec, *, k_max: int, p_min: float,
                  verify_ms: Sequence[float], predict_ms: float, lookahead: bool = False,
-                 proposal_ms: float | None = None, meta: dict | None = None):
+                 proposal_ms: float | None = None, copy_through: bool = False, meta: dict | None = None):
         self.model = model
         self.booster = booster
         self.spec = spec
@@ -205,6 +216,7 @@ class TreeDrafter:
         self.meta = meta or {}
         self.predict = _Predictor(booster, len(spec.names()), spec.K + 2)
         self.lookahead = bool(lookahead)
+        self.copy_through = bool(copy_through)
         # What a proposal costs inside the decode loop (draft-fit measures it
         # there, after a verify forward); None: not measured.
         self.proposal_ms = None if proposal_ms is None else float(proposal_ms)
@@ -282,7 +294,7 @@ class TreeDrafter:
                    p_min=s["p_min"] if p_min is None else p_min,
                    verify_ms=s["verify_ms"], predict_ms=s["predict_ms"],
                    lookahead=s.get("rule", "myopic") == "lookahead", proposal_ms=s.get("proposal_ms"),
-                   meta=meta)
+                   copy_through=s.get("copy_through", False), meta=meta)
 
     def state(self, features: ModelFeatures) -> np.ndarray:
         """The model part of the features, (1, n_state): once per proposal."""
@@ -309,12 +321,9 @@ class TreeDrafter:
             path, ngs, tails = self._copy_path(ctx, k_max - j0)
             X = features_for(spec, np.repeat(state, len(ngs), axis=0), tails,
                              list(range(j0, j0 + len(ngs))), ngrams=ngs)
-            for i, (t, pj) in enumerate(self._decisions(X, ngs)):
-                if t < 0:  # __MODEL__ (or __COPY__ with nothing to copy)
-                    return Draft(tokens=drafted, handback=True)
-                cum *= pj
-                if pj < self.p_min or not worth_drafting(j0 + i, cum, pj, v, self.predict_ms, k_max,
-                                                          self.lookahead):
+            for i, (tok, p, p_cand) in enumerate(self._decisions(X, ngs)):
+                t, cum = self.decide(j0 + i, cum, tok, p, ngs[i][0], p_cand, v, k_max)
+                if t is None:
                     return Draft(tokens=drafted, handback=True)
                 drafted.append(t)
                 ctx.append(t)
@@ -323,16 +332,32 @@ class TreeDrafter:
                 if i >= len(path) or t != path[i]:
                     break  # off the copy path: rows past this depth are stale, a new round from here
 
+    def decide(self, j: int, cum: float, tok: int, p: float, cand: int | None, p_cand: float,
+               v: Sequence[float], k_max: int) -> tuple[int | None, float]:
+        """The token to draft at depth j and the chance that it and every
+        draft before it are accepted (``cum`` is that chance before it); None
+        to hand back. ``tok``/``p``/``p_cand`` are ``choose``'s for the row."""
+        if tok >= 0 and p >= self.p_min and worth_drafting(j, cum * p, p, v, self.predict_ms, k_max,
+                                                           self.lookahead):
+            return tok, cum * p
+        # __MODEL__ (or a token below p_min) ends the draft, unless the
+        # copy-through rule is on and the n-gram candidate, at the chance the
+        # tree gives it, still pays for its verify position.
+        if self.copy_through and cand is not None and worth_drafting(j, cum * p_cand, p_cand, v, self.predict_ms,
+                                                                     k_max, self.lookahead):
+            return cand, cum * p_cand
+        return None, cum
+
     def _decisions(self, X: np.ndarray, ngs):
-        """(token or -1, probability) for the rows X, lazily: the first row is
+        """(token or -1, probability, candidate's probability) for the rows X, lazily: the first row is
         predicted alone, because where the model is unsure most proposals
         hand back right there and should pay for one tree evaluation, not
         for the whole path's."""
         for lo, hi in ((0, 1), (1, len(X))):
             if lo < hi:
-                tok, p = choose(np.stack([self.predict(x) for x in X[lo:hi]]), [c for c, _ in ngs[lo:hi]],
-                                self.spec)
-                yield from zip(tok.tolist(), p.tolist())
+                tok, p, p_cand = choose(np.stack([self.predict(x) for x in X[lo:hi]]),
+                                        [c for c, _ in ngs[lo:hi]], self.spec)
+                yield from zip(tok.tolist(), p.tolist(), p_cand.tolist())
 
     def _copy_path(self, ctx: list[int], n: int):
         """The n-gram candidates along the copy path from ``ctx``: (path

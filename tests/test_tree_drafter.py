@@ -139,10 +139,11 @@ class _Scripted:
         return p
 
 
-def _drafter(bundle, script, k_max=4, p_min=0.3, verify_ms=(1.0, 1.0, 1.0, 1.0, 1.0, 1.0), lookahead=False):
+def _drafter(bundle, script, k_max=4, p_min=0.3, verify_ms=(1.0, 1.0, 1.0, 1.0, 1.0, 1.0), lookahead=False,
+             copy_through=False):
     base = TreeDrafter.load(bundle)
     d = TreeDrafter(bundle.model, base.booster, base.spec, k_max=k_max, p_min=p_min,
-                    verify_ms=list(verify_ms), predict_ms=0.0, lookahead=lookahead)
+                    verify_ms=list(verify_ms), predict_ms=0.0, lookahead=lookahead, copy_through=copy_through)
     d.predict = _Scripted(base.spec.K, script)
     return d
 
@@ -202,6 +203,29 @@ def test_proposals_follow_the_drafting_rule(fitted):
     # ... and the k_max the engine passes is honoured.
     assert _drafter(bundle, [{0: 0.9}]).propose(context, feats, 0).tokens == []
 
+    # Copy-through: where __MODEL__ wins, the n-gram candidate is still
+    # drafted while the chance the tree gives it pays for its position.
+    # Here it is a third (0.3 __COPY__) and the verify is flat: it pays.
+    script = [{"model": 0.7, "copy": 0.3}]
+    assert _drafter(bundle, script).propose(context, feats, 4).tokens == []
+    d = _drafter(bundle, script, copy_through=True)
+    draft = d.propose(context, feats, 4)
+    assert draft.tokens == [13, 11, 12, 13] and not draft.handback
+    # A token the tree is sure of still wins over the candidate ...
+    assert _drafter(bundle, [{0: 0.9, "copy": 0.1}], copy_through=True).propose(context, feats, 2).tokens == \
+        ([c0] * 2 if c0 != 13 else [13, 11])
+    # ... a third of a chance does not pay for a position that costs half a
+    # forward (0.3 * 1 < 0.5) ...
+    d = _drafter(bundle, script, verify_ms=(1.0, 1.5, 2.0, 2.5), copy_through=True)
+    assert d.propose(context, feats, 4).tokens == []
+    # ... the chance compounds with depth: 0.6, 0.36 and 0.22 of a forward
+    # against 0.25 per position ...
+    d = _drafter(bundle, [{"model": 0.4, "copy": 0.6}], verify_ms=(1.0, 1.25, 1.5, 1.75, 2.0), copy_through=True)
+    draft = d.propose(context, feats, 4)
+    assert draft.tokens == [13, 11] and draft.handback
+    # ... and with nothing to copy there is nothing to draft.
+    assert _drafter(bundle, script, copy_through=True).propose([101, 102, 103], feats, 4).tokens == []
+
 
 def _one_depth_at_a_time(drafter, context, feats, k_max):
     """The drafting rule as the module docstring states it: one tree call per
@@ -213,11 +237,17 @@ def _one_depth_at_a_time(drafter, context, feats, k_max):
     v = extend_costs(drafter.verify_ms, k_max + 1)
     for j in range(k_max):
         ng = ngram_candidate(ctx, spec.ngram_max_n)
-        tok, p = choose(drafter.predict(features_for(spec, state, [ctx], [j], ngrams=[ng])), [ng[0]], spec)
-        tok, p = int(tok[0]), float(p[0])
-        cum *= p
-        if tok < 0 or p < drafter.p_min or not worth_drafting(j, cum, p, v, drafter.predict_ms, k_max,
-                                                              drafter.lookahead):
+        tok, p, pc = choose(drafter.predict(features_for(spec, state, [ctx], [j], ngrams=[ng])), [ng[0]], spec)
+        tok, p, pc = int(tok[0]), float(p[0]), float(pc[0])
+
+        def pays(q):
+            return worth_drafting(j, cum * q, q, v, drafter.predict_ms, k_max, drafter.lookahead)
+
+        if tok >= 0 and p >= drafter.p_min and pays(p):
+            cum *= p
+        elif drafter.copy_through and ng[0] is not None and pays(pc):
+            tok, cum = ng[0], cum * pc
+        else:
             return drafted, True
         drafted.append(tok)
         ctx.append(tok)
@@ -229,9 +259,10 @@ def test_batched_proposals_equal_the_one_depth_at_a_time_rule(fitted, draft_corp
     model, n_vocab = bundle.model, bundle.tokenizer.n_vocab
     data = load_split(draft_corpus, "test").astype(int).tolist()
     rng = np.random.default_rng(3)
-    lengths = set()
-    for p_min in (0.05, 0.3):
+    lengths, longer = set(), 0
+    for p_min, copy_through in ((0.05, False), (0.3, False), (0.3, True), (0.9, True)):
         drafter = TreeDrafter.load(bundle, p_min=p_min)
+        drafter.copy_through = copy_through
         for start in rng.integers(0, len(data) - 40, size=25):
             context = data[start:start + int(rng.integers(4, 40))]
             out = model.forward_step(torch.tensor([context]), 0, model.new_cache(batch_size=1))
@@ -240,7 +271,12 @@ def test_batched_proposals_equal_the_one_depth_at_a_time_rule(fitted, draft_corp
                 draft = drafter.propose(context, feats, k)
                 assert (draft.tokens, draft.handback) == _one_depth_at_a_time(drafter, context, feats, k)
                 lengths.add(len(draft.tokens))
+                if copy_through:
+                    drafter.copy_through = False
+                    longer += len(draft.tokens) > len(drafter.propose(context, feats, k).tokens)
+                    drafter.copy_through = True
     assert len(lengths) > 1  # the cases include drafts of different lengths
+    assert longer > 0  # and copy-through drafting past a __MODEL__
 
 
 def test_choose_merges_copy_into_the_candidates_token(fitted):
@@ -249,11 +285,13 @@ def test_choose_merges_copy_into_the_candidates_token(fitted):
     p = np.zeros((3, K + 2))
     p[:, 0], p[:, 1], p[:, K], p[:, K + 1] = 0.3, 0.25, 0.2, 0.25
     cand = [spec.classes[1], None, 99999]  # a class token, none, a token outside the classes
-    tok, prob = choose(p, cand, spec)
+    tok, prob, p_cand = choose(p, cand, spec)
     # class 1 gets __COPY__'s 0.2 and wins; without a candidate class 0 wins;
     # an outside candidate at 0.2 loses to class 0.
     assert tok.tolist() == [spec.classes[1], spec.classes[0], spec.classes[0]]
     np.testing.assert_allclose(prob, [0.45, 0.3, 0.3])
+    # The candidate's own chance: its class plus __COPY__, none, __COPY__ alone.
+    np.testing.assert_allclose(p_cand, [0.45, 0.0, 0.2])
     p2 = p.copy()
     p2[:, K + 1] = 0.5
     assert choose(p2, cand, spec)[0].tolist() == [-1, -1, -1]  # __MODEL__ wins
@@ -343,3 +381,47 @@ def test_vocab_stats_are_an_exact_top_a_and_the_softmax_entropy(scale):
         p = np.exp(z) / np.exp(z).sum()
         assert log_s == pytest.approx(np.log(np.exp(z).sum()), rel=1e-5)
         assert ent == pytest.approx(-(p * np.log(p)).sum(), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+@pytest.mark.parametrize("copy_through", [False, True])
+def test_fit_simulation_makes_the_drafters_decisions(fitted, lookahead, copy_through):
+    """draft-fit picks its settings by simulating the rule on held-out chains:
+    vectorised, it must draft exactly what TreeDrafter.decide drafts."""
+    from treespec.draft.fit import simulate
+    from treespec.draft.tree import extend_costs
+
+    bundle = load_bundle(fitted[0])
+    base = TreeDrafter.load(bundle)
+    verify_ms = [1.0, 1.0, 1.1, 1.6, 1.7, 1.8]
+    d = TreeDrafter(bundle.model, base.booster, base.spec, k_max=5, p_min=0.3, verify_ms=verify_ms,
+                    predict_ms=0.02, lookahead=lookahead, copy_through=copy_through)
+    rng = np.random.default_rng(0)
+    n, k = 500, 5
+    chosen = np.where(rng.random((n, k)) < 0.3, -1, rng.integers(0, 50, (n, k)))
+    p = rng.random((n, k))
+    cand = np.where(rng.random((n, k)) < 0.3, -1, rng.integers(0, 50, (n, k)))
+    p_cand = np.where(cand >= 0, rng.random((n, k)), 0.0)
+    v = extend_costs(verify_ms, k + 1)
+    drafts = []
+    for r in range(n):
+        cum, out = 1.0, []
+        for j in range(k):
+            c = None if cand[r, j] < 0 else int(cand[r, j])
+            t, cum = d.decide(j, cum, int(chosen[r, j]), float(p[r, j]), c, float(p_cand[r, j]), v, k)
+            if t is None:
+                break
+            out.append(t)
+        drafts.append(out)
+    expect = np.asarray([len(x) for x in drafts])
+    assert len(set(expect.tolist())) > 2
+    # The model's tokens: the drafts up to a random rejection point.
+    cut = rng.integers(0, k + 1, n)
+    targets = np.full((n, k), -2)
+    for r, x in enumerate(drafts):
+        targets[r, :len(x)] = x
+        targets[r, cut[r]:] = -2
+    drafted, accepted, _ = simulate(chosen, p, cand, p_cand, targets, np.ones((n, k), bool), d.p_min,
+                                    verify_ms, d.predict_ms, lookahead, copy_through)
+    np.testing.assert_array_equal(drafted, expect)
+    np.testing.assert_array_equal(accepted, np.minimum(expect, cut))
