@@ -21,7 +21,8 @@
    per step (tau), drafted tokens, and the speed that gives with the
    measured verify cost and the measured drafter cost, for a grid of p_min,
    both stopping rules (tree.worth_drafting), with and without copy-through
-   (tree.TreeDrafter.decide), every longest draft k_max up to --k-max and
+   (tree.TreeDrafter.decide), with and without the trusted-match shortcut
+   (and its copy length), every longest draft k_max up to --k-max and
    several numbers of boosting rounds. Every round adds K+2
    trees that each draft depth has to evaluate, and every depth lengthens
    the verify, so the kept setting is the one with the best estimated
@@ -329,7 +330,7 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
          batch_size: int = 16, min_context: int = 32, max_context: int = 384, rounds: int = 300,
          learning_rate: float = 0.2, num_leaves: int = 15, max_depth: int = 5, early_stopping: int = 10,
          verify_ms: list[float] | str = "auto", verify_threads: int | None = None, threads: int = 1,
-         n_last: int = 3, copy_through: bool | None = None,
+         n_last: int = 3, copy_through: bool | None = None, trust_match: int | None = None,
          progress: bool = True, log=_log) -> dict:
     import lightgbm as lgb
 
@@ -430,17 +431,44 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
     cand_flat = [int(c) if c >= 0 else None for c in rows.cand[flat]]
     tgt = rows.target[flat].reshape(valid.shape)
     cand_ch = np.where(valid, rows.cand[flat].reshape(valid.shape), -1)
-    v = extend_costs(verify_ms, max(k_max, NgramDrafter().k_max) + 1)  # the tree and the n-gram baseline
+    k_ng_default = NgramDrafter().k_max
+    v = np.asarray(extend_costs(verify_ms, max(k_max, k_ng_default) + 1))  # the tree and the n-gram baseline
 
-    def speed(drafted, accepted, evals, extra_ms, predict_ms):
-        ms = np.asarray([v[d] for d in drafted]) + extra_ms + evals * predict_ms
+    def speed(drafted, accepted, ms_own):
+        ms = v[drafted] + ms_own
         tokens = accepted + 1
         return float(tokens.sum() / ms.sum() * v[0]), float(tokens.mean()), float(drafted.mean())
+
+    # Prompt lookup's own draft on every chain: the copied continuation at
+    # depth 0, exact (not only up to the first rejection). It is the n-gram
+    # baseline, and what the tree drafts where it trusts a long match.
+    copy_len = np.zeros(len(uniq), dtype=np.int64)  # tokens the continuation has, up to max(k_max, 4)
+    copy_run = np.zeros(len(uniq), dtype=np.int64)  # how many of them the model would accept
+    t_copy = 0.0
+    for c, key in enumerate(uniq):
+        s_, i = divmod(int(key), 100000)
+        L, toks = col.prompt_len[s_], col.tokens[s_]
+        t0 = _clock()
+        cont = ngram_continuation(toks[:L + i + 1], len(v) - 1, spec.ngram_max_n)
+        t_copy += _clock() - t0
+        truth = toks[L + i + 1:L + i + 1 + len(cont)]
+        n_acc = 0
+        while n_acc < min(len(cont), len(truth)) and cont[n_acc] == truth[n_acc]:
+            n_acc += 1
+        copy_len[c], copy_run[c] = len(cont), n_acc
+    copy_ms = t_copy / max(len(uniq), 1) * 1e3
+    # The depth-0 match length and candidate, for the trusted-match shortcut.
+    len0 = np.where(valid[:, 0], rows.X[where[:, 0], names.index("ngram_len")], 0)
+    has0 = cand_ch[:, 0] >= 0
+    trusts = [0] + ([m for m in range(1, spec.ngram_max_n + 1)] if trust_match is None else
+                    [int(trust_match)] if trust_match else [])
+    trusts = sorted(set(trusts))
 
     grid = [round(x, 2) for x in np.arange(0.05, 0.96, 0.05)] if p_min is None else [float(p_min)]
     truncs = sorted({n for n in (5, 10, 20, 40, 80, 160, 320) if n < best_it} | {best_it})
     raw = np.zeros((len(va), K + 2))
     done, options = 0, []
+    cts = (False, True) if copy_through is None else (bool(copy_through),)
     for n in truncs:
         # Raw scores add up over rounds: extend the previous truncation's.
         raw += booster.predict(rows.X[va], start_iteration=done, num_iteration=n - done, raw_score=True,
@@ -453,50 +481,51 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
         # The longest draft is a setting too (every depth lengthens the
         # verify): the chains truncated to k columns are the drafter with
         # k_max = k.
-        cts = (False, True) if copy_through is None else (bool(copy_through),)
         for k, rule, ct, pm in itertools.product(range(1, k_max + 1), ("myopic", "lookahead"), cts, grid):
             d, a, e = simulate(tok_ch[:, :k], p_ch[:, :k], cand_ch[:, :k], pc_ch[:, :k], tgt[:, :k], valid[:, :k],
                                pm, verify_ms, pred_ms, rule == "lookahead", ct)
-            options.append({"rounds": n, "k_max": k, "rule": rule, "copy_through": ct, "p_min": pm,
-                            "predict_ms": pred_ms, "P": P,
-                            **dict(zip(("est_speedup", "tau", "drafted_per_step"), speed(d, a, e, state_ms, pred_ms)))})
-    # Near-ties (the estimate is noisy) go first to the plain __MODEL__
-    # handback (copy-through must pay clearly to replace the issue's rule),
-    # then to the more permissive setting: lookahead, the longest drafts, the
-    # lowest p_min, then the cheaper model. Held-out probabilities can
-    # cluster near 0 and 1, and a strict rule that costs nothing there
-    # refuses the in-between cases real prompts bring.
+            tree_ms = state_ms + e * pred_ms
+            # Where the depth-0 match is at least m tokens long the drafter
+            # skips the tree and copies up to copy_k tokens (m = 0: never).
+            for m in trusts:
+                trusted = has0 & (len0 >= m) if m else np.zeros(len(uniq), dtype=bool)
+                for kc in (range(1, k_max + 1) if m else [0]):
+                    dd = np.where(trusted, np.minimum(copy_len, kc), d)
+                    aa = np.where(trusted, np.minimum(copy_run, kc), a)
+                    ms_own = np.where(trusted, copy_ms, tree_ms)
+                    options.append({"rounds": n, "k_max": k, "rule": rule, "copy_through": ct, "p_min": pm,
+                                    "trust_match": m, "copy_k": kc, "trusted_share": float(trusted.mean()),
+                                    "predict_ms": pred_ms, "P": P,
+                                    **dict(zip(("est_speedup", "tau", "drafted_per_step"), speed(dd, aa, ms_own)))})
+    # Near-ties (the estimate is noisy) go first to the tree deciding every
+    # step, then to the plain __MODEL__ handback (each shortcut must pay
+    # clearly to replace the issue's rule), then to the more permissive
+    # setting: lookahead, the longest drafts, the lowest p_min, then the
+    # cheaper model. Held-out probabilities can cluster near 0 and 1, and a
+    # strict rule that costs nothing there refuses the in-between cases real
+    # prompts bring.
     top = max(o["est_speedup"] for o in options)
     best = min((o for o in options if o["est_speedup"] >= top * 0.995),
-               key=lambda o: (o["copy_through"], o["rule"] != "lookahead", -o["k_max"], o["p_min"], o["rounds"]))
+               key=lambda o: (o["trust_match"] > 0, o["copy_through"], o["rule"] != "lookahead", -o["k_max"],
+                              o["p_min"], o["rounds"], -o["copy_k"]))
     n_keep, chosen_p, predict_ms, P = best["rounds"], best["p_min"], best["predict_ms"], best["P"]
     chosen_k = best["k_max"]
     log(f"held-out simulation over {len(uniq)} greedy steps (estimates, exact up to the first rejection):")
-    log(" rounds  trees  ms/depth  k_max  rule       copy-through  p_min   tau  drafted/step  est.speedup")
+    log(" rounds  trees  ms/depth  k_max  rule       copy-through  trust  copy-k  trusted  p_min   tau  "
+        "drafted/step  est.speedup")
     for n in truncs:
         for k in sorted({1, (k_max + 1) // 2, chosen_k, k_max}):
-            for rule, ct in itertools.product(("myopic", "lookahead"), cts):
-                o = max((o for o in options if (o["rounds"], o["rule"], o["k_max"], o["copy_through"]) == (n, rule, k, ct)),
+            for rule, ct, m in itertools.product(("myopic", "lookahead"), cts, trusts):
+                o = max((o for o in options if (o["rounds"], o["rule"], o["k_max"], o["copy_through"],
+                                                 o["trust_match"]) == (n, rule, k, ct, m)),
                         key=lambda o: o["est_speedup"])
                 log(f"{n:7d} {n * (K + 2):6d}  {o['predict_ms']:8.3f}  {k:5d}  {rule:9s}  {'yes' if ct else 'no':12s}  "
+                    f"{m or '-':>5}  {o['copy_k'] or '-':>6}  {o['trusted_share']:7.1%}  "
                     f"{o['p_min']:5.2f}  {o['tau']:4.2f}  {o['drafted_per_step']:12.2f}  {o['est_speedup']:10.2f}x"
                     + ("  <- kept" if o is best else ""))
-    # The n-gram drafter on the same steps, at its default length and at the
-    # tree's k_max: its continuation at depth 0.
-    ks_ng = sorted({NgramDrafter().k_max, chosen_k})
-    for k_ng in ks_ng:
-        d_ng, a_ng = [], []
-        for key in uniq:
-            s, i = divmod(int(key), 100000)
-            L, toks = col.prompt_len[s], col.tokens[s]
-            cont = ngram_continuation(toks[:L + i + 1], k_ng, spec.ngram_max_n)
-            truth = toks[L + i + 1:L + i + 1 + k_ng]
-            n_acc = 0
-            while n_acc < min(len(cont), len(truth)) and cont[n_acc] == truth[n_acc]:
-                n_acc += 1
-            d_ng.append(len(cont))
-            a_ng.append(n_acc)
-        ng = speed(np.asarray(d_ng), np.asarray(a_ng), np.zeros(len(d_ng)), 0.0, 0.0)
+    # The n-gram drafter on the same steps, at its default length and at the tree's k_max.
+    for k_ng in sorted({k_ng_default, chosen_k}):
+        ng = speed(np.minimum(copy_len, k_ng), np.minimum(copy_run, k_ng), copy_ms)
         log(f"  n-gram drafter (k={k_ng}) on the same steps: tau {ng[1]:.2f}, {ng[2]:.2f} drafted/step, "
             f"est. speedup {ng[0]:.2f}x")
 
@@ -533,9 +562,9 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
     log(f"{MODEL}: precision {prec:.3f}, recall {rec:.3f}")
     log(f"drafter cost: {state_ms:.3f} ms per proposal (model features) + {predict_ms:.3f} ms per draft depth "
         f"(n-gram lookup, features, tree)")
-    per_setting = {}  # the best p_min for every (rounds, k_max, rule, copy-through)
+    per_setting = {}  # the best p_min (and copy length) for every (rounds, k_max, rule, copy-through, trust)
     for o in options:
-        key = (o["rounds"], o["k_max"], o["rule"], o["copy_through"])
+        key = (o["rounds"], o["k_max"], o["rule"], o["copy_through"], o["trust_match"])
         if key not in per_setting or o["est_speedup"] > per_setting[key]["est_speedup"]:
             per_setting[key] = o
     report["simulation"] = {
@@ -554,7 +583,9 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
         "features": spec.to_meta(),
         "settings": {"k_max": int(chosen_k), "p_min": chosen_p, "threshold": float(threshold),
                      "verify_ms": verify_ms, "predict_ms": round(predict_ms, 4), "state_ms": round(state_ms, 4),
-                     "rule": best["rule"], "copy_through": bool(best["copy_through"])},
+                     "rule": best["rule"], "copy_through": bool(best["copy_through"]),
+                     "trust_match": int(best["trust_match"]), "copy_k": int(best["copy_k"]),
+                     "copy_ms": round(copy_ms, 4)},
         "fit": {"data_dir": str(data_dir), "contexts": contexts, "steps_per_context": steps, "seed": seed,
                 "min_context": min_context, "max_context": max_context, "lightgbm": params, "threads": threads,
                 "k_max_considered": int(k_max),
@@ -677,6 +708,10 @@ def add_parser(sub, name: str) -> None:
                    help="where the tree says __MODEL__, still draft the n-gram candidate when it pays for its "
                         "verify position; 'auto' keeps it only if the held-out simulation is faster with it "
                         "(default: %(default)s)")
+    p.add_argument("--trust-match", default="auto", choices=("auto", "off", "1", "2", "3"),
+                   help="where the n-gram match at depth 0 is at least this many tokens long, skip the tree and "
+                        "copy the continuation (its length is fitted too); 'auto' keeps the fastest in the "
+                        "held-out simulation, 'off' asks the tree every step (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="model probability a token needs to be a token label (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -718,6 +753,8 @@ def run(args) -> int:
                     learning_rate=args.learning_rate, num_leaves=args.num_leaves, max_depth=args.max_depth,
                     verify_ms=verify, verify_threads=args.verify_threads,
                     copy_through={"auto": None, "yes": True, "no": False}[args.copy_through],
+                    trust_match=None if args.trust_match == "auto" else 0 if args.trust_match == "off"
+                    else int(args.trust_match),
                     threads=args.threads, progress=not args.no_progress)
     except (BundleError, DataError, ValueError) as e:
         print(f"treespec draft-fit: error: {e}", file=sys.stderr)

@@ -27,6 +27,13 @@ a time::
           worth_drafting(...) at the chance the tree gives it (p(__COPY__)
           plus its token's class), and continue
 
+Before all of it, the trusted-match shortcut (a fitted setting, off unless
+it simulated faster): where the n-gram match at depth 0 is at least
+``trust_match`` tokens long, the drafter copies up to ``copy_k`` tokens of
+the continuation, as prompt lookup would, without computing features or
+asking the tree. A long match is where the tree says __COPY__ anyway, and
+there its cost (about as much as a fifth of a forward here) buys nothing.
+
 That is the rule. Copy-through is the cost-aware form of the handback:
 where the verify forward costs about the same for 1 and 8 positions,
 a candidate the tree thinks is right only 30% of the time is still worth
@@ -65,7 +72,7 @@ import torch
 
 from ..model.tokenizer import sha256_file
 from .features import FEATURE_VERSION, FeatureSpec, features_for, state_features
-from .ngram import NgramDrafter, ngram_copy_path
+from .ngram import NgramDrafter, ngram_candidate, ngram_continuation, ngram_copy_path
 from .types import Draft, ModelFeatures
 
 META_FILE = "meta.json"
@@ -205,7 +212,8 @@ class TreeDrafter:
 
     def __init__(self, model, booster, spec: FeatureSpec, *, k_max: int, p_min: float,
                  verify_ms: Sequence[float], predict_ms: float, lookahead: bool = False,
-                 proposal_ms: float | None = None, copy_through: bool = False, meta: dict | None = None):
+                 proposal_ms: float | None = None, copy_through: bool = False, trust_match: int = 0,
+                 copy_k: int = 0, meta: dict | None = None):
         self.model = model
         self.booster = booster
         self.spec = spec
@@ -217,6 +225,10 @@ class TreeDrafter:
         self.predict = _Predictor(booster, len(spec.names()), spec.K + 2)
         self.lookahead = bool(lookahead)
         self.copy_through = bool(copy_through)
+        # The trusted-match shortcut: where the n-gram match at depth 0 is at
+        # least trust_match tokens long, copy up to copy_k tokens without
+        # asking the tree (0: always ask).
+        self.trust_match, self.copy_k = int(trust_match), int(copy_k) or self.k_max
         # What a proposal costs inside the decode loop (draft-fit measures it
         # there, after a verify forward); None: not measured.
         self.proposal_ms = None if proposal_ms is None else float(proposal_ms)
@@ -294,7 +306,8 @@ class TreeDrafter:
                    p_min=s["p_min"] if p_min is None else p_min,
                    verify_ms=s["verify_ms"], predict_ms=s["predict_ms"],
                    lookahead=s.get("rule", "myopic") == "lookahead", proposal_ms=s.get("proposal_ms"),
-                   copy_through=s.get("copy_through", False), meta=meta)
+                   copy_through=s.get("copy_through", False), trust_match=s.get("trust_match", 0),
+                   copy_k=s.get("copy_k", 0), meta=meta)
 
     def state(self, features: ModelFeatures) -> np.ndarray:
         """The model part of the features, (1, n_state): once per proposal."""
@@ -305,6 +318,12 @@ class TreeDrafter:
         if features is None or k_max <= 0:
             return Draft(tokens=[])
         spec = self.spec
+        if self.trust_match:
+            cand, n = ngram_candidate(context, spec.ngram_max_n)
+            if cand is not None and n >= self.trust_match:
+                # A long match: copying is what the tree would say here, so
+                # skip its cost (draft-fit keeps this only where it simulated faster).
+                return Draft(tokens=ngram_continuation(context, min(self.copy_k, k_max), spec.ngram_max_n))
         state = self.state(features)
         v = extend_costs(self.verify_ms, k_max + 1)
         ctx = list(context)

@@ -226,6 +226,16 @@ def test_proposals_follow_the_drafting_rule(fitted):
     # ... and with nothing to copy there is nothing to draft.
     assert _drafter(bundle, script, copy_through=True).propose([101, 102, 103], feats, 4).tokens == []
 
+    # Trusted match: a match of at least trust_match tokens is copied (up to
+    # copy_k) without asking the tree; a shorter one goes to the tree.
+    d = _drafter(bundle, [{"model": 1.0}])
+    d.trust_match, d.copy_k = 2, 2
+    draft = d.propose(context, feats, 4)  # "11 12" matched: 2 tokens
+    assert draft.tokens == [13, 11] and d.predict.calls == []
+    assert d.propose(context, feats, 1).tokens == [13]  # the engine's k_max still caps it
+    d.trust_match = 3
+    assert d.propose(context, feats, 4).tokens == [] and d.predict.calls == [0]
+
 
 def _one_depth_at_a_time(drafter, context, feats, k_max):
     """The drafting rule as the module docstring states it: one tree call per
@@ -262,7 +272,7 @@ def test_batched_proposals_equal_the_one_depth_at_a_time_rule(fitted, draft_corp
     lengths, longer = set(), 0
     for p_min, copy_through in ((0.05, False), (0.3, False), (0.3, True), (0.9, True)):
         drafter = TreeDrafter.load(bundle, p_min=p_min)
-        drafter.copy_through = copy_through
+        drafter.copy_through, drafter.trust_match = copy_through, 0  # the shortcut has its own test
         for start in rng.integers(0, len(data) - 40, size=25):
             context = data[start:start + int(rng.integers(4, 40))]
             out = model.forward_step(torch.tensor([context]), 0, model.new_cache(batch_size=1))
