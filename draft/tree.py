@@ -97,6 +97,16 @@ def extend_costs(verify_ms: Sequence[float], n: int) -> list[float]:
     return v
 
 
+def free_positions(verify_ms: Sequence[float], k_max: int, slack: float = 0.1) -> int:
+    """How many draft positions (at least 1, at most k_max) the verify forward
+    carries within ``slack`` of its one-position cost."""
+    v = extend_costs(verify_ms, k_max + 1)
+    n = 0
+    while n < k_max and v[n + 1] <= (1 + slack) * v[0]:
+        n += 1
+    return max(n, 1)
+
+
 def worth_drafting(j: int, cum, p, v: Sequence[float], predict_ms: float, k: int, lookahead: bool):
     """Whether drafting the token at depth j pays for itself (vectorised over
     arrays ``cum``/``p``).
@@ -233,8 +243,12 @@ class TreeDrafter:
         # there, after a verify forward); None: not measured.
         self.proposal_ms = None if proposal_ms is None else float(proposal_ms)
         # What the engine's DraftGate drafts with while the tree is not worth
-        # its cost: the tree's own __COPY__ path, prompt lookup, at no cost.
-        self.fallback = NgramDrafter(max_n=spec.ngram_max_n)
+        # its cost: the tree's own __COPY__ path, prompt lookup, which costs
+        # next to nothing to propose but lengthens the verify like any draft.
+        # Where drafts are rarely accepted (that is when the gate closes)
+        # only the positions the verify forward carries almost free pay, so
+        # it drafts that many (at least one).
+        self.fallback = NgramDrafter(k_max=free_positions(self.verify_ms, self.k_max), max_n=spec.ngram_max_n)
 
     @property
     def forward_ms(self) -> float:

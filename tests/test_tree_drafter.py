@@ -435,3 +435,17 @@ def test_fit_simulation_makes_the_drafters_decisions(fitted, lookahead, copy_thr
                                     verify_ms, d.predict_ms, lookahead, copy_through)
     np.testing.assert_array_equal(drafted, expect)
     np.testing.assert_array_equal(accepted, np.minimum(expect, cut))
+
+
+def test_the_gates_fallback_drafts_only_the_nearly_free_positions(fitted):
+    from treespec.draft.tree import free_positions
+
+    assert free_positions([4.0, 4.2, 5.0, 5.0, 6.0], 4) == 1
+    assert free_positions([8.7] * 6 + [9.7], 8) == 5  # a flat curve carries 5 drafts for free
+    assert free_positions([4.0, 5.0], 4) == 1  # never fewer than one
+    assert free_positions([1.0], 3) == 3  # a one-entry curve extends flat
+    bundle = load_bundle(fitted[0])
+    base = TreeDrafter.load(bundle)
+    d = TreeDrafter(bundle.model, base.booster, base.spec, k_max=4, p_min=0.3, verify_ms=[4.0, 4.2, 4.3, 6.0],
+                    predict_ms=0.0)
+    assert d.fallback.k_max == 2
