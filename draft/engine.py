@@ -23,7 +23,7 @@ vanilla decoding would have stopped.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -31,7 +31,7 @@ import torch
 from .sampling import AcceptRule, accept_greedy, accept_sampled, make_generator, probs_from_logits, validate_params
 from .text import TextStream
 from .types import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Draft, Drafter, ModelFeatures,
-                    SamplingParams, SpecStats, StepEvent)
+                    SamplingParams, SpecStats, StepEvent, extend_costs)
 
 # Draft length for a drafter that declares no k_max of its own.
 DEFAULT_K = 4
@@ -68,6 +68,10 @@ class DraftGate:
     ``max_backoff`` steps). While it is closed the drafter's cheap
     ``fallback`` drafter proposes instead when it has one (the tree's is
     prompt lookup, its own __COPY__ path), else the step is a vanilla step.
+    A fallback draft costs next to nothing to propose but lengthens the
+    verify, so with the drafter's verify curve the gate sets its length to
+    what the fallback's own acceptance so far pays for (``fallback_k``),
+    which can be none.
     Neither changes the output (greedy) or its distribution (sampling). The
     costs are the drafter's fitted estimates, not clocks, so a seeded
     request does the same thing on every run.
@@ -80,11 +84,58 @@ class DraftGate:
     mean: float | None = None  # ms earned per proposal, exponentially averaged
     backoff: int = 0  # > 0: closed, and the next proposal is a probe
     wait: int = 0  # steps left before that probe
+    # The fallback's length: verify cost per length (ms for T = 1, 2, ...;
+    # None: always its own k_max) and the chance that its draft at position
+    # i is accepted when the drafts before it were, exponentially averaged.
+    verify_ms: list[float] | None = None
+    fallback_acceptance: list[float] = field(default_factory=list)
+    fallback_idle: int = 0  # steps the fallback has been judged not worth drafting
+
+    FALLBACK_PRIOR = 0.5  # a position not seen yet
+    FALLBACK_ALPHA = 0.1
 
     @classmethod
     def for_drafter(cls, drafter) -> "DraftGate | None":
         cost, fwd = getattr(drafter, "step_cost_ms", None), getattr(drafter, "forward_ms", None)
-        return cls(forward_ms=float(fwd), step_cost_ms=cost) if cost is not None and fwd else None
+        if cost is None or not fwd:
+            return None
+        verify = getattr(drafter, "verify_ms", None)
+        return cls(forward_ms=float(fwd), step_cost_ms=cost, verify_ms=list(verify) if verify else None)
+
+    def fallback_k(self, k_cap: int) -> int:
+        """How many tokens the fallback should draft (0 to ``k_cap``): the
+        length whose expected saving (forwards for the accepted drafts)
+        minus its longer verify is largest, from the acceptance seen so far.
+        After ``max_backoff`` steps of none it drafts one token anyway, so
+        an estimate that a run of bad luck drove down can recover."""
+        if self.verify_ms is None:
+            return k_cap
+        k = self._best_fallback_k(k_cap)
+        self.fallback_idle = self.fallback_idle + 1 if k == 0 else 0
+        if self.fallback_idle > self.max_backoff:
+            self.fallback_idle, k = 0, 1
+        return k
+
+    def _best_fallback_k(self, k_cap: int) -> int:
+        v = extend_costs(self.verify_ms, k_cap + 1)
+        acc = self.fallback_acceptance
+        best_k, best = 0, 0.0
+        saved, alive = 0.0, 1.0
+        for k in range(1, k_cap + 1):
+            alive *= acc[k - 1] if k - 1 < len(acc) else self.FALLBACK_PRIOR
+            saved += alive * self.forward_ms
+            if saved - (v[k] - v[0]) > best:
+                best_k, best = k, saved - (v[k] - v[0])
+        return best_k
+
+    def record_fallback(self, drafted: int, accepted: int) -> None:
+        """Book a fallback draft: positions before ``accepted`` were accepted,
+        the one at ``accepted`` (if drafted) was not; later ones say nothing."""
+        acc = self.fallback_acceptance
+        for i in range(min(drafted, accepted + 1)):
+            if i >= len(acc):
+                acc.append(self.FALLBACK_PRIOR)
+            acc[i] = (1 - self.FALLBACK_ALPHA) * acc[i] + self.FALLBACK_ALPHA * float(i < accepted)
 
     def open(self) -> bool:
         if self.wait > 0:
@@ -234,11 +285,13 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
         drafts, q = [], None
         asked = k > 0 and (gate is None or gate.open())
         stats.skipped_proposals += int(k > 0 and not asked)
-        # While the gate is closed, the drafter's cheap fallback (if any) drafts, at its own length.
+        # While the gate is closed, the drafter's cheap fallback (if any)
+        # drafts, as long as the gate expects it to pay for its verify.
         proposer = drafter if asked else getattr(drafter, "fallback", None) if k > 0 else None
+        if proposer is not None and not asked:
+            k = gate.fallback_k(min(k, getattr(proposer, "k_max", k)))
+            proposer = proposer if k > 0 else None
         if proposer is not None:
-            if not asked:
-                k = min(k, getattr(proposer, "k_max", k))
             td = time.perf_counter()
             draft: Draft = proposer.propose(context, features, k)
             stats.drafter_time_s += time.perf_counter() - td
@@ -258,6 +311,8 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
         n = len(new) - 1  # drafts accepted
         if asked and gate is not None:
             gate.record(len(drafts), n)
+        elif proposer is not None and gate is not None:
+            gate.record_fallback(len(drafts), n)
         cache.rollback(pos + n + 1)  # [last] + the accepted drafts stay; the bonus is not run yet
         features = _features(out, n, n_vocab)
         stats.verify_time_s += time.perf_counter() - tv

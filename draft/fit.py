@@ -51,7 +51,8 @@ from .features import FEATURE_VERSION, FeatureSpec, features_for, fit_pca, state
 from .ngram import DEFAULT_MAX_N, NgramDrafter, ngram_candidate, ngram_continuation
 from ..model.tokenizer import sha256_file
 from .tree import (COPY, FORMAT, FORMAT_VERSION, META_FILE, MODEL, MODEL_FILE, TreeDrafter, _Predictor, choose,
-                   extend_costs, worth_drafting)
+                   worth_drafting)
+from .types import extend_costs
 
 # Verify cost when it is not measured: a 16M-parameter model on the 2-core
 # CPU this project targets verified T = 1..3 positions in about 1.9 ms, 4 in

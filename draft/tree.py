@@ -73,7 +73,7 @@ import torch
 from ..model.tokenizer import sha256_file
 from .features import FEATURE_VERSION, FeatureSpec, features_for, state_features
 from .ngram import NgramDrafter, ngram_candidate, ngram_continuation, ngram_copy_path
-from .types import Draft, ModelFeatures
+from .types import Draft, ModelFeatures, extend_costs
 
 META_FILE = "meta.json"
 MODEL_FILE = "tree.txt"
@@ -84,27 +84,6 @@ COPY, MODEL = "__COPY__", "__MODEL__"
 
 class DrafterError(ValueError):
     """A drafter that cannot be loaded; the message says which file and why."""
-
-
-def extend_costs(verify_ms: Sequence[float], n: int) -> list[float]:
-    """``verify_ms`` (ms for a forward over T = 1, 2, ... positions) up to T
-    = n, extrapolating its last step where it is shorter."""
-    v = [float(x) for x in verify_ms]
-    if not v or v[0] <= 0:
-        raise ValueError(f"verify_ms must start with a positive forward time, got {v}")
-    while len(v) < n:
-        v.append(v[-1] + (v[-1] - v[-2] if len(v) > 1 else 0.0))
-    return v
-
-
-def free_positions(verify_ms: Sequence[float], k_max: int, slack: float = 0.1) -> int:
-    """How many draft positions (at least 1, at most k_max) the verify forward
-    carries within ``slack`` of its one-position cost."""
-    v = extend_costs(verify_ms, k_max + 1)
-    n = 0
-    while n < k_max and v[n + 1] <= (1 + slack) * v[0]:
-        n += 1
-    return max(n, 1)
 
 
 def worth_drafting(j: int, cum, p, v: Sequence[float], predict_ms: float, k: int, lookahead: bool):
@@ -244,11 +223,10 @@ class TreeDrafter:
         self.proposal_ms = None if proposal_ms is None else float(proposal_ms)
         # What the engine's DraftGate drafts with while the tree is not worth
         # its cost: the tree's own __COPY__ path, prompt lookup, which costs
-        # next to nothing to propose but lengthens the verify like any draft.
-        # Where drafts are rarely accepted (that is when the gate closes)
-        # only the positions the verify forward carries almost free pay, so
-        # it drafts that many (at least one).
-        self.fallback = NgramDrafter(k_max=free_positions(self.verify_ms, self.k_max), max_n=spec.ngram_max_n)
+        # next to nothing to propose but lengthens the verify like any draft
+        # (the gate picks its length from ``verify_ms`` and how often its
+        # drafts were accepted).
+        self.fallback = NgramDrafter(k_max=self.k_max, max_n=spec.ngram_max_n)
 
     @property
     def forward_ms(self) -> float:

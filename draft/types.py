@@ -7,7 +7,7 @@ the server turns it into metrics.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 
@@ -114,3 +114,14 @@ class StepEvent:
     texts: list[str]
     finish_reason: str | None  # set on the last event only
     stats: SpecStats  # running totals for the request so far
+
+
+def extend_costs(verify_ms: Sequence[float], n: int) -> list[float]:
+    """``verify_ms`` (ms for a forward over T = 1, 2, ... positions) up to T
+    = n, extrapolating its last step where it is shorter."""
+    v = [float(x) for x in verify_ms]
+    if not v or v[0] <= 0:
+        raise ValueError(f"verify_ms must start with a positive forward time, got {v}")
+    while len(v) < n:
+        v.append(v[-1] + (v[-1] - v[-2] if len(v) > 1 else 0.0))
+    return v

@@ -469,3 +469,43 @@ def test_gate_skips_a_drafter_that_costs_more_than_it_earns_and_stays_lossless(t
         assert not gate.open()
     gate.record(drafted=3, accepted=1)  # the probe earns 9
     assert gate.wait == 0 and gate.backoff == 0 and gate.open()
+
+
+def test_gate_sets_the_fallbacks_length_from_its_acceptance_and_the_verify_cost(tok, wandering):
+    from treespec.draft.engine import DraftGate
+
+    gate = DraftGate(forward_ms=4.0, step_cost_ms=lambda n: 1.0)
+    assert gate.fallback_k(5) == 5  # no verify curve: the fallback's own length
+    gate = DraftGate(forward_ms=4.0, step_cost_ms=lambda n: 1.0, verify_ms=[4.0, 4.2, 5.0, 5.0, 6.0])
+    # Unseen positions count as even odds: 2, 3, 3.5, 3.75 ms saved for 1-4
+    # drafts against 0.2, 1.0, 1.0, 2.0 ms more verify: 3 drafts pay best.
+    assert gate.fallback_k(4) == 3 and gate.fallback_k(2) == 2
+    for _ in range(40):
+        gate.record_fallback(drafted=3, accepted=0)  # the first draft always wrong
+    assert gate.fallback_acceptance[0] < 0.01 and len(gate.fallback_acceptance) == 1
+    # Then drafting does not pay: vanilla steps, but one token every
+    # max_backoff + 1 steps, so that the estimate can recover.
+    ks = [gate.fallback_k(4) for _ in range(2 * (gate.max_backoff + 1))]
+    assert ks.count(1) == 2 and set(ks) == {0, 1} and ks[gate.max_backoff] == 1
+    for _ in range(60):
+        gate.record_fallback(drafted=4, accepted=4)
+    assert gate.fallback_k(4) == 4 and min(gate.fallback_acceptance) > 0.99
+
+    # In the loop: a costly drafter that is never right, whose fallback is
+    # never right either, ends up doing vanilla steps, and stays lossless.
+    params = SamplingParams(max_new_tokens=40)
+    for prompt in random_prompts(3, seed=22):
+        ref = generate_all(wandering, prompt, params, tokenizer=tok)
+        never = CostedOracle(ref.token_ids, len(prompt), 3, "wrong", cost_ms=1.0, forward_ms=4.0)
+        never.verify_ms = [4.0, 4.2, 5.0, 5.0, 6.0]
+        never.fallback = Oracle(ref.token_ids, len(prompt), 3, "wrong")
+        got = generate_all(wandering, prompt, params, never, tokenizer=tok)
+        assert got.token_ids == ref.token_ids
+        assert 0 < len(never.fallback.calls) < got.stats.skipped_proposals  # some steps were vanilla
+        # With a right fallback, it keeps drafting while the gate is closed.
+        never = CostedOracle(ref.token_ids, len(prompt), 3, "wrong", cost_ms=1.0, forward_ms=4.0)
+        never.verify_ms = [4.0, 4.2, 5.0, 5.0, 6.0]
+        never.fallback = Oracle(ref.token_ids, len(prompt), 3, "right")
+        got = generate_all(wandering, prompt, params, never, tokenizer=tok)
+        assert got.token_ids == ref.token_ids
+        assert len(never.fallback.calls) == got.stats.skipped_proposals > 0

@@ -240,7 +240,8 @@ def test_proposals_follow_the_drafting_rule(fitted):
 def _one_depth_at_a_time(drafter, context, feats, k_max):
     """The drafting rule as the module docstring states it: one tree call per
     depth, the n-gram candidate looked up again after every drafted token."""
-    from treespec.draft.tree import extend_costs, worth_drafting
+    from treespec.draft.tree import worth_drafting
+    from treespec.draft.types import extend_costs
 
     spec, ctx, drafted, cum = drafter.spec, list(context), [], 1.0
     state = drafter.state(feats)
@@ -399,7 +400,7 @@ def test_fit_simulation_makes_the_drafters_decisions(fitted, lookahead, copy_thr
     """draft-fit picks its settings by simulating the rule on held-out chains:
     vectorised, it must draft exactly what TreeDrafter.decide drafts."""
     from treespec.draft.fit import simulate
-    from treespec.draft.tree import extend_costs
+    from treespec.draft.types import extend_costs
 
     bundle = load_bundle(fitted[0])
     base = TreeDrafter.load(bundle)
@@ -436,16 +437,3 @@ def test_fit_simulation_makes_the_drafters_decisions(fitted, lookahead, copy_thr
     np.testing.assert_array_equal(drafted, expect)
     np.testing.assert_array_equal(accepted, np.minimum(expect, cut))
 
-
-def test_the_gates_fallback_drafts_only_the_nearly_free_positions(fitted):
-    from treespec.draft.tree import free_positions
-
-    assert free_positions([4.0, 4.2, 5.0, 5.0, 6.0], 4) == 1
-    assert free_positions([8.7] * 6 + [9.7], 8) == 5  # a flat curve carries 5 drafts for free
-    assert free_positions([4.0, 5.0], 4) == 1  # never fewer than one
-    assert free_positions([1.0], 3) == 3  # a one-entry curve extends flat
-    bundle = load_bundle(fitted[0])
-    base = TreeDrafter.load(bundle)
-    d = TreeDrafter(bundle.model, base.booster, base.spec, k_max=4, p_min=0.3, verify_ms=[4.0, 4.2, 4.3, 6.0],
-                    predict_ms=0.0)
-    assert d.fallback.k_max == 2
