@@ -37,8 +37,10 @@ there its cost (about as much as a fifth of a forward here) buys nothing.
 That is the rule. Copy-through is the cost-aware form of the handback:
 where the verify forward costs about the same for 1 and 8 positions,
 a candidate the tree thinks is right only 30% of the time is still worth
-its position, and stopping at __MODEL__ gives that away. The drafter evaluates it in rounds rather than one tree
-call per depth: a round builds the rows for every remaining depth along the
+its position, and stopping at __MODEL__ gives that away.
+
+The drafter evaluates the rule in rounds rather than one tree call per
+depth: a round builds the rows for every remaining depth along the
 copy path (each depth's context extended by the n-gram candidates before
 it, which is what ``__COPY__`` drafts), predicts them in one go and walks
 them with the rule above. Up to the first depth where the tree picks a
@@ -136,6 +138,9 @@ def choose(probs: np.ndarray, cand: Sequence[int | None],
     tok = np.where(out_copy, c, tok)
     p_best = np.where(out_copy, probs[:, K], p_best)
     stop = probs[:, K + 1] >= p_best
+    # The candidate's own chance: its class's merged probability when it is a
+    # class token (the index is clipped only so that other rows stay in range),
+    # else __COPY__'s alone.
     p_cand = np.where(in_set, p_tok[rows, np.minimum(c_cls, max(K - 1, 0))] if K else 0.0, probs[:, K])
     return np.where(stop, -1, tok), np.where(stop, probs[:, K + 1], p_best), np.where(has, p_cand, 0.0)
 
