@@ -447,8 +447,8 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
     copy_run = np.zeros(len(uniq), dtype=np.int64)  # how many of them the model would accept
     t_copy = 0.0
     for c, key in enumerate(uniq):
-        s_, i = divmod(int(key), 100000)
-        L, toks = col.prompt_len[s_], col.tokens[s_]
+        seq, i = divmod(int(key), 100000)
+        L, toks = col.prompt_len[seq], col.tokens[seq]
         t0 = _clock()
         cont = ngram_continuation(toks[:L + i + 1], len(v) - 1, spec.ngram_max_n)
         t_copy += _clock() - t0
@@ -461,9 +461,8 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
     # The depth-0 match length and candidate, for the trusted-match shortcut.
     len0 = np.where(valid[:, 0], rows.X[where[:, 0], names.index("ngram_len")], 0)
     has0 = cand_ch[:, 0] >= 0
-    trusts = [0] + ([m for m in range(1, spec.ngram_max_n + 1)] if trust_match is None else
-                    [int(trust_match)] if trust_match else [])
-    trusts = sorted(set(trusts))
+    # 0: always ask the tree; --trust-match fixes one value.
+    trusts = list(range(spec.ngram_max_n + 1)) if trust_match is None else [int(trust_match)]
 
     grid = [round(x, 2) for x in np.arange(0.05, 0.96, 0.05)] if p_min is None else [float(p_min)]
     truncs = sorted({n for n in (5, 10, 20, 40, 80, 160, 320) if n < best_it} | {best_it})

@@ -1,5 +1,7 @@
 """The tree drafter: features, fitting, loading and the drafting rule, on tiny models."""
 
+import contextlib
+import io
 import json
 import shutil
 
@@ -39,6 +41,12 @@ def test_draft_fit_writes_a_drafter_that_loads(fitted):
     assert 1 <= drafter.k_max <= K_MAX and drafter.name == "tree"  # draft-fit picks k_max up to --k-max
     assert meta["fit"]["k_max_considered"] == K_MAX and drafter.k_max == meta["settings"]["k_max"]
     assert TreeDrafter.load(bundle, k_max=2, p_min=0.75).p_min == 0.75
+    # The kept setting is the simulation's best (near-ties aside), and loads as fitted.
+    st, sim = meta["settings"], meta["fit"]["simulation"]
+    assert sim["tree"]["est_speedup"] >= 0.995 * max(o["est_speedup"] for o in sim["options"])
+    assert (drafter.copy_through, drafter.trust_match) == (st["copy_through"], st["trust_match"])
+    assert 0 <= st["trust_match"] <= 3 and (st["trust_match"] == 0 or 1 <= st["copy_k"] <= K_MAX)
+    assert "trust" in log and "copy-through" in log
     # The single-row C fast path computes what Booster.predict computes.
     rng = np.random.default_rng(1)
     X = rng.normal(size=(20, len(drafter.spec.names())))
@@ -437,3 +445,20 @@ def test_fit_simulation_makes_the_drafters_decisions(fitted, lookahead, copy_thr
     np.testing.assert_array_equal(drafted, expect)
     np.testing.assert_array_equal(accepted, np.minimum(expect, cut))
 
+
+def test_draft_fit_flags_fix_copy_through_and_the_trusted_match(fitted, draft_corpus, tmp_path):
+    from treespec.cli import main as cli_main
+
+    shutil.copytree(fitted[0], tmp_path / "b")
+    argv = ["draft-fit", "--bundle", str(tmp_path / "b"), "--data-dir", str(draft_corpus), "--contexts", "24",
+            "--steps-per-context", "8", "--k-max", "3", "--classes", "8", "--pca-dims", "4", "--threshold", "0",
+            "--min-context", "8", "--max-context", "24", "--rounds", "10", "--verify-ms", "1,1,1.5,2",
+            "--no-progress"]
+    for flags, want in ((["--copy-through", "yes", "--trust-match", "off"], (True, 0)),
+                        (["--copy-through", "no", "--trust-match", "2"], (False, 2))):
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert cli_main(argv + flags) == 0
+        st = json.loads((tmp_path / "b" / "draft" / "meta.json").read_text())["settings"]
+        assert (st["copy_through"], st["trust_match"]) == want
+        d = TreeDrafter.load(load_bundle(tmp_path / "b"))
+        assert (d.copy_through, d.trust_match) == want
