@@ -367,6 +367,30 @@ def test_verify_costs_are_timed_on_the_serving_thread_count():
     assert set(seen) == {1} and torch.get_num_threads() == before
 
 
+def test_verify_timing_under_load_is_flagged():
+    import time
+    import warnings
+
+    from treespec.draft.fit import NoisyTimingWarning, measure_verify_ms
+
+    model = tiny_model(seed=0)
+    real, calls = model.forward_step, []
+
+    def slow_later(*a, **k):  # each forward 10 ms, or 40 ms once "someone else" takes the CPU
+        calls.append(1)
+        time.sleep(0.04 if len(calls) > 21 else 0.01)
+        return real(*a, **k)
+
+    model.forward_step = slow_later
+    with pytest.warns(NoisyTimingWarning, match="busy"):
+        measure_verify_ms(model, k_max=3, ctx_len=8, reps=2, threads=1)  # 1 + 4 * 5 forwards, then T=1 again
+    calls.clear()
+    model.forward_step = lambda *a, **k: (time.sleep(0.01), real(*a, **k))[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoisyTimingWarning)
+        measure_verify_ms(model, k_max=3, ctx_len=8, reps=2, threads=1)  # steady: no warning
+
+
 def test_in_loop_proposal_cost_is_measured_on_decoding(fitted, draft_corpus):
     from treespec.draft.fit import _time_in_loop
 
