@@ -43,6 +43,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -76,17 +77,21 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _windows(n_tokens: int, n_contexts: int, batch_size: int, min_ctx: int, max_ctx: int,
+def _windows(spans: Sequence[tuple[int, int]], n_contexts: int, batch_size: int, min_ctx: int, max_ctx: int,
              rng: np.random.Generator) -> list[tuple[int, np.ndarray]]:
     """(window length, start offsets) per batch; one length per batch so
-    the batch shares its positions in the KV cache."""
+    the batch shares its positions in the KV cache. Batches take turns over
+    ``spans`` ((start, end) token ranges of the split: the whole split, or
+    one per domain to give every domain the same share of windows)."""
     batches, left = [], n_contexts
     while left > 0:
         b = min(batch_size, left)
         L = int(rng.integers(min_ctx, max_ctx + 1))
-        if n_tokens <= L + 1:
-            raise ValueError(f"the training split has {n_tokens} tokens, too few for {L}-token contexts")
-        batches.append((L, rng.integers(0, n_tokens - L, size=b)))
+        start, end = spans[len(batches) % len(spans)]
+        if end - start <= L + 1:
+            raise ValueError(f"a span of the training split has {end - start} tokens, too few for {L}-token "
+                             f"contexts")
+        batches.append((L, rng.integers(start, end - L, size=b)))
         left -= b
     return batches
 
@@ -348,11 +353,12 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
          learning_rate: float = 0.2, num_leaves: int = 15, max_depth: int = 5, early_stopping: int = 10,
          verify_ms: list[float] | str = "auto", verify_threads: int | None = None, threads: int = 1,
          n_last: int = 3, copy_through: bool | None = None, trust_match: int | None = None,
+         balance_domains: bool = False,
          progress: bool = True, log=_log) -> dict:
     import lightgbm as lgb
 
     from ..model import load_bundle
-    from ..training.data import load_split
+    from ..training.data import load_meta, load_split
 
     t_start = time.time()
     bundle = load_bundle(bundle_path)
@@ -369,12 +375,15 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
         raise ValueError(f"steps ({steps}) + k_max ({k_max}) leave no room for a context in the model's "
                          f"{cfg.block_size} positions")
     data = load_split(data_dir, "train")
+    spans = [(0, len(data))]
+    if balance_domains:  # each domain is one contiguous span of the split (training.data.prepare)
+        spans = [(d["start"], d["end"]) for _, d in sorted(load_meta(data_dir)["splits"]["train"]["domains"].items())]
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    batches = _windows(len(data), contexts, batch_size, min_context, max_context, rng)
+    batches = _windows(spans, contexts, batch_size, min_context, max_context, rng)
 
     # 1. PCA of the final hidden state, from a prefill pre-pass.
-    pca_batches = _windows(len(data), max(batch_size, 64), batch_size, min_context, max_context, rng)
+    pca_batches = _windows(spans, max(batch_size, 64), batch_size, min_context, max_context, rng)
     mean, comps = fit_pca(_pca_sample(model, data, pca_batches), pca_dims)
     spec = FeatureSpec(classes=[], pca_mean=mean, pca_components=comps, n_exits=len(cfg.exit_layers) - 1,
                        n_vocab=tok.n_vocab, vocab_size=cfg.vocab_size, n_last=n_last,
@@ -603,6 +612,7 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
                      "trust_match": int(best["trust_match"]), "copy_k": int(best["copy_k"]),
                      "copy_ms": round(copy_ms, 4)},
         "fit": {"data_dir": str(data_dir), "contexts": contexts, "steps_per_context": steps, "seed": seed,
+                "balance_domains": bool(balance_domains),
                 "min_context": min_context, "max_context": max_context, "lightgbm": params, "threads": threads,
                 "k_max_considered": int(k_max),
                 "verify_threads": None if verify_ms_given else vt,
@@ -730,6 +740,9 @@ def add_parser(sub, name: str) -> None:
                         "held-out simulation, 'off' asks the tree every step (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="model probability a token needs to be a token label (default: %(default)s)")
+    p.add_argument("--balance-domains", action="store_true",
+                   help="draw the same number of windows from every domain of the corpus (e.g. code and prose) "
+                        "instead of in proportion to their size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="contexts run together (default: %(default)s)")
     p.add_argument("--min-context", type=int, default=32)
@@ -770,7 +783,7 @@ def run(args) -> int:
                     verify_ms=verify, verify_threads=args.verify_threads,
                     copy_through={"auto": None, "yes": True, "no": False}[args.copy_through],
                     trust_match=None if args.trust_match == "auto" else 0 if args.trust_match == "off"
-                    else int(args.trust_match),
+                    else int(args.trust_match), balance_domains=args.balance_domains,
                     threads=args.threads, progress=not args.no_progress)
     except (BundleError, DataError, ValueError) as e:
         print(f"treespec draft-fit: error: {e}", file=sys.stderr)
