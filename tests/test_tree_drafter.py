@@ -487,3 +487,14 @@ def test_draft_fit_flags_fix_copy_through_and_the_trusted_match(fitted, draft_co
         assert (st["copy_through"], st["trust_match"]) == want
         d = TreeDrafter.load(load_bundle(tmp_path / "b"))
         assert (d.copy_through, d.trust_match) == want
+
+
+def test_windows_take_turns_over_the_domains_spans():
+    spans = [(0, 100), (100, 1000)]
+    batches = _windows(spans, 40, 4, 10, 20, np.random.default_rng(0))
+    assert sum(len(s) for _, s in batches) == 40
+    for b, (L, starts) in enumerate(batches):
+        lo, hi = spans[b % 2]
+        assert 10 <= L <= 20 and all(lo <= s and s + L <= hi for s in starts)  # inside its own domain
+    with pytest.raises(ValueError, match="too few"):
+        _windows([(0, 100), (100, 105)], 8, 4, 10, 20, np.random.default_rng(0))
