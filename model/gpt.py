@@ -40,9 +40,14 @@ LN_EPS = 1e-5
 # measured (AMD EPYC, MKL): a 50304 x 384 head took 5.2 ms for 1 row as a
 # matrix-vector product against 1.6 ms for 2 rows as W @ h^T, and F.linear
 # on 2 rows took 9.5 ms (bench/head_matmul.py). So up to FEW_ROWS rows on the
-# CPU, without autograd, the product runs as W @ h^T with at least 2 rows (a
-# single row is doubled). Training and prompt prefill keep F.linear.
+# CPU, without autograd, the product runs as W @ h^T. A single row is doubled
+# only for a weight with at least DOUBLE_MIN_OUT outputs (the head): for the
+# trunk's 384-1536-row weights the matrix-vector path is fine, and doubling
+# them made a one-token forward of models/default 0.45 ms slower (16.8 against
+# 16.3 ms, medians of 400 interleaved forwards on a second AMD EPYC without
+# AVX-512). Training and prompt prefill keep F.linear.
 FEW_ROWS = 16
+DOUBLE_MIN_OUT = 8192
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,7 +57,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight, bias)
     h = x.reshape(rows, x.shape[-1])
-    if rows == 1:
+    if rows == 1 and weight.shape[0] >= DOUBLE_MIN_OUT:
         h = h.repeat(2, 1)
     y = (weight @ h.T)[:, :rows].T
     if bias is not None:

@@ -221,14 +221,17 @@ def test_few_row_linear_equals_f_linear(bias):
     from treespec.model import gpt
 
     g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for out in (300, gpt.DOUBLE_MIN_OUT):  # a trunk-sized weight, and a head-sized one (one row doubled)
+            W = torch.randn(out, 48, generator=g)
+            b = torch.randn(out, generator=g) if bias else None
+            for rows in (1, 2, 3, 7, gpt.FEW_ROWS, gpt.FEW_ROWS + 1):
+                x = torch.randn(1, rows, 48, generator=g)
+                y = gpt.linear(x, W, b)
+                assert y.shape == (1, rows, out) and y.is_contiguous()
+                torch.testing.assert_close(y, F.linear(x, W, b), rtol=1e-5, atol=1e-5)
     W = torch.randn(300, 48, generator=g)
     b = torch.randn(300, generator=g) if bias else None
-    with torch.no_grad():
-        for rows in (1, 2, 3, 7, gpt.FEW_ROWS, gpt.FEW_ROWS + 1):
-            x = torch.randn(1, rows, 48, generator=g)
-            y = gpt.linear(x, W, b)
-            assert y.shape == (1, rows, 300) and y.is_contiguous()
-            torch.testing.assert_close(y, F.linear(x, W, b), rtol=1e-5, atol=1e-5)
     Wg = W.clone().requires_grad_()
     x = torch.randn(2, 48, generator=g)
     gpt.linear(x, Wg, b).sum().backward()
