@@ -6,7 +6,8 @@ nn.Linear does), ``W @ h^T`` as it is, and ``model.gpt.linear`` (``W @ h^T``
 with a single row doubled, and the result copied to row order). First for
 the output head and for one block's MLP input weight, then for the whole
 ``GPT.forward_step`` over a 200-token cache with ``linear`` and with
-``F.linear`` everywhere:
+``F.linear`` everywhere, and last a one-token step with a single row doubled
+for the head only (as ``linear`` does) against doubled for every weight:
 
     python bench/head_matmul.py --bundle models/default --threads 2
 """
@@ -14,6 +15,7 @@ the output head and for one block's MLP input weight, then for the whole
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from unittest import mock
 
@@ -71,6 +73,20 @@ def main() -> None:
         with mock.patch.object(gpt, "FEW_ROWS", 0):  # every product through F.linear
             a = step_ms(T)
         print(f"| {T} | {a:.2f} | {step_ms(T):.2f} |")
+
+    # Doubling a single row only for the head: a difference of a few percent,
+    # smaller than the drift between two runs, so the two are interleaved.
+    idx = torch.randint(0, 50000, (1, 1))
+    times = {"head only": [], "every weight": []}
+    for _ in range(max(args.reps, 200)):
+        for label, cut in (("head only", gpt.DOUBLE_MIN_OUT), ("every weight", 0)):
+            with mock.patch.object(gpt, "DOUBLE_MIN_OUT", cut):
+                cache.rollback(200)
+                t0 = time.perf_counter()
+                model.forward_step(idx, 200, cache)
+                times[label].append(time.perf_counter() - t0)
+    print("\nOne-token forward_step, a single row doubled for ..., interleaved: "
+          + ", ".join(f"{k} {statistics.median(v) * 1e3:.2f} ms" for k, v in times.items()))
 
 
 if __name__ == "__main__":

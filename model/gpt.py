@@ -43,9 +43,9 @@ LN_EPS = 1e-5
 # CPU, without autograd, the product runs as W @ h^T. A single row is doubled
 # only for a weight with at least DOUBLE_MIN_OUT outputs (the head): for the
 # trunk's 384-1536-row weights the matrix-vector path is fine, and doubling
-# them made a one-token forward of models/default 0.45 ms slower (16.8 against
-# 16.3 ms, medians of 400 interleaved forwards on a second AMD EPYC without
-# AVX-512). Training and prompt prefill keep F.linear.
+# them made a one-token forward of models/default about 0.5 ms slower (16.0
+# against 15.5 ms on a second AMD EPYC; the last line of bench/head_matmul.py,
+# which interleaves the two). Training and prompt prefill keep F.linear.
 FEW_ROWS = 16
 DOUBLE_MIN_OUT = 8192
 
