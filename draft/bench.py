@@ -143,9 +143,10 @@ def parse_drafter_spec(spec: str) -> tuple[str, int | None]:
 
 
 def run_bench(bundle, prompts: list[dict], drafter_names: list[str], params_for, warmup: int = 1,
-              progress: bool = True) -> dict[str, list[dict]]:
+              progress: bool = True, calibrate: bool = True) -> tuple[dict[str, list[dict]], dict[str, dict]]:
     """Run every prompt with every drafter (``NAME`` or ``NAME@K``),
-    interleaved; the raw per-run records."""
+    interleaved; the raw per-run records, and the costs each costed drafter
+    was calibrated to on this machine (``calibrate``: see make_drafter)."""
     from dataclasses import replace
 
     from tqdm import tqdm
@@ -155,7 +156,8 @@ def run_bench(bundle, prompts: list[dict], drafter_names: list[str], params_for,
 
     model, tok = bundle.model, bundle.tokenizer
     specs = {label: parse_drafter_spec(label) for label in drafter_names}
-    drafters = {label: make_drafter(name, bundle) for label, (name, _) in specs.items()}
+    drafters = {label: make_drafter(name, bundle, calibrate=calibrate) for label, (name, _) in specs.items()}
+    costs = {label: d.calibration for label, d in drafters.items() if getattr(d, "calibration", None)}
 
     def params(label: str, i: int, max_new: int | None):
         p, k = params_for(i, max_new), specs[label][1]
@@ -181,10 +183,22 @@ def run_bench(bundle, prompts: list[dict], drafter_names: list[str], params_for,
         bar.set_postfix({n: f"{sum(x['tokens'] for x in runs[n]) / sum(x['wall_s'] for x in runs[n]):.0f}t/s"
                          for n in drafter_names})
     bar.close()
-    return runs
+    return runs, costs
 
 
 # --- reporting -------------------------------------------------------------------
+
+def cpu_model() -> str | None:
+    """The CPU's marketing name where Linux tells it (platform.processor()
+    is often empty there). Speeds are only comparable on the same CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
 
 def format_table(summary: dict[str, dict], positions: int = 5) -> str:
     head = (f"{'drafter':<9} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft':>6} "
@@ -255,6 +269,8 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--out", default="bench/results", help="folder for the JSON and PNG (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up generations per drafter (default: 1)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="keep the tree's fitted costs instead of timing them on this machine first")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     p.set_defaults(func=run)
 
@@ -295,7 +311,8 @@ def run(args) -> int:
             return SamplingParams(max_new_tokens=max_new or args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed + i, k_max=args.k_max)
 
-        runs = run_bench(bundle, prompts, names, params_for, warmup=args.warmup, progress=not args.json)
+        runs, costs = run_bench(bundle, prompts, names, params_for, warmup=args.warmup, progress=not args.json,
+                                calibrate=not args.no_calibrate)
     except (BundleError, DrafterUnavailable, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -311,9 +328,10 @@ def run(args) -> int:
         "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "k_max": args.k_max,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-        "processor": platform.processor(), "python": platform.python_version(),
+        "processor": platform.processor(), "cpu_model": cpu_model(), "python": platform.python_version(),
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv,
+        "calibrated_costs": costs,
         "drafters": summary,
         "runs": {n: [{k: v for k, v in r.items() if k != "token_ids"} for r in runs[n]] for n in names},
     }

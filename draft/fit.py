@@ -33,13 +33,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 import sys
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +52,7 @@ from .ngram import DEFAULT_MAX_N, NgramDrafter, ngram_candidate, ngram_continuat
 from ..model.tokenizer import sha256_file
 from .tree import (COPY, FORMAT, FORMAT_VERSION, META_FILE, MODEL, MODEL_FILE, TreeDrafter, _Predictor, choose,
                    worth_drafting)
+from .costs import measure_verify_ms, torch_threads
 from .types import extend_costs
 
 # Verify cost when it is not measured: a 16M-parameter model on the 2-core
@@ -224,55 +223,6 @@ _clock = time.process_time
 _SERVING_THREADS = torch.get_num_threads()
 
 
-def measure_verify_ms(model, k_max: int, ctx_len: int, reps: int = 30, threads: int | None = None) -> list[float]:
-    """Wall time (median ms) of a forward over T = 1..k_max+1 new positions
-    after ``ctx_len`` cached ones, on ``threads`` torch threads.
-
-    Wall time at the serving thread count, because the drafter trades
-    verify latency against accepted tokens. It used to be process CPU time
-    on the fit's own thread count (1 by default); that curve rose from 8.6
-    ms (T=1) to 14.0 ms (T=7) where the decode loop's forwards on 2 threads
-    took about 8.9 and 10.3 ms (docs/speculative.md), and the drafter
-    stopped drafting too soon. Run it on a quiet machine."""
-    ctx_len = max(1, min(ctx_len, model.config.block_size - k_max - 1))
-    with torch_threads(threads):
-        return _verify_ms(model, k_max, ctx_len, reps)
-
-
-class NoisyTimingWarning(UserWarning):
-    """The machine was not quiet while draft-fit timed the verify forward."""
-
-
-def _verify_ms(model, k_max: int, ctx_len: int, reps: int) -> list[float]:
-    cache = model.new_cache(batch_size=1)
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, min(model.config.vocab_size, 50257), (1, ctx_len), generator=g)
-    model.forward_step(prompt, 0, cache, last_only=True)
-
-    def median_ms(T: int) -> float:
-        idx = prompt[:, :T]
-        times = []
-        for _ in range(reps + 3):
-            cache.rollback(ctx_len)
-            t0 = time.perf_counter()
-            model.forward_step(idx, ctx_len, cache)
-            times.append(time.perf_counter() - t0)
-        return round(float(np.median(times[3:])) * 1e3, 4)
-
-    out = [median_ms(T) for T in range(1, k_max + 2)]
-    # The one-position forward again: on a busy machine (a training run on
-    # the same cores made it 100 ms against 3.9 idle here) the two disagree,
-    # and a curve timed under load would set the drafter's costs wrongly.
-    again = median_ms(1)
-    if abs(again - out[0]) > 0.25 * min(again, out[0]):
-        warnings.warn(NoisyTimingWarning(
-            f"the one-position verify forward took {out[0]:.2f} ms and then {again:.2f} ms: the machine is "
-            f"busy, so the drafter's costs are unreliable; refit on a quiet machine or pass --verify-ms"),
-            stacklevel=3)
-    # A longer verify never costs less: keep the curve monotone against timing noise.
-    return [float(v) for v in np.maximum.accumulate(out)]
-
-
 # --- evaluation and simulation ----------------------------------------------
 
 def simulate(chosen: np.ndarray, p: np.ndarray, cand: np.ndarray, p_cand: np.ndarray, targets: np.ndarray,
@@ -332,18 +282,6 @@ def fit_drafter(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "d
     Keyword arguments are ``_fit``'s (and the CLI's flags)."""
     with torch_threads(threads):
         return _fit(bundle_path, data_dir, threads=threads, **kw)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """torch's intra-op threads set to ``n`` (None or 0: unchanged) for the block."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/default", *,

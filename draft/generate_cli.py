@@ -25,6 +25,8 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--drafter", choices=DRAFTERS, default="ngram", help="(default: %(default)s)")
     p.add_argument("--k-max", type=int, default=None, help="cap on draft length (default: the drafter's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="keep the tree's fitted costs instead of timing them on this machine first (about 2 s)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of the text")
     p.set_defaults(func=run)
 
@@ -42,7 +44,7 @@ def run(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:
         bundle = load_bundle(args.bundle)
-        drafter = make_drafter(args.drafter, bundle)
+        drafter = make_drafter(args.drafter, bundle, calibrate=not args.no_calibrate)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
                                 k_max=args.k_max)

@@ -12,8 +12,13 @@ class DrafterUnavailable(ValueError):
     """The requested drafter cannot be built for this bundle."""
 
 
-def make_drafter(name: str, bundle=None) -> Drafter | None:
-    """The drafter called ``name`` for ``bundle``; None means vanilla decoding."""
+def make_drafter(name: str, bundle=None, calibrate: bool = False) -> Drafter | None:
+    """The drafter called ``name`` for ``bundle``; None means vanilla decoding.
+
+    ``calibrate`` re-times a costed drafter's verify curve and own costs on
+    this machine at the current torch thread count (``TreeDrafter.calibrate``),
+    so set the threads first. Where it serves, it should: the fitted costs
+    describe the machine it was fitted on."""
     if name == "none":
         return None
     if name == "ngram":
@@ -28,5 +33,8 @@ def make_drafter(name: str, bundle=None) -> Drafter | None:
                 f"run `treespec draft-fit --bundle {bundle.path}` first, or use --drafter ngram")
         from .tree import TreeDrafter  # lazy: LightGBM loads only when a tree is asked for
 
-        return TreeDrafter.load(bundle)
+        drafter = TreeDrafter.load(bundle)
+        if calibrate:
+            drafter.calibrate()
+        return drafter
     raise DrafterUnavailable(f"unknown drafter {name!r}; choose one of {', '.join(DRAFTERS)}")

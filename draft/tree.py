@@ -66,6 +66,7 @@ from __future__ import annotations
 import ctypes
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -73,6 +74,7 @@ import numpy as np
 import torch
 
 from ..model.tokenizer import sha256_file
+from .costs import measure_verify_ms
 from .features import FEATURE_VERSION, FeatureSpec, features_for, state_features
 from .ngram import NgramDrafter, ngram_candidate, ngram_continuation, ngram_copy_path
 from .types import Draft, ModelFeatures, extend_costs
@@ -232,6 +234,7 @@ class TreeDrafter:
         # (the gate picks its length from ``verify_ms`` and how often its
         # drafts were accepted).
         self.fallback = NgramDrafter(k_max=self.k_max, max_n=spec.ngram_max_n)
+        self.calibration: dict | None = None  # set by calibrate(): the fitted costs and this machine's
 
     @property
     def forward_ms(self) -> float:
@@ -305,6 +308,61 @@ class TreeDrafter:
                    lookahead=s.get("rule", "myopic") == "lookahead", proposal_ms=s.get("proposal_ms"),
                    copy_through=s.get("copy_through", False), trust_match=s.get("trust_match", 0),
                    copy_k=s.get("copy_k", 0), meta=meta)
+
+    def calibrate(self, reps: int = 10) -> dict:
+        """Time the costs on this machine, at the current torch thread count,
+        in place of the ones fitted elsewhere; returns both.
+
+        The verify curve is a property of the machine: one fitted on a CPU
+        where nine positions cost 2.3x one makes a drafter on a CPU where
+        they cost 1.45x stop too early, and on a GPU the curve is flat.
+        The verify forward is timed again as ``draft-fit`` times it; the
+        drafter's own costs are timed in isolation (model features, one tree
+        row) and the fitted in-loop proposal cost is scaled by how much
+        faster or slower those are here. About 130 forwards for a curve of 9."""
+        s = self.meta.get("settings", {})
+        fit = self.meta.get("fit", {})
+        before = {"verify_ms": list(self.verify_ms), "predict_ms": self.predict_ms,
+                  "state_ms": s.get("state_ms"), "proposal_ms": self.proposal_ms}
+        ctx_len = (fit.get("min_context", 32) + fit.get("max_context", 384)) // 2
+        # As far as the fitted curve reaches (a request may draft past k_max).
+        verify = measure_verify_ms(self.model, max(self.k_max, len(self.verify_ms) - 1), ctx_len, reps=reps,
+                                   advice="the drafter keeps them until it is loaded again on a quiet machine")
+        state_ms, predict_ms = self._own_costs(ctx_len)
+        fitted_own = (s.get("state_ms") or 0.0) + (s.get("predict_ms") or 0.0)
+        scale = (state_ms + predict_ms) / fitted_own if fitted_own > 0 else 1.0
+        self.verify_ms, self.predict_ms = verify, predict_ms
+        if self.proposal_ms is not None:
+            self.proposal_ms *= scale
+        self.meta = {**self.meta, "settings": {**s, "state_ms": state_ms}}
+        self.calibration = {"fitted": before, "here": {"verify_ms": verify, "predict_ms": round(predict_ms, 4),
+                                                       "state_ms": round(state_ms, 4),
+                                                       "proposal_ms": self.proposal_ms},
+                            "threads": torch.get_num_threads()}
+        return self.calibration
+
+    def _own_costs(self, ctx_len: int, reps: int = 50) -> tuple[float, float]:
+        """(ms of model features per proposal, ms per tree row), in process
+        CPU time like draft-fit's: isolated, on a real model state."""
+        spec, n_vocab = self.spec, self.spec.n_vocab
+        ctx_len = max(1, min(ctx_len, self.model.config.block_size - 1))
+        ctx = torch.randint(0, n_vocab, (1, ctx_len), generator=torch.Generator().manual_seed(0))
+        cache = self.model.new_cache(batch_size=1, max_len=ctx_len)
+        out = self.model.forward_step(ctx, 0, cache, last_only=True)
+        feats = ModelFeatures(logits=out.logits[0, -1, :n_vocab], hidden=out.hidden[0, -1],
+                              exit_hidden=[h[0, -1] for h in out.exit_hidden])
+        context = ctx[0].tolist()
+        x = features_for(spec, self.state(feats), [context], [0],
+                         ngrams=[ngram_candidate(context, spec.ngram_max_n)])[0]
+        self.predict(x)
+
+        def ms(fn) -> float:
+            t0 = time.process_time()
+            for _ in range(reps):
+                fn()
+            return (time.process_time() - t0) / reps * 1e3
+
+        return ms(lambda: self.state(feats)), ms(lambda: self.predict(x))
 
     def state(self, features: ModelFeatures) -> np.ndarray:
         """The model part of the features, (1, n_state): once per proposal."""

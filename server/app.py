@@ -362,7 +362,8 @@ def engine_info(engine: Engine, settings: Settings) -> dict:
         spec = getattr(d, "spec", None)
         if spec is not None:  # the tree: its classes are K tokens + __COPY__ + __MODEL__
             entry.update(token_classes=len(spec.classes), classes=len(spec.classes) + 2,
-                         feature_version=getattr(spec, "version", None), p_min=getattr(d, "p_min", None))
+                         feature_version=getattr(spec, "version", None), p_min=getattr(d, "p_min", None),
+                         verify_ms=d.verify_ms, calibration=d.calibration)
         drafters[name] = entry
     return {
         "model_id": engine.model_name,

@@ -178,7 +178,7 @@ class Engine:
         self.bundle = load_bundle(s.bundle, device=s.device, dtype=_DTYPES[s.dtype])
         for name in DRAFTERS:
             try:
-                self.drafters[name] = make_drafter(name, self.bundle)
+                self.drafters[name] = make_drafter(name, self.bundle, calibrate=s.calibrate_drafter)
             except (DrafterUnavailable, ValueError) as e:
                 # A missing or broken tree costs the tree only: the server still
                 # serves ngram/none, and /info and the log say why.
@@ -193,6 +193,12 @@ class Engine:
             raise ValueError(f"default_drafter {s.default_drafter!r} is not available: {why}")
         self._generate = generate
         self.drafter_names = tuple(DRAFTERS)
+        tree = self.drafters.get("tree")
+        if getattr(tree, "calibration", None):
+            c = tree.calibration
+            log.info("tree drafter costs timed here on %d threads: verify %s ms for T=1..%d (fitted: %s)",
+                     c["threads"], [round(v, 2) for v in c["here"]["verify_ms"]], len(c["here"]["verify_ms"]),
+                     [round(v, 2) for v in c["fitted"]["verify_ms"]])
         log.info("loaded %s in %.1fs", s.bundle, time.perf_counter() - t0)
 
     @property

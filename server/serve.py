@@ -25,6 +25,7 @@ HELP = {
     "max_body_bytes": "larger request bodies get 413",
     "default_max_new_tokens": "max_new_tokens / max_tokens when a request leaves it out",
     "default_drafter": "auto (the bundle's tree drafter if it has one, else ngram), tree, ngram or none",
+    "calibrate_drafter": "time the tree drafter's verify cost on this machine at startup (about 2 s)",
     "cors_origins": "comma-separated origins allowed by CORS (default: CORS off)",
     "model_name": "model name reported by /info and /v1/completions (default: the bundle directory name)",
     "device": "torch device for the model",

@@ -40,6 +40,9 @@ class Settings:
     default_max_new_tokens: int = 64
     # "auto": the bundle's tree drafter if it has one, else "ngram".
     default_drafter: str = "auto"
+    # Time the tree drafter's verify cost on this machine at startup (about
+    # 2 s) instead of trusting the costs fitted on the machine draft-fit ran on.
+    calibrate_drafter: bool = True
     # Comma-separated origins allowed by CORS; empty turns CORS off.
     cors_origins: list[str] = field(default_factory=list)
     # Name reported as the OpenAI "model" and TGI "model_id"; default: the bundle directory name.

@@ -139,3 +139,21 @@ def test_bench_refuses_bad_drafter_specs(tiny_bundle, corpus, tmp_path, capsys, 
     args[args.index("--drafters") + 1] = spec
     assert main(args) == 2
     assert spec.split("@")[0] in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::treespec.draft.costs.NoisyTimingWarning")  # few repetitions
+def test_bench_times_the_tree_costs_on_this_machine_unless_told_not_to(fitted, draft_corpus, tmp_path, capsys):
+    path, _ = fitted
+    suite = tmp_path / "mine.jsonl"
+    suite.write_text(json.dumps({"prompt": "the cat sat on a mat. the cat sat on a"}) + "\n")
+    args = ["bench", "--bundle", str(path), "--drafters", "tree", "--n", "1", "--max-new-tokens", "8",
+            "--suite", str(suite), "--data-dir", str(draft_corpus), "--out", str(tmp_path / "res"), "--warmup",
+            "0", "--threads", "1", "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    cal = report["calibrated_costs"]["tree"]
+    assert cal["fitted"]["verify_ms"] == [1.9, 1.9, 1.9, 3.2] and cal["threads"] == 1
+    assert len(cal["here"]["verify_ms"]) == 4 and cal["here"]["verify_ms"] != cal["fitted"]["verify_ms"]
+    assert report["drafters"]["tree"]["identical"] == 1
+    assert main(args + ["--no-calibrate"]) == 0
+    assert json.loads(capsys.readouterr().out)["calibrated_costs"] == {}

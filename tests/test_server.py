@@ -595,6 +595,10 @@ def test_tree_drafter_serves_through_a_live_server(fitted):
             info = c.get("/info").json()["drafters"]
             assert info["default"] == "tree" and "tree" in info["available"]
             assert info["settings"]["tree"]["classes"] == info["settings"]["tree"]["token_classes"] + 2
+            # Its costs were timed on this machine at startup, not taken from the fit (--verify-ms 1.9,...).
+            cal = info["settings"]["tree"]["calibration"]
+            assert cal["fitted"]["verify_ms"] == [1.9, 1.9, 1.9, 3.2] and cal["threads"] == 1
+            assert info["settings"]["tree"]["verify_ms"] == cal["here"]["verify_ms"] != cal["fitted"]["verify_ms"]
             prompt = "the cat sat on a mat and then it ran. the cat sat on a mat and then"
             before = server.wait_idle()
             tree = generate(c, prompt, max_new_tokens=16)  # the default drafter

@@ -349,9 +349,9 @@ def test_exit_scores_are_the_exit_heads_logits_for_each_rows_top_tokens():
     np.testing.assert_allclose(_exit_scores(model, 0, h, top), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.filterwarnings("ignore::treespec.draft.fit.NoisyTimingWarning")  # 2 repetitions are noisy anyway
+@pytest.mark.filterwarnings("ignore::treespec.draft.costs.NoisyTimingWarning")  # 2 repetitions are noisy anyway
 def test_verify_costs_are_timed_on_the_serving_thread_count():
-    from treespec.draft.fit import measure_verify_ms
+    from treespec.draft.costs import measure_verify_ms
 
     model = tiny_model(seed=0)
     before = torch.get_num_threads()
@@ -372,7 +372,7 @@ def test_verify_timing_under_load_is_flagged():
     import time
     import warnings
 
-    from treespec.draft.fit import NoisyTimingWarning, measure_verify_ms
+    from treespec.draft.costs import NoisyTimingWarning, measure_verify_ms
 
     model = tiny_model(seed=0)
     real, calls = model.forward_step, []
@@ -498,3 +498,63 @@ def test_windows_take_turns_over_the_domains_spans():
         assert 10 <= L <= 20 and all(lo <= s and s + L <= hi for s in starts)  # inside its own domain
     with pytest.raises(ValueError, match="too few"):
         _windows([(0, 100), (100, 105)], 8, 4, 10, 20, np.random.default_rng(0))
+
+
+def test_calibrate_replaces_the_fitted_costs_with_this_machines(fitted):
+    """A drafter fitted where a forward cost 1.9 ms, served where it costs
+    ~30 ms + 10 ms per position: calibrate() times the new curve, and the
+    stopping rule and the engine's gate see it; the drafter's own costs
+    scale with how its isolated timings compare."""
+    import time
+    from unittest import mock
+
+    from treespec.draft.engine import DraftGate
+
+    drafter = TreeDrafter.load(load_bundle(fitted[0]))
+    assert drafter.calibration is None and drafter.verify_ms == [1.9, 1.9, 1.9, 3.2]
+    s = drafter.meta["settings"]
+    real = drafter.model.forward_step
+
+    def slow(ids, *a, **k):
+        time.sleep(0.02 + 0.01 * ids.shape[1] if not k.get("last_only") else 0)
+        return real(ids, *a, **k)
+
+    drafter.model.forward_step = slow
+    with mock.patch.object(drafter, "_own_costs", lambda ctx_len: (2 * s["state_ms"], 2 * s["predict_ms"])):
+        cal = drafter.calibrate(reps=2)
+    v = drafter.verify_ms
+    assert cal["fitted"]["verify_ms"] == [1.9, 1.9, 1.9, 3.2] and cal["here"]["verify_ms"] == v
+    assert len(v) == 4 and v == sorted(v)  # as far as the fitted curve reached
+    assert 30 <= v[0] < 60 and 8 * (len(v) - 1) <= v[-1] - v[0] < 30 * (len(v) - 1)  # ~10 ms a position, not ~0.4
+    assert drafter.forward_ms == v[0] and DraftGate.for_drafter(drafter).forward_ms == v[0]
+    assert drafter.predict_ms == pytest.approx(2 * s["predict_ms"])
+    # No in-loop proposal cost was fitted (--verify-ms given), so a proposal
+    # costs the features and one row per depth, now at this machine's rates.
+    assert drafter.step_cost_ms(2) == pytest.approx(2 * s["state_ms"] + 2 * 2 * s["predict_ms"] + v[2] - v[0])
+
+
+def test_calibrated_in_loop_proposal_cost_scales_with_the_isolated_timings(fitted):
+    from unittest import mock
+
+    drafter = TreeDrafter.load(load_bundle(fitted[0]))
+    s = drafter.meta["settings"]
+    drafter.proposal_ms = 0.5  # as draft-fit measures it when it times the verify itself
+    with mock.patch.object(drafter, "_own_costs", lambda ctx_len: (3 * s["state_ms"], 3 * s["predict_ms"])):
+        drafter.calibrate(reps=1)
+    assert drafter.proposal_ms == pytest.approx(1.5)
+    assert drafter.step_cost_ms(1) == pytest.approx(1.5 + drafter.verify_ms[1] - drafter.verify_ms[0])
+
+
+def test_drafters_are_calibrated_only_when_asked(fitted):
+    from unittest import mock
+
+    from treespec.draft.registry import make_drafter
+
+    bundle = load_bundle(fitted[0])
+    with mock.patch.object(TreeDrafter, "calibrate") as cal:
+        assert make_drafter("tree", bundle).verify_ms == [1.9, 1.9, 1.9, 3.2]
+        assert cal.call_count == 0
+        make_drafter("tree", bundle, calibrate=True)
+        assert cal.call_count == 1
+    own = TreeDrafter.load(bundle)._own_costs(16)
+    assert all(0 < ms < 100 for ms in own)  # real timings of the real pieces
