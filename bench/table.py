@@ -1,6 +1,7 @@
 """The markdown table in docs/speculative.md, from `treespec bench` JSON files.
 
-    python bench/table.py bench/results/default-{code,prose}-T0.json bench/results/default-{code,prose}-T0.8.json
+    python bench/table.py bench/results/default-{code,prose}-T0.json bench/results/default-{code,prose}-T0.8.json \
+        --versus tree:ngram
 
 Prints one row per drafter per file, in the files' order, so the docs quote
 what the benchmark wrote rather than numbers copied by hand.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-HEAD = ("suite", "T", "drafter", "tok/s", "speedup", "τ", "acc@1", "acc@2", "acc@3", "draft%", "ms/draft",
+HEAD = ("suite", "T", "drafter", "tok/s", "speedup", "95% CI", "τ", "acc@1", "acc@2", "acc@3", "draft%", "ms/draft",
         "ms/verify", "identical to vanilla")
 
 
@@ -22,8 +23,10 @@ def rows(result: dict) -> list[list[str]]:
         r = result["drafters"][name]
         acc = r.get("acceptance_per_position") or []
         cells = [f"{acc[j]:.2f}" if j < len(acc) and name != "none" else "–" for j in range(3)]
+        ci = r.get("speedup_ci95")
+        ci = f"{ci[0]:.2f}–{ci[1]:.2f}×" if ci and name != "none" else "–"
         out.append([result["suite"], f"{result['temperature']:g}", name, f"{r['tokens_per_s']:.1f}",
-                    f"{r['speedup']:.2f}×", f"{r['tau']:.2f}", *cells, f"{100 * r['drafter_share']:.1f}%",
+                    f"{r['speedup']:.2f}×", ci, f"{r['tau']:.2f}", *cells, f"{100 * r['drafter_share']:.1f}%",
                     f"{r['drafter_ms_per_step']:.2f}", f"{r['verify_ms_per_step']:.2f}",
                     f"{r['identical']}/{r['prompts']}" if greedy else "n/a"])
     return out
@@ -32,11 +35,25 @@ def rows(result: dict) -> list[list[str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="+", help="JSON files written by `treespec bench --out`")
+    ap.add_argument("--versus", action="append", default=[], metavar="A:B",
+                    help="also list drafter A's speed over drafter B's per file, with its 95%% interval")
     args = ap.parse_args()
-    lines = ["| " + " | ".join(HEAD) + " |", "|" + " --- |" * len(HEAD)]
+    results = []
     for path in args.files:
         with open(path) as f:
-            lines += ["| " + " | ".join(r) + " |" for r in rows(json.load(f))]
+            results.append(json.load(f))
+    lines = ["| " + " | ".join(HEAD) + " |", "|" + " --- |" * len(HEAD)]
+    for result in results:
+        lines += ["| " + " | ".join(r) + " |" for r in rows(result)]
+    for pair in args.versus:
+        a, _, b = pair.partition(":")
+        lines.append("")
+        for result in results:
+            d = result["drafters"]
+            if a in d and b in d and b in d[a].get("ratio_ci95", {}):
+                lo, hi = d[a]["ratio_ci95"][b]
+                lines.append(f"- {result['suite']}, T = {result['temperature']:g}: {a} / {b} = "
+                             f"{d[a]['tokens_per_s'] / d[b]['tokens_per_s']:.2f}× (95% interval {lo:.2f}–{hi:.2f})")
     print("\n".join(lines))
 
 

@@ -6,9 +6,11 @@ background job, thermal throttling) fall on all drafters alike. Greedy by
 default; ``--temperature`` and ``--seed`` measure sampled decoding.
 
 Per drafter it reports tokens/s, the speedup over vanilla (``none``, always
-run), tau (tokens per verify step, bonus included), the acceptance rate per
-draft position, the share of wall time spent drafting, and whether every
-greedy output was identical to vanilla. It prints a table, writes JSON and
+run) with a 95% bootstrap interval over the prompts (``ratio_ci``; the JSON
+also has the interval against every other drafter), tau (tokens per verify
+step, bonus included), the acceptance rate per draft position, the share of
+wall time spent drafting, and whether every greedy output was identical to
+vanilla. It prints a table, writes JSON and
 a PNG, and exits with status 1 if any greedy output differs.
 
 A drafter may be named with a draft-length cap, ``NAME@K`` (``ngram@7``),
@@ -130,6 +132,26 @@ def summarise(runs: list[dict], reference: list[dict] | None, greedy: bool) -> d
     return out
 
 
+def ratio_ci(runs: list[dict], reference: list[dict], n_boot: int = 2000, level: float = 0.95,
+             seed: int = 0) -> list[float]:
+    """A bootstrap interval for (tokens/s of ``runs``) / (tokens/s of
+    ``reference``) over the same prompts: the prompts are resampled with
+    replacement, in pairs, so the interval says how much the ratio depends on
+    which prompts the suite happened to hold (not on the machine's drift,
+    which interleaving spreads over every drafter alike)."""
+    import numpy as np
+
+    tok = np.asarray([[r["tokens"], v["tokens"]] for r, v in zip(runs, reference)], dtype=np.float64)
+    wall = np.asarray([[r["wall_s"], v["wall_s"]] for r, v in zip(runs, reference)], dtype=np.float64)
+    if len(tok) == 0 or (wall <= 0).any():
+        return [float("nan"), float("nan")]
+    idx = np.random.default_rng(seed).integers(0, len(tok), size=(n_boot, len(tok)))
+    t, w = tok[idx].sum(axis=1), wall[idx].sum(axis=1)  # (n_boot, 2)
+    ratio = (t[:, 0] / w[:, 0]) / (t[:, 1] / w[:, 1])
+    lo, hi = np.quantile(ratio, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
 def parse_drafter_spec(spec: str) -> tuple[str, int | None]:
     """``"ngram@7"`` -> ("ngram", 7); ``"tree"`` -> ("tree", None)."""
     name, at, k = spec.partition("@")
@@ -201,7 +223,7 @@ def cpu_model() -> str | None:
 
 
 def format_table(summary: dict[str, dict], positions: int = 5) -> str:
-    head = (f"{'drafter':<9} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft':>6} "
+    head = (f"{'drafter':<9} {'tok/s':>8} {'speedup':>8} {'95% CI':>13} {'tau':>6} {'draft':>6} "
             + " ".join(f"{'acc@' + str(j + 1):>6}" for j in range(positions))
             + f" {'draft%':>7} {'ms/verify':>9} {'identical':>10}")
     lines = [head, "-" * len(head)]
@@ -209,7 +231,9 @@ def format_table(summary: dict[str, dict], positions: int = 5) -> str:
         acc = s["acceptance_per_position"]
         cells = " ".join(f"{acc[j]:>6.2f}" if j < len(acc) else f"{'-':>6}" for j in range(positions))
         ident = "n/a" if s["identical"] is None else f"{s['identical']}/{s['prompts']}"
-        lines.append(f"{name:<9} {s['tokens_per_s']:>8.1f} {s['speedup']:>7.2f}x {s['tau']:>6.2f} "
+        lo, hi = s.get("speedup_ci95") or (float("nan"), float("nan"))
+        ci = f"{lo:.2f}-{hi:.2f}x" if name != "none" else "-"
+        lines.append(f"{name:<9} {s['tokens_per_s']:>8.1f} {s['speedup']:>7.2f}x {ci:>13} {s['tau']:>6.2f} "
                      f"{s['mean_draft_length']:>6.2f} {cells} {100 * s['drafter_share']:>6.1f}% "
                      f"{s['verify_ms_per_step']:>9.2f} {ident:>10}")
     return "\n".join(lines)
@@ -224,12 +248,15 @@ def plot(summary: dict[str, dict], title: str, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(summary)
     speed = [summary[n]["speedup"] for n in names]
-    bars = ax1.bar(names, speed, color=["#999999" if n == "none" else "#3b7dd8" for n in names])
+    ci = [summary[n].get("speedup_ci95") or [v, v] for n, v in zip(names, speed)]
+    err = [[max(v - c[0], 0.0) for v, c in zip(speed, ci)], [max(c[1] - v, 0.0) for v, c in zip(speed, ci)]]
+    bars = ax1.bar(names, speed, yerr=err, capsize=4,
+                   color=["#999999" if n == "none" else "#3b7dd8" for n in names])
     ax1.axhline(1.0, color="black", linewidth=0.8)
     ax1.bar_label(bars, labels=[f"{v:.2f}x" for v in speed])
-    ax1.set_ylim(0, max(speed + [1.0]) * 1.15)
+    ax1.set_ylim(0, max(speed + [c[1] for c in ci] + [1.0]) * 1.15)
     ax1.set_ylabel("speedup over vanilla (tokens/s)")
-    ax1.set_title("speedup")
+    ax1.set_title("speedup (bars: 95% bootstrap interval over prompts)")
     for n in names:
         acc = summary[n]["acceptance_per_position"]
         if acc:
@@ -320,8 +347,11 @@ def run(args) -> int:
     greedy = args.temperature == 0.0
     summary = {n: summarise(runs[n], runs["none"], greedy) for n in names}
     base = summary["none"]["tokens_per_s"]
-    for s in summary.values():
+    for n, s in summary.items():
         s["speedup"] = s["tokens_per_s"] / base if base else 0.0
+        s["speedup_ci95"] = ratio_ci(runs[n], runs["none"])
+        # Against every other drafter too: "faster than ngram" is a claim about this ratio.
+        s["ratio_ci95"] = {m: ratio_ci(runs[n], runs[m]) for m in names if m not in (n, "none")}
 
     report = {
         "bundle": str(bundle.path), "weights_sha256": bundle.weights_sha256, "suite": args.suite,

@@ -131,6 +131,24 @@ def test_bench_compares_a_drafter_at_several_draft_lengths(long_bundle, corpus, 
     assert len(d["ngram@1"]["drafted_per_position"]) == 1  # capped at one drafted token per step
     assert 1 < len(d["ngram@6"]["drafted_per_position"]) <= 6
     assert d["ngram@6"]["mean_draft_length"] > d["ngram@1"]["mean_draft_length"]
+    # Intervals against vanilla and against each other drafter (not vanilla, not itself).
+    assert set(d["ngram"]["ratio_ci95"]) == {"ngram@1", "ngram@6"} and d["none"]["ratio_ci95"].keys() >= {"ngram"}
+    for n in ("ngram", "ngram@1", "ngram@6"):
+        lo, hi = d[n]["speedup_ci95"]
+        assert 0 < lo <= hi
+    # bench/table.py prints the docs' table and the comparison from that JSON.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "table.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "res" / "bundle-code-T0.json"),
+                          "--versus", "ngram@6:ngram"], capture_output=True, text=True, check=True).stdout
+    table = [line for line in out.splitlines() if line.startswith("| code")]
+    assert [line.split(" | ")[2] for line in table] == ["none", "ngram", "ngram@1", "ngram@6"]
+    lo, hi = d["ngram@6"]["ratio_ci95"]["ngram"]
+    assert f"ngram@6 / ngram = {d['ngram@6']['tokens_per_s'] / d['ngram']['tokens_per_s']:.2f}×" in out
+    assert f"(95% interval {lo:.2f}–{hi:.2f})" in out
 
 
 @pytest.mark.parametrize("spec", ["ngram@0", "ngram@x", "none@3", "medusa", "tree@"])
@@ -157,3 +175,20 @@ def test_bench_times_the_tree_costs_on_this_machine_unless_told_not_to(fitted, d
     assert report["drafters"]["tree"]["identical"] == 1
     assert main(args + ["--no-calibrate"]) == 0
     assert json.loads(capsys.readouterr().out)["calibrated_costs"] == {}
+
+
+def test_ratio_ci_brackets_the_ratio_and_widens_with_disagreeing_prompts():
+    from treespec.draft.bench import ratio_ci
+
+    def runs(walls):
+        return [{"tokens": 100, "wall_s": w} for w in walls]
+
+    ref = runs([1.0] * 8)
+    # Every prompt twice as fast: no doubt about it.
+    assert ratio_ci(runs([0.5] * 8), ref) == pytest.approx([2.0, 2.0])
+    # Half the prompts 3x faster, half no faster: the pooled ratio (1.5x) sits
+    # inside an interval that spans most of the way between the two.
+    lo, hi = ratio_ci(runs([1 / 3, 1.0] * 4), ref)
+    pooled = (800 / (4 / 3 + 4)) / 100
+    assert lo < pooled < hi and lo < 1.3 and hi > 1.8
+    assert ratio_ci(runs([1 / 3, 1.0] * 4), ref) == [lo, hi]  # seeded: the same interval every time
