@@ -18,7 +18,6 @@ HEAD = ("suite", "T", "drafter", "tok/s", "speedup", "95% CI", "τ", "acc@1", "a
 
 def rows(result: dict) -> list[list[str]]:
     out = []
-    greedy = not result["temperature"]
     for name in result["runs"]:
         r = result["drafters"][name]
         acc = r.get("acceptance_per_position") or []
@@ -28,7 +27,7 @@ def rows(result: dict) -> list[list[str]]:
         out.append([result["suite"], f"{result['temperature']:g}", name, f"{r['tokens_per_s']:.1f}",
                     f"{r['speedup']:.2f}×", ci, f"{r['tau']:.2f}", *cells, f"{100 * r['drafter_share']:.1f}%",
                     f"{r['drafter_ms_per_step']:.2f}", f"{r['verify_ms_per_step']:.2f}",
-                    f"{r['identical']}/{r['prompts']}" if greedy else "n/a"])
+                    "n/a" if r.get("identical") is None else f"{r['identical']}/{r['prompts']}"])
     return out
 
 

@@ -76,24 +76,38 @@ def _nucleus(p: torch.Tensor, top_p: float, first: int = 256) -> torch.Tensor:
 
 
 def sample(p: torch.Tensor, generator: torch.Generator) -> int:
-    """One token from the (not necessarily normalised) weights ``p`` (V,).
+    """One token from the (not necessarily normalised) weights ``p`` (V,)."""
+    return sample_at(p, float(torch.rand((), generator=generator, dtype=torch.float64)))
 
-    Inverse-CDF sampling: one uniform draw and a binary search over the
-    cumulative weights. torch.multinomial takes milliseconds over 50k
-    entries on this CPU, longer than a whole forward of the model.
-    """
+
+def sample_at(p: torch.Tensor, u: float) -> int:
+    """The token the uniform draw ``u`` in [0, 1) picks from the weights ``p``
+    (V,): inverse-CDF sampling, a binary search over the cumulative weights.
+    torch.multinomial takes milliseconds over 50k entries on this CPU,
+    longer than a whole forward of the model."""
     c = torch.cumsum(p, dim=0, dtype=torch.float64)
-    u = torch.rand((), generator=generator, dtype=torch.float64, device=p.device) * c[-1]
+    x = torch.tensor(u * float(c[-1]), dtype=torch.float64, device=p.device)
     # right=True: the first index whose cumulative weight exceeds u, so a
     # zero-weight token (c[i] == c[i-1]) can never be chosen.
-    return min(int(torch.searchsorted(c, u, right=True)), p.numel() - 1)
+    return min(int(torch.searchsorted(c, x, right=True)), p.numel() - 1)
+
+
+def uniforms(max_new_tokens: int, generator: torch.Generator) -> torch.Tensor:
+    """A request's random numbers, drawn up front: row i (float64 in [0, 1))
+    belongs to generated token i, column 0 picks that token (``sample_at``),
+    column 1 is the acceptance test for a draft the drafter sampled from its
+    own q. Tying each draw to a position of the output instead of to the
+    order of the calls is what makes a seeded request produce the same
+    tokens with every drafter, and with none (``accept_sampled``)."""
+    return torch.rand((max(max_new_tokens, 1), 2), generator=generator, dtype=torch.float64)
 
 
 # --- acceptance -------------------------------------------------------------
 
-# (p (k+1, V), drafts (k tokens), q (k rows of (V,)) or None, generator)
+# (p (k+1, V), drafts (k tokens), q (k rows of (V,)) or None, u (k+1, 2): the
+# uniforms of the k+1 output positions this step can produce)
 #   -> (number of drafts accepted, the token that follows them)
-AcceptRule = Callable[[torch.Tensor, list[int], "list[torch.Tensor] | None", torch.Generator], tuple[int, int]]
+AcceptRule = Callable[[torch.Tensor, list[int], "list[torch.Tensor] | None", torch.Tensor], tuple[int, int]]
 
 
 def accept_greedy(argmax: list[int], drafts: list[int]) -> int:
@@ -107,37 +121,46 @@ def accept_greedy(argmax: list[int], drafts: list[int]) -> int:
 
 
 def accept_sampled(p: torch.Tensor, drafts: list[int], q: list[torch.Tensor] | None,
-                   generator: torch.Generator) -> tuple[int, int]:
-    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023).
+                   u: torch.Tensor) -> tuple[int, int]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023), with
+    the randomness tied to output positions.
 
     Row j of ``p`` is the model's processed distribution for the token after
-    draft j-1 (row 0: after the last accepted token). A draft d proposed
-    deterministically is accepted with probability p(d); on rejection the
-    token is drawn from p with d removed. A draft sampled from the drafter's
-    own q is accepted with probability min(1, p(d)/q(d)); on rejection the
-    token is drawn from max(0, p - q). Either way the emitted token has
-    exactly the distribution p. When every draft is accepted, the bonus token
-    comes from the row after the last draft.
+    draft j-1 (row 0: after the last accepted token); ``u[j]`` are that
+    output position's uniforms (``uniforms``).
+
+    A draft d proposed deterministically (``q`` None) is accepted when the
+    token that position's draw picks from p, ``sample_at(p[j], u[j, 0])``,
+    is d; otherwise that token is emitted and drafting ends. The emitted
+    token is then exactly vanilla sampling's token for that position, so d
+    is accepted with probability p(d) and a rejection emits a token from p
+    with d removed and renormalised: the textbook rule, coupled. With the
+    same seed a speculative run reproduces the vanilla run token for token
+    (up to the last bits of the logits, which a verify over several positions
+    may round differently from a one-token forward).
+
+    A draft sampled from the drafter's own q is accepted with probability
+    min(1, p(d)/q(d)), tested with ``u[j, 1]``; on rejection the token comes
+    from max(0, p - q), picked with ``u[j, 0]``. That emits exactly p too, but
+    not vanilla's token. When every draft is accepted, the bonus token comes
+    from the row after the last draft.
     """
     for j, d in enumerate(drafts):
         pj = p[j]
-        pd = float(pj[d])
-        u = float(torch.rand((), generator=generator))
         if q is None:
-            if u < pd:
+            x = sample_at(pj, float(u[j, 0]))
+            if x == d:
                 continue
-            residual = pj.clone()
-            residual[d] = 0.0
-        else:
-            qj = q[j]
-            qd = float(qj[d])
-            if qd <= 0.0:
-                raise ValueError(f"the drafter proposed token {d} at draft position {j} with q(d) = 0; "
-                                 "a sampled draft must come from its own q")
-            if u < pd / qd:
-                continue
-            residual = (pj - qj).clamp_min_(0.0)
+            return j, x
+        qj = q[j]
+        qd = float(qj[d])
+        if qd <= 0.0:
+            raise ValueError(f"the drafter proposed token {d} at draft position {j} with q(d) = 0; "
+                             "a sampled draft must come from its own q")
+        if float(u[j, 1]) < float(pj[d]) / qd:
+            continue
+        residual = (pj - qj).clamp_min_(0.0)
         if float(residual.sum()) <= 0.0:  # only by rounding: p and q agree
             residual = pj
-        return j, sample(residual, generator)
-    return len(drafts), sample(p[len(drafts)], generator)
+        return j, sample_at(residual, float(u[j, 0]))
+    return len(drafts), sample_at(p[len(drafts)], float(u[len(drafts), 0]))

@@ -15,7 +15,7 @@ from scipy.stats import chi2
 
 from treespec.draft.engine import generate, generate_all
 from treespec.draft.ngram import NgramDrafter
-from treespec.draft.sampling import accept_sampled, probs_from_logits, sample
+from treespec.draft.sampling import accept_sampled, probs_from_logits, sample, sample_at
 from treespec.draft.types import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Draft,
                                   SamplingParams)
 from treespec.model import Tokenizer
@@ -98,6 +98,28 @@ def test_greedy_speculative_equals_vanilla(request, tok, model_name):
             torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
             accepted += got.stats.accepted_tokens
     assert accepted > 0
+
+
+@pytest.mark.parametrize("model_name", ["looping", "wandering"])
+def test_seeded_sampling_gives_vanilla_tokens_with_every_drafter(request, tok, model_name):
+    """The random numbers belong to output positions, not to calls: with one
+    seed, every deterministic drafter yields vanilla sampling's tokens, and an
+    oracle of that sampled run is always accepted (tau = k + 1 at T = 0.9)."""
+    model = request.getfixturevalue(model_name)
+    outputs = set()
+    for i, prompt in enumerate(random_prompts(8, seed=20 + len(model_name))):
+        params = SamplingParams(max_new_tokens=21, temperature=0.9, top_k=100, top_p=0.95, seed=100 + i)
+        ref = generate_all(model, prompt, params, tokenizer=tok)
+        outputs.add(tuple(ref.token_ids))
+        for d in (NgramDrafter(k_max=4), Oracle(ref.token_ids, len(prompt), 4, "partial"),
+                  Oracle(ref.token_ids, len(prompt), 2, "wrong")):
+            got = generate_all(model, prompt, params, d, tokenizer=tok)
+            assert got.token_ids == ref.token_ids, d.name
+            torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
+        right = generate_all(model, prompt, params, Oracle(ref.token_ids, len(prompt), 4, "right"), tokenizer=tok)
+        assert right.token_ids == ref.token_ids
+        assert right.stats.accepted_tokens == right.stats.draft_tokens == 4 * right.stats.verify_steps == 16
+    assert len(outputs) == 8  # and the seeds do sample different continuations
 
 
 @pytest.mark.parametrize("k,steps", [(1, 6), (3, 4), (4, 3)])
@@ -320,17 +342,17 @@ class TableDrafter:
         return Draft(tokens=tokens, q=qs if self.sampled else None)
 
 
-def accept_always(p, drafts, q, g):
+def accept_always(p, drafts, q, u):
     """Wrong: every draft accepted."""
-    return len(drafts), sample(p[len(drafts)], g)
+    return len(drafts), sample_at(p[len(drafts)], float(u[len(drafts), 0]))
 
 
-def accept_without_residual(p, drafts, q, g):
+def accept_without_residual(p, drafts, q, u):
     """Wrong: accepts d with probability p(d) but then resamples from p with d still in it."""
     for j, d in enumerate(drafts):
-        if float(torch.rand((), generator=g)) >= float(p[j][d]):
-            return j, sample(p[j], g)
-    return len(drafts), sample(p[len(drafts)], g)
+        if float(u[j, 1]) >= float(p[j][d]):
+            return j, sample_at(p[j], float(u[j, 0]))
+    return len(drafts), sample_at(p[len(drafts)], float(u[len(drafts), 0]))
 
 
 def chi_square(counts: dict, exact: dict, n: int) -> tuple[float, float]:

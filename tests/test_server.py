@@ -604,6 +604,11 @@ def test_tree_drafter_serves_through_a_live_server(fitted):
             tree = generate(c, prompt, max_new_tokens=16)  # the default drafter
             after = server.wait_idle()
             plain = generate(c, prompt, max_new_tokens=16, drafter="none")
+            # Seeded sampling: the tree's drafts do not change which tokens the seed gives.
+            sampled = [c.post("/generate", json={"inputs": prompt, "parameters": {
+                "max_new_tokens": 16, "do_sample": True, "temperature": 0.9, "seed": 7, "drafter": d}}).json()
+                for d in ("tree", "none")]
+        assert sampled[0]["generated_text"] == sampled[1]["generated_text"]
         spec = tree["details"]["speculative"]
         assert spec["drafter"] == "tree" and spec["draft_tokens"] > 0
         assert tree["generated_text"] == plain["generated_text"]
