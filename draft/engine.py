@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .sampling import (AcceptRule, accept_greedy, accept_sampled, make_generator, probs_from_logits, uniforms,
+from .sampling import (AcceptRule, PositionDraws, accept_greedy, accept_sampled, make_generator, probs_from_logits,
                        validate_params)
 from .text import TextStream
 from .types import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Draft, Drafter, ModelFeatures,
@@ -213,9 +213,10 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
     cache.reset()
     eot = tokenizer.eot_id
     greedy = params.greedy
-    # Sampling: one uniform pair per output position, drawn up front (see
-    # sampling.uniforms), so the drafts never change which tokens a seed gives.
-    u = None if greedy else uniforms(params.max_new_tokens, make_generator(params.seed, model.wte.weight.device))
+    # Sampling: the random draws belong to output positions (PositionDraws),
+    # so the drafts never change which tokens a seed gives.
+    draws = None if greedy else PositionDraws(params.max_new_tokens,
+                                              make_generator(params.seed, model.wte.weight.device))
     device = model.wte.weight.device
     k_cap = params.k_max if params.k_max is not None else getattr(drafter, "k_max", DEFAULT_K)
     stream = TextStream(tokenizer, params.stop)
@@ -236,8 +237,8 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
             lp = rows[torch.arange(n + 1), new] - torch.logsumexp(rows, dim=-1)
         else:
             p = probs_from_logits(logits, params)
-            at = stats.generated_tokens  # the output position of this step's first token
-            n, nxt = accept(p, drafts, q, u[at:at + len(drafts) + 1])
+            # stats.generated_tokens: the output position of this step's first token
+            n, nxt = accept(p, drafts, q, draws.at(stats.generated_tokens))
             new = drafts[:n] + [nxt]
             lp = torch.log(p[torch.arange(n + 1), new])
         return new, lp.tolist()

@@ -15,7 +15,7 @@ from scipy.stats import chi2
 
 from treespec.draft.engine import generate, generate_all
 from treespec.draft.ngram import NgramDrafter
-from treespec.draft.sampling import accept_sampled, probs_from_logits, sample, sample_at
+from treespec.draft.sampling import accept_sampled, probs_from_logits, sample
 from treespec.draft.types import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Draft,
                                   SamplingParams)
 from treespec.model import Tokenizer
@@ -342,17 +342,17 @@ class TableDrafter:
         return Draft(tokens=tokens, q=qs if self.sampled else None)
 
 
-def accept_always(p, drafts, q, u):
+def accept_always(p, drafts, q, r):
     """Wrong: every draft accepted."""
-    return len(drafts), sample_at(p[len(drafts)], float(u[len(drafts), 0]))
+    return len(drafts), r.token(p[len(drafts)], len(drafts))
 
 
-def accept_without_residual(p, drafts, q, u):
+def accept_without_residual(p, drafts, q, r):
     """Wrong: accepts d with probability p(d) but then resamples from p with d still in it."""
     for j, d in enumerate(drafts):
-        if float(u[j, 1]) >= float(p[j][d]):
-            return j, sample_at(p[j], float(u[j, 0]))
-    return len(drafts), sample_at(p[len(drafts)], float(u[len(drafts), 0]))
+        if r.uniform(j) >= float(p[j][d]):
+            return j, r.token(p[j], j)
+    return len(drafts), r.token(p[len(drafts)], len(drafts))
 
 
 def chi_square(counts: dict, exact: dict, n: int) -> tuple[float, float]:

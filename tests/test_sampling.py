@@ -64,3 +64,37 @@ def test_top_p_shortcut_equals_the_full_sort(scale):
     keep = (torch.cumsum(sp, dim=-1) - sp) < 0.9
     ref = torch.zeros_like(full).scatter_(-1, si, sp * keep)
     torch.testing.assert_close(p, ref / ref.sum(dim=-1, keepdim=True))
+
+
+def test_position_draws_follow_p_and_belong_to_positions():
+    from scipy.stats import chisquare
+
+    from treespec.draft.sampling import PositionDraws
+
+    w = torch.tensor([0.0, 0.1, 0.2, 0.0, 0.3, 0.4])
+    draws = PositionDraws(4000, make_generator(0))
+    got = torch.bincount(torch.tensor([draws.token(w, i) for i in range(4000)]), minlength=6)
+    assert got[0] == got[3] == 0  # zero weight is never picked
+    assert chisquare(got[[1, 2, 4, 5]].numpy(), (4000 * w[[1, 2, 4, 5]]).numpy()).pvalue > 1e-3
+    # A position's draws do not depend on which positions were asked before, or how often.
+    a, b = PositionDraws(50, make_generator(9)), PositionDraws(50, make_generator(9))
+    forward = [a.token(w, i) for i in range(50)]
+    assert [b.token(w, i) for i in reversed(range(50))][::-1] == forward == [a.token(w, i) for i in range(50)]
+    assert a.uniform(3) == b.uniform(3) and 0 <= a.uniform(3) < 1
+    assert forward != [PositionDraws(50, make_generator(10)).token(w, i) for i in range(50)]
+
+
+def test_position_draws_shrug_off_rounding_that_flips_inverse_cdf():
+    """A flat distribution over the whole vocabulary, and the same one with
+    every probability moved by a few parts in a million (the rounding between
+    a one-position and a several-position forward): the exponential race
+    keeps its token, inverse-CDF sampling often picks a neighbouring one."""
+    from treespec.draft.sampling import PositionDraws
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(2.0 * torch.randn(50257, generator=g), dim=0)
+    noisy = p * (1 + 5e-6 * torch.randn(50257, generator=g))
+    draws = PositionDraws(2000, make_generator(1))
+    race_flips = sum(draws.token(p, i) != draws.token(noisy, i) for i in range(2000))
+    cdf_flips = sum(sample(p, make_generator(i)) != sample(noisy, make_generator(i)) for i in range(2000))
+    assert race_flips == 0 and cdf_flips >= 4  # 8 of 2000 when written
