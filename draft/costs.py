@@ -4,8 +4,8 @@ A drafter trades longer verify forwards against accepted tokens, so its
 stopping rule and the engine's DraftGate need the model's verify cost for
 T = 1, 2, ... new positions. That curve belongs to a machine, not to a
 model: the same bundle verified one position in 3.9 ms on the 2-core CPU
-it was fitted on and in 15 ms on another 2-core CPU, where nine positions
-cost 1.45x one position instead of 2.3x (docs/speculative.md). ``draft-fit``
+it was fitted on and in 13.6 ms on another 2-core CPU, where nine positions
+cost 1.75x one position instead of 2.3x (docs/speculative.md). ``draft-fit``
 times it when fitting, and ``TreeDrafter.calibrate`` times it again where
 the drafter serves.
 """

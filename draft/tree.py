@@ -315,7 +315,7 @@ class TreeDrafter:
 
         The verify curve is a property of the machine: one fitted on a CPU
         where nine positions cost 2.3x one makes a drafter on a CPU where
-        they cost 1.45x stop too early, and on a GPU the curve is flat.
+        they cost 1.75x stop too early, and on a GPU the curve is flat.
         The verify forward is timed again as ``draft-fit`` times it; the
         drafter's own costs are timed in isolation (model features, one tree
         row) and the fitted in-loop proposal cost is scaled by how much
