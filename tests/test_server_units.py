@@ -134,8 +134,10 @@ def test_default_drafter(tiny_bundle, monkeypatch, tree, setting, default):
     from treespec.server.metrics import Metrics
 
     real = registry.make_drafter
+    asked = []
 
-    def make(name, bundle):
+    def make(name, bundle, calibrate=False):
+        asked.append(calibrate)
         if name != "tree":
             return real(name, bundle)
         if tree == "fitted":
@@ -149,6 +151,7 @@ def test_default_drafter(tiny_bundle, monkeypatch, tree, setting, default):
     engine.load()
     try:
         assert engine.default_drafter == default
+        assert asked and all(asked)  # the server calibrates its drafters by default (calibrate_drafter)
         assert ("tree" in engine.drafters) == (tree == "fitted")
         if tree != "fitted":
             assert "tree" in engine.unavailable
