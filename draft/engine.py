@@ -91,6 +91,13 @@ class DraftGate:
     verify_ms: list[float] | None = None
     fallback_acceptance: list[float] = field(default_factory=list)
     fallback_idle: int = 0  # steps the fallback has been judged not worth drafting
+    # With a fallback and a verify curve, the drafter is also measured
+    # against the fallback: per token, it has to save more than the
+    # fallback's draft is expected to (``fallback_saving``), whose acceptance
+    # the drafter's own steps also inform (``record_counterfactual``).
+    has_fallback: bool = False
+    k_cap: int = 8  # the longest fallback draft the comparison considers
+    tokens: float | None = None  # tokens per proposal (accepted + 1), exponentially averaged
 
     FALLBACK_PRIOR = 0.5  # a position not seen yet
     FALLBACK_ALPHA = 0.1
@@ -101,7 +108,10 @@ class DraftGate:
         if cost is None or not fwd:
             return None
         verify = getattr(drafter, "verify_ms", None)
-        return cls(forward_ms=float(fwd), step_cost_ms=cost, verify_ms=list(verify) if verify else None)
+        fb = getattr(drafter, "fallback", None)
+        return cls(forward_ms=float(fwd), step_cost_ms=cost, verify_ms=list(verify) if verify else None,
+                   has_fallback=fb is not None,
+                   k_cap=int(getattr(fb, "k_max", None) or getattr(drafter, "k_max", None) or DEFAULT_K))
 
     def fallback_k(self, k_cap: int) -> int:
         """How many tokens the fallback should draft (0 to ``k_cap``): the
@@ -118,16 +128,47 @@ class DraftGate:
         return k
 
     def _best_fallback_k(self, k_cap: int) -> int:
+        return self._best_fallback(k_cap)[0]
+
+    def _best_fallback(self, k_cap: int) -> tuple[int, float]:
+        """(length, expected ms saved per generated token against vanilla) of
+        the fallback's fastest draft, from the acceptance seen so far; (0, 0)
+        when none pays. Fastest per token, not most saved per step: a longer
+        draft saves more a step and can still be slower (prompt lookup at 8
+        tokens against 4 on sampled code)."""
         v = extend_costs(self.verify_ms, k_cap + 1)
         acc = self.fallback_acceptance
         best_k, best = 0, 0.0
-        saved, alive = 0.0, 1.0
+        alive, tokens = 1.0, 1.0
         for k in range(1, k_cap + 1):
             alive *= acc[k - 1] if k - 1 < len(acc) else self.FALLBACK_PRIOR
-            saved += alive * self.forward_ms
-            if saved - (v[k] - v[0]) > best:
-                best_k, best = k, saved - (v[k] - v[0])
-        return best_k
+            tokens += alive
+            # A step of v[k] ms yields `tokens` tokens; vanilla spends forward_ms on each.
+            saving = self.forward_ms - (v[k] - v[0] + self.forward_ms) / tokens
+            if saving > best:
+                best_k, best = k, saving
+        return best_k, best
+
+    def fallback_saving(self) -> float:
+        """ms per generated token the fallback is expected to save against
+        vanilla decoding (0 without a verify curve or a fallback): what the
+        drafter has to beat, per token, to stay asked."""
+        if self.verify_ms is None or not self.has_fallback:
+            return 0.0
+        return self._best_fallback(self.k_cap)[1]
+
+    def record_counterfactual(self, fallback_tokens: list[int], emitted: list[int]) -> None:
+        """After a step the drafter proposed: what its fallback would have
+        drafted there, against the tokens the step emitted (the accepted
+        drafts and the model's next token). Those are the model's tokens for
+        as many positions, greedy or (with position-tied draws) sampled, so
+        the fallback's draft is judged on them and censored after them."""
+        known = min(len(fallback_tokens), len(emitted))
+        matched = 0
+        while matched < known and fallback_tokens[matched] == emitted[matched]:
+            matched += 1
+        if known:
+            self.record_fallback(known, matched)
 
     def record_fallback(self, drafted: int, accepted: int) -> None:
         """Book a fallback draft: positions before ``accepted`` were accepted,
@@ -146,15 +187,18 @@ class DraftGate:
 
     def record(self, drafted: int, accepted: int) -> None:
         earned = accepted * self.forward_ms - self.step_cost_ms(drafted)
+        floor = self.fallback_saving()  # ms a token the fallback would save; 0: vanilla
         if self.backoff:  # a probe
-            if earned > 0:
-                self.backoff, self.mean = 0, earned
+            if earned > 0 and earned / (accepted + 1) > floor:
+                self.backoff, self.mean, self.tokens = 0, earned, accepted + 1.0
             else:
                 self.backoff = min(2 * self.backoff, self.max_backoff)
                 self.wait = self.backoff
             return
-        self.mean = earned if self.mean is None else (1 - self.alpha) * self.mean + self.alpha * earned
-        if self.mean < 0:
+        a = self.alpha
+        self.mean = earned if self.mean is None else (1 - a) * self.mean + a * earned
+        self.tokens = accepted + 1.0 if self.tokens is None else (1 - a) * self.tokens + a * (accepted + 1)
+        if self.mean < 0 or self.mean / self.tokens < floor:
             self.backoff = self.wait = 1
 
 
@@ -315,6 +359,8 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
         new, lps = choose(out.logits[0, :, :n_vocab], drafts, q)
         n = len(new) - 1  # drafts accepted
         if asked and gate is not None:
+            if draft.fallback is not None:
+                gate.record_counterfactual(draft.fallback, new)
             gate.record(len(drafts), n)
         elif proposer is not None and gate is not None:
             gate.record_fallback(len(drafts), n)

@@ -373,12 +373,15 @@ class TreeDrafter:
         if features is None or k_max <= 0:
             return Draft(tokens=[])
         spec = self.spec
+        # What the fallback (prompt lookup) would draft here: the gate weighs
+        # the tree against it, and the trusted match copies it.
+        alt = ngram_continuation(context, max(k_max, self.fallback.k_max), spec.ngram_max_n)
         if self.trust_match:
             cand, n = ngram_candidate(context, spec.ngram_max_n)
             if cand is not None and n >= self.trust_match:
                 # A long match: copying is what the tree would say here, so
                 # skip its cost (draft-fit keeps this only where it simulated faster).
-                return Draft(tokens=ngram_continuation(context, min(self.copy_k, k_max), spec.ngram_max_n))
+                return Draft(tokens=alt[:min(self.copy_k, k_max)], fallback=alt)
         state = self.state(features)
         v = extend_costs(self.verify_ms, k_max + 1)
         ctx = list(context)
@@ -398,11 +401,11 @@ class TreeDrafter:
             for i, (tok, p, p_cand) in enumerate(self._decisions(X, ngs)):
                 t, cum = self.decide(j0 + i, cum, tok, p, ngs[i][0], p_cand, v, k_max)
                 if t is None:
-                    return Draft(tokens=drafted, handback=True)
+                    return Draft(tokens=drafted, handback=True, fallback=alt)
                 drafted.append(t)
                 ctx.append(t)
                 if len(drafted) == k_max:
-                    return Draft(tokens=drafted, handback=False)
+                    return Draft(tokens=drafted, handback=False, fallback=alt)
                 if i >= len(path) or t != path[i]:
                     break  # off the copy path: rows past this depth are stale, a new round from here
 

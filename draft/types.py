@@ -53,6 +53,10 @@ class Draft:
     # when it sampled the token from q; None for deterministic proposals
     # (then acceptance uses p(d) and the residual excludes d).
     q: list[torch.Tensor] | None = None
+    # What the drafter's fallback (see DraftGate) would have drafted here, when
+    # the drafter knows it at no extra cost: the gate judges the fallback on
+    # the tokens this step emits, so it can tell which of the two pays more.
+    fallback: list[int] | None = None
 
 
 class Drafter(Protocol):

@@ -499,9 +499,10 @@ def test_gate_sets_the_fallbacks_length_from_its_acceptance_and_the_verify_cost(
     gate = DraftGate(forward_ms=4.0, step_cost_ms=lambda n: 1.0)
     assert gate.fallback_k(5) == 5  # no verify curve: the fallback's own length
     gate = DraftGate(forward_ms=4.0, step_cost_ms=lambda n: 1.0, verify_ms=[4.0, 4.2, 5.0, 5.0, 6.0])
-    # Unseen positions count as even odds: 2, 3, 3.5, 3.75 ms saved for 1-4
-    # drafts against 0.2, 1.0, 1.0, 2.0 ms more verify: 3 drafts pay best.
-    assert gate.fallback_k(4) == 3 and gate.fallback_k(2) == 2
+    # Unseen positions count as even odds: 1.5, 1.75, 1.875, 1.94 tokens for
+    # 1-4 drafts in steps of 4.2, 5.0, 5.0, 6.0 ms, i.e. 2.80, 2.86, 2.67, 3.10
+    # ms a token: 3 drafts are fastest, and with at most 2, one is.
+    assert gate.fallback_k(4) == 3 and gate.fallback_k(2) == 1
     for _ in range(40):
         gate.record_fallback(drafted=3, accepted=0)  # the first draft always wrong
     assert gate.fallback_acceptance[0] < 0.01 and len(gate.fallback_acceptance) == 1
@@ -531,3 +532,72 @@ def test_gate_sets_the_fallbacks_length_from_its_acceptance_and_the_verify_cost(
         got = generate_all(wandering, prompt, params, never, tokenizer=tok)
         assert got.token_ids == ref.token_ids
         assert len(never.fallback.calls) == got.stats.skipped_proposals > 0
+
+
+def test_gate_books_the_fallbacks_draft_on_the_tokens_a_step_emitted():
+    from treespec.draft.engine import DraftGate
+
+    gate = DraftGate(forward_ms=4.0, step_cost_ms=lambda n: 1.0, verify_ms=[4.0] * 5, has_fallback=True)
+    gate.record_counterfactual([1, 2, 3, 4], [1, 2])  # both known positions right; 3 and 4 unknown
+    assert len(gate.fallback_acceptance) == 2 and min(gate.fallback_acceptance) > DraftGate.FALLBACK_PRIOR
+    gate.record_counterfactual([1, 9], [1, 2, 5])  # right, then wrong
+    acc = gate.fallback_acceptance
+    assert acc[0] > DraftGate.FALLBACK_PRIOR > acc[1] and len(acc) == 2
+    gate.record_counterfactual([], [7])  # no lookup candidate: says nothing
+    assert gate.fallback_acceptance == acc
+
+
+def test_gate_prefers_the_fallback_where_it_saves_more_per_token():
+    from treespec.draft.engine import DraftGate
+
+    def gate_after(fallback_right: bool):
+        g = DraftGate(forward_ms=10.0, step_cost_ms=lambda n: 4.0 + n, verify_ms=[10.0] * 9, has_fallback=True,
+                      k_cap=4)
+        for _ in range(30):
+            g.record_fallback(drafted=4, accepted=4 if fallback_right else 0)
+        for _ in range(3):
+            g.record(drafted=4, accepted=2)  # earns 2 * 10 - 8 = 12 ms, 4 ms a token: better than vanilla
+        return g
+
+    # A free fallback that is right four times a step saves 8 ms a token: the drafter is closed.
+    assert gate_after(True).fallback_saving() > 7 and gate_after(True).wait > 0
+    # A fallback that is almost never right saves next to nothing: the drafter stays asked.
+    assert gate_after(False).fallback_saving() < 1 and gate_after(False).open()
+    # Without a fallback the floor is vanilla decoding, as before.
+    g = DraftGate(forward_ms=10.0, step_cost_ms=lambda n: 4.0 + n, verify_ms=[10.0] * 9)
+    g.record(drafted=4, accepted=2)
+    assert g.fallback_saving() == 0 and g.open()
+
+
+class CopyingOracle(CostedOracle):
+    """A costed oracle that also reports what its fallback would have drafted
+    (``fallback_mode``: the vanilla continuation, or shifted off it)."""
+
+    def __init__(self, *a, fallback_mode: str, **kw):
+        super().__init__(*a, **kw)
+        self.fallback_mode = fallback_mode
+
+    def propose(self, context, features, k_max):
+        d = super().propose(context, features, k_max)
+        done = len(context) - self.P
+        alt = self.ref[done:done + 4]
+        d.fallback = alt if self.fallback_mode == "right" else [(t + 1) % N_VOCAB for t in alt]
+        return d
+
+
+def test_a_costly_drafter_gives_way_to_a_free_fallback_that_is_as_right(tok, wandering):
+    params = SamplingParams(max_new_tokens=40)
+    for prompt in random_prompts(3, seed=23):
+        ref = generate_all(wandering, prompt, params, tokenizer=tok)
+        runs = {}
+        for mode in ("right", "wrong"):
+            d = CopyingOracle(ref.token_ids, len(prompt), 3, "right", cost_ms=3.0, forward_ms=4.0,
+                              fallback_mode=mode)
+            d.verify_ms = [4.0] * 5
+            d.fallback = Oracle(ref.token_ids, len(prompt), 3, mode)
+            got = generate_all(wandering, prompt, params, d, tokenizer=tok)
+            assert got.token_ids == ref.token_ids
+            runs[mode] = got.stats
+        # Both save 3 forwards (12 ms) a step, but the drafter costs 3 ms of them:
+        # where the fallback would have been as right, the gate hands the steps to it.
+        assert runs["right"].skipped_proposals > 0 and runs["wrong"].skipped_proposals == 0
