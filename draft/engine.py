@@ -63,19 +63,22 @@ class DraftGate:
 
         earned = accepted * forward_ms - step_cost_ms(drafted)
 
-    into a running mean. When the mean turns negative the gate closes for
-    one step, then asks for one proposal (a probe): a probe that earns
-    reopens it, one that does not closes it for twice as long (up to
-    ``max_backoff`` steps). While it is closed the drafter's cheap
-    ``fallback`` drafter proposes instead when it has one (the tree's is
-    prompt lookup, its own __COPY__ path), else the step is a vanilla step.
-    A fallback draft costs next to nothing to propose but lengthens the
-    verify, so with the drafter's verify curve the gate sets its length to
-    what the fallback's own acceptance so far pays for (``fallback_k``),
-    which can be none.
-    Neither changes the output (greedy) or its distribution (sampling). The
-    costs are the drafter's fitted estimates, not clocks, so a seeded
-    request does the same thing on every run.
+    into a running mean, and the tokens the step produced into another.
+    When the mean turns negative (slower than vanilla), or, with a fallback
+    and a verify curve, saves less per token than the fallback is expected
+    to (``fallback_saving``), the gate closes for one step, then asks for one
+    proposal (a probe): a probe that beats both reopens it, one that does
+    not closes it for twice as long (up to ``max_backoff`` steps). While it
+    is closed the drafter's cheap ``fallback`` drafter proposes instead when
+    it has one (the tree's is prompt lookup, its own __COPY__ path), else
+    the step is a vanilla step. A fallback draft costs next to nothing to
+    propose but lengthens the verify, so with the drafter's verify curve the
+    gate sets its length to the one fastest per token by the fallback's
+    acceptance so far (``fallback_k``), which can be none. That acceptance
+    is also learnt while the drafter proposes, from what it reports its
+    fallback would have drafted (``record_counterfactual``).
+    None of it changes the output: greedy, or sampled with a seed (the
+    engine ties its random draws to output positions).
     """
 
     forward_ms: float
@@ -121,14 +124,11 @@ class DraftGate:
         an estimate that a run of bad luck drove down can recover."""
         if self.verify_ms is None:
             return k_cap
-        k = self._best_fallback_k(k_cap)
+        k = self._best_fallback(k_cap)[0]
         self.fallback_idle = self.fallback_idle + 1 if k == 0 else 0
         if self.fallback_idle > self.max_backoff:
             self.fallback_idle, k = 0, 1
         return k
-
-    def _best_fallback_k(self, k_cap: int) -> int:
-        return self._best_fallback(k_cap)[0]
 
     def _best_fallback(self, k_cap: int) -> tuple[int, float]:
         """(length, expected ms saved per generated token against vanilla) of

@@ -100,7 +100,7 @@ class PositionDraws:
     ``token`` picks with an exponential race (the Gumbel-max trick): the
     token with the largest p_i / E_i, E_i ~ Exp(1) per token, is distributed
     as p. Unlike inverse-CDF sampling, which sums 50k probabilities and
-    flipped between neighbouring tail tokens about once in 500 sampled
+    flipped between neighbouring tail tokens about once in 430 sampled
     prose tokens when a verify forward over several positions rounded the
     logits differently from a one-token forward (5e-6 in log-probability),
     the race only changes its winner when the two best scores are within

@@ -558,3 +558,22 @@ def test_drafters_are_calibrated_only_when_asked(fitted):
         assert cal.call_count == 1
     own = TreeDrafter.load(bundle)._own_costs(16)
     assert all(0 < ms < 100 for ms in own)  # real timings of the real pieces
+
+
+def test_proposals_report_what_prompt_lookup_would_have_drafted(fitted):
+    """The gate weighs the tree against its fallback on the tokens a step
+    emits: every proposal, tree-drafted or trusted-match copy, carries the
+    fallback's own draft for that context."""
+    from treespec.draft.ngram import ngram_continuation
+
+    bundle = load_bundle(fitted[0])
+    model, n_vocab = bundle.model, bundle.tokenizer.n_vocab
+    context = [11, 12, 13, 11, 12]
+    out = model.forward_step(torch.tensor([context]), 0, model.new_cache(batch_size=1))
+    feats = _engine_features(out, len(context) - 1, n_vocab)
+    d = _drafter(bundle, [{0: 0.9, "model": 0.1}, {"model": 0.9}])
+    want = ngram_continuation(context, max(4, d.fallback.k_max))
+    assert want and d.propose(context, feats, 4).fallback == want  # the tree drafted, and handed back
+    d.trust_match, d.copy_k = 2, 2  # a 2-token match: the shortcut copies without the tree
+    draft = d.propose(context, feats, 4)
+    assert draft.tokens == want[:2] and draft.fallback == want
