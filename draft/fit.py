@@ -48,7 +48,8 @@ import torch
 from tqdm import tqdm
 
 from .features import FEATURE_VERSION, FeatureSpec, features_for, fit_pca, state_features
-from .ngram import DEFAULT_MAX_N, NgramDrafter, ngram_candidate, ngram_continuation
+from .copylen import CopyLengths
+from .ngram import DEFAULT_MAX_N, NgramDrafter, ngram_candidate, ngram_copy_evidence
 from ..model.tokenizer import sha256_file
 from .tree import (COPY, FORMAT, FORMAT_VERSION, META_FILE, MODEL, MODEL_FILE, TreeDrafter, _Predictor, choose,
                    worth_drafting)
@@ -276,6 +277,38 @@ def _chains(rows: Rows, idx: np.ndarray, k_max: int):
     return uniq, valid, where
 
 
+
+def _copy_outcome(col: Collected, seq: int, i: int, k: int, max_n: int) -> tuple[list[int], int, tuple[int, int]]:
+    """Prompt lookup's copy at greedy step i of context ``seq``: (the copy,
+    how many of its tokens are the model's greedy ones, its (match, agree)
+    evidence)."""
+    L, toks = col.prompt_len[seq], col.tokens[seq]
+    cont, match, agree = ngram_copy_evidence(toks[:L + i + 1], k, max_n)
+    truth = toks[L + i + 1:L + i + 1 + len(cont)]
+    run = 0
+    while run < min(len(cont), len(truth)) and cont[run] == truth[run]:
+        run += 1
+    return cont, run, (match, agree)
+
+
+def _copy_table(col: Collected, seqs: Sequence[int], k: int, max_n: int, eot: int) -> CopyLengths:
+    """The copy-length table counted on the greedy steps of contexts ``seqs``
+    (each step's copy judged on the greedy tokens known after it, up to a
+    generated end-of-text)."""
+    evidence, runs, known = [], [], []
+    for seq in seqs:
+        L, gen = col.prompt_len[seq], col.tokens[seq][col.prompt_len[seq]:]
+        eot_at = next((t for t, g in enumerate(gen) if g == eot), len(gen))
+        for i in range(min(col.steps, eot_at)):
+            cont, run, ev = _copy_outcome(col, seq, i, k, max_n)
+            if cont:
+                evidence.append(ev)
+                runs.append(run)
+                # g_{i+1} .. g_{eot_at} (end-of-text itself can be copied), or to the end
+                known.append(min(len(cont), eot_at - i if eot_at < len(gen) else len(gen) - i - 1))
+    return CopyLengths.count(evidence, runs, known, k)
+
+
 def fit_drafter(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/default", *,
                 threads: int = 1, **kw) -> dict:
     """Fit and save the tree drafter; returns its meta.json contents.
@@ -408,19 +441,21 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
     # baseline, and what the tree drafts where it trusts a long match.
     copy_len = np.zeros(len(uniq), dtype=np.int64)  # tokens the continuation has, up to max(k_max, 4)
     copy_run = np.zeros(len(uniq), dtype=np.int64)  # how many of them the model would accept
+    copy_ev = []  # (match, agree) of every held-out copy, for the copy-length table
     t_copy = 0.0
     for c, key in enumerate(uniq):
         seq, i = divmod(int(key), 100000)
-        L, toks = col.prompt_len[seq], col.tokens[seq]
         t0 = _clock()
-        cont = ngram_continuation(toks[:L + i + 1], len(v) - 1, spec.ngram_max_n)
+        cont, run, ev = _copy_outcome(col, seq, i, len(v) - 1, spec.ngram_max_n)
         t_copy += _clock() - t0
-        truth = toks[L + i + 1:L + i + 1 + len(cont)]
-        n_acc = 0
-        while n_acc < min(len(cont), len(truth)) and cont[n_acc] == truth[n_acc]:
-            n_acc += 1
-        copy_len[c], copy_run[c] = len(cont), n_acc
+        copy_len[c], copy_run[c] = len(cont), run
+        copy_ev.append(ev)
     copy_ms = t_copy / max(len(uniq), 1) * 1e3
+    # The copy-length table (draft.copylen) is counted on the training
+    # contexts' steps and judged here on the held-out ones.
+    table = _copy_table(col, sorted(set(rows.seq[tr].tolist())), k_max, spec.ngram_max_n, tok.eot_id)
+    table.fit_lengths(verify_ms, k_max)
+    table_len = np.asarray([table.length(m, a) for m, a in copy_ev], dtype=np.int64)
     # The depth-0 match length and candidate, for the trusted-match shortcut.
     len0 = np.where(valid[:, 0], rows.X[where[:, 0], names.index("ngram_len")], 0)
     has0 = cand_ch[:, 0] >= 0
@@ -452,12 +487,17 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
             # skips the tree and copies up to copy_k tokens (m = 0: never).
             for m in trusts:
                 trusted = has0 & (len0 >= m) if m else np.zeros(len(uniq), dtype=bool)
-                for kc in (range(1, k_max + 1) if m else [0]):
-                    dd = np.where(trusted, np.minimum(copy_len, kc), d)
-                    aa = np.where(trusted, np.minimum(copy_run, kc), a)
-                    ms_own = np.where(trusted, copy_ms, tree_ms)
+                # copy_k: a fixed copy length, or (None) the table's per
+                # match, which hands a match it gives length 0 to the tree.
+                for kc in ([*range(1, k_max + 1), None] if m else [0]):
+                    lim = np.minimum(table_len if kc is None else kc, k)  # a request drafts at most k_max
+                    copies = trusted & (lim > 0)
+                    dd = np.where(copies, np.minimum(copy_len, lim), d)
+                    aa = np.where(copies, np.minimum(copy_run, lim), a)
+                    ms_own = np.where(copies, copy_ms, tree_ms)
                     options.append({"rounds": n, "k_max": k, "rule": rule, "copy_through": ct, "p_min": pm,
-                                    "trust_match": m, "copy_k": kc, "trusted_share": float(trusted.mean()),
+                                    "trust_match": m, "copy_k": k_max if kc is None else kc,
+                                    "copy_table": kc is None, "trusted_share": float(copies.mean()),
                                     "predict_ms": pred_ms, "P": P,
                                     **dict(zip(("est_speedup", "tau", "drafted_per_step"), speed(dd, aa, ms_own)))})
     # Near-ties (the estimate is noisy) go first to the tree deciding every
@@ -469,8 +509,8 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
     # prompts bring.
     top = max(o["est_speedup"] for o in options)
     best = min((o for o in options if o["est_speedup"] >= top * 0.995),
-               key=lambda o: (o["trust_match"] > 0, o["copy_through"], o["rule"] != "lookahead", -o["k_max"],
-                              o["p_min"], o["rounds"], -o["copy_k"]))
+               key=lambda o: (o["trust_match"] > 0, o["copy_through"], o["copy_table"], o["rule"] != "lookahead",
+                              -o["k_max"], o["p_min"], o["rounds"], -o["copy_k"]))
     n_keep, chosen_p, predict_ms, P = best["rounds"], best["p_min"], best["predict_ms"], best["P"]
     chosen_k = best["k_max"]
     log(f"held-out simulation over {len(uniq)} greedy steps (estimates, exact up to the first rejection):")
@@ -483,7 +523,7 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
                                                  o["trust_match"]) == (n, rule, k, ct, m)),
                         key=lambda o: o["est_speedup"])
                 log(f"{n:7d} {n * (K + 2):6d}  {o['predict_ms']:8.3f}  {k:5d}  {rule:9s}  {'yes' if ct else 'no':12s}  "
-                    f"{m or '-':>5}  {o['copy_k'] or '-':>6}  {o['trusted_share']:7.1%}  "
+                    f"{m or '-':>5}  {('table' if o['copy_table'] else o['copy_k']) or '-':>6}  {o['trusted_share']:7.1%}  "
                     f"{o['p_min']:5.2f}  {o['tau']:4.2f}  {o['drafted_per_step']:12.2f}  {o['est_speedup']:10.2f}x"
                     + ("  <- kept" if o is best else ""))
     # The n-gram drafter on the same steps, at its default length and at the tree's k_max.
@@ -548,6 +588,7 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
                      "verify_ms": verify_ms, "predict_ms": round(predict_ms, 4), "state_ms": round(state_ms, 4),
                      "rule": best["rule"], "copy_through": bool(best["copy_through"]),
                      "trust_match": int(best["trust_match"]), "copy_k": int(best["copy_k"]),
+                     "copy_lengths": table.to_meta() if best["copy_table"] else None,
                      "copy_ms": round(copy_ms, 4)},
         "fit": {"data_dir": str(data_dir), "contexts": contexts, "steps_per_context": steps, "seed": seed,
                 "balance_domains": bool(balance_domains),

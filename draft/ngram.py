@@ -25,6 +25,7 @@ from typing import Sequence
 from .types import Draft, ModelFeatures
 
 DEFAULT_MAX_N = 3
+MAX_MATCH = 32  # copy_evidence counts a shared history up to this many tokens
 
 
 class NgramIndex:
@@ -42,6 +43,10 @@ class NgramIndex:
         # so rollback can restore the entries that later positions overwrote
         self._undo: list[tuple[int, tuple[int, ...], int]] = []
         self._undo_at: list[int] = []  # len(_undo) before position i was indexed
+        # _prev[i][n-1]: end position of the occurrence of the n-gram ending at
+        # i before that one (-1: none); it is what the undo log records, kept
+        # by position so a match can also be compared with its predecessor.
+        self._prev: list[tuple[int, ...]] = []
 
     # Position i is indexed once token i+1 exists: an n-gram at the very end
     # has nothing after it to propose, and must not match itself.
@@ -74,6 +79,7 @@ class NgramIndex:
                     self._last[n][gram] = prev
             del self._undo[mark:]
             del self._undo_at[keep:]
+            del self._prev[keep:]
         del self.tokens[length:]
 
     def _extend(self, new: Sequence[int]) -> None:
@@ -84,11 +90,15 @@ class NgramIndex:
             if i < 0:
                 continue
             self._undo_at.append(len(undo))
+            prev = []
             for n in range(1, min(max_n, i + 1) + 1):
                 gram = tuple(toks[i - n + 1:i + 1])
                 d = last[n]
-                undo.append((n, gram, d.get(gram, -1)))
+                before = d.get(gram, -1)
+                undo.append((n, gram, before))
+                prev.append(before)
                 d[gram] = i
+            self._prev.append(tuple(prev))
 
     def match(self, max_n: int | None = None) -> tuple[int, int]:
         """(end position of the most recent earlier occurrence of the longest
@@ -109,13 +119,42 @@ class NgramIndex:
 
     def continuation(self, k: int, max_n: int | None = None) -> list[int]:
         j, n = self.match(max_n)
-        if not n:
-            return []
+        return self._copy_from(j, k) if n else []
+
+    def _copy_from(self, j: int, k: int) -> list[int]:
+        """The k tokens a copy of what followed position j drafts."""
         toks, L, out = self.tokens, len(self.tokens), []
         for i in range(j + 1, j + 1 + k):
             # j + 1 <= L - 1, so i is either in the context or a token just copied
             out.append(toks[i] if i < L else out[i - L])
         return out
+
+    def copy_evidence(self, k: int, max_n: int | None = None, max_match: int = MAX_MATCH
+                      ) -> tuple[list[int], int, int]:
+        """(the continuation, as ``continuation(k)``; how many tokens the
+        context's end and the copied occurrence's end really share, counting
+        past n up to ``max_match``; on how many of its k tokens the copy from
+        the occurrence before that one agrees, or -1 when there is none).
+
+        Two cheap facts about how far a copy will hold (``draft.copylen``):
+        a longer shared history, and an earlier occurrence that went on the
+        same way, both make it likelier that the model repeats it."""
+        j, n = self.match(max_n)
+        if not n:
+            return [], 0, -1
+        toks, L = self.tokens, len(self.tokens)
+        m = n
+        while m < max_match and m <= j and toks[j - m] == toks[L - 1 - m]:
+            m += 1
+        cont = self._copy_from(j, k)
+        j2 = self._prev[j][n - 1]
+        if j2 < 0:
+            return cont, m, -1
+        other = self._copy_from(j2, k)
+        agree = 0
+        while agree < len(cont) and cont[agree] == other[agree]:
+            agree += 1
+        return cont, m, agree
 
 
     def copy_path(self, k: int, max_n: int | None = None) -> list[tuple[int | None, int]]:
@@ -219,6 +258,11 @@ def ngram_copy_path(context: Sequence[int], k: int, max_n: int = DEFAULT_MAX_N) 
 def ngram_continuation(context: Sequence[int], k: int, max_n: int = DEFAULT_MAX_N) -> list[int]:
     """Up to k tokens copied from after that occurrence ([] when none)."""
     return _thread_index(context, max_n).continuation(k, max_n)
+
+
+def ngram_copy_evidence(context: Sequence[int], k: int, max_n: int = DEFAULT_MAX_N) -> tuple[list[int], int, int]:
+    """``NgramIndex.copy_evidence`` for ``context``."""
+    return _thread_index(context, max_n).copy_evidence(k, max_n)
 
 
 @dataclass

@@ -29,10 +29,13 @@ a time::
 
 Before all of it, the trusted-match shortcut (a fitted setting, off unless
 it simulated faster): where the n-gram match at depth 0 is at least
-``trust_match`` tokens long, the drafter copies up to ``copy_k`` tokens of
-the continuation, as prompt lookup would, without computing features or
-asking the tree. A long match is where the tree says __COPY__ anyway, and
-there its cost (about as much as a fifth of a forward here) buys nothing.
+``trust_match`` tokens long, the drafter copies the continuation, as prompt
+lookup would, without computing features or asking the tree: up to
+``copy_k`` tokens, or, with a fitted copy-length table (``draft.copylen``),
+as far as the match's evidence says pays under the verify curve; a length
+of 0 there hands the step to the tree. A match is mostly where the tree
+says __COPY__ anyway, and there its cost (about as much as a fifth of a
+forward on the CPU it was fitted on) buys nothing.
 
 That is the rule. Copy-through is the cost-aware form of the handback:
 where the verify forward costs about the same for 1 and 8 positions,
@@ -74,9 +77,10 @@ import numpy as np
 import torch
 
 from ..model.tokenizer import sha256_file
+from .copylen import CopyLengths
 from .costs import measure_verify_ms
 from .features import FEATURE_VERSION, FeatureSpec, features_for, state_features
-from .ngram import NgramDrafter, ngram_candidate, ngram_continuation, ngram_copy_path
+from .ngram import NgramDrafter, ngram_candidate, ngram_copy_evidence, ngram_copy_path
 from .types import Draft, ModelFeatures, extend_costs
 
 META_FILE = "meta.json"
@@ -209,7 +213,7 @@ class TreeDrafter:
     def __init__(self, model, booster, spec: FeatureSpec, *, k_max: int, p_min: float,
                  verify_ms: Sequence[float], predict_ms: float, lookahead: bool = False,
                  proposal_ms: float | None = None, copy_through: bool = False, trust_match: int = 0,
-                 copy_k: int = 0, meta: dict | None = None):
+                 copy_k: int = 0, copy_lengths: CopyLengths | None = None, meta: dict | None = None):
         self.model = model
         self.booster = booster
         self.spec = spec
@@ -225,6 +229,9 @@ class TreeDrafter:
         # least trust_match tokens long, copy up to copy_k tokens without
         # asking the tree (0: always ask).
         self.trust_match, self.copy_k = int(trust_match), int(copy_k) or self.k_max
+        # With a fitted copy-length table the shortcut copies as far as the
+        # match's evidence says pays (draft.copylen), not a fixed copy_k.
+        self.copy_lengths = copy_lengths
         # What a proposal costs inside the decode loop (draft-fit measures it
         # there, after a verify forward); None: not measured.
         self.proposal_ms = None if proposal_ms is None else float(proposal_ms)
@@ -235,6 +242,12 @@ class TreeDrafter:
         # drafts were accepted).
         self.fallback = NgramDrafter(k_max=self.k_max, max_n=spec.ngram_max_n)
         self.calibration: dict | None = None  # set by calibrate(): the fitted costs and this machine's
+        self._fit_copy_lengths()
+
+    def _fit_copy_lengths(self) -> None:
+        # The lengths depend on the verify curve, so they follow calibrate().
+        if self.copy_lengths is not None:
+            self.copy_lengths.fit_lengths(self.verify_ms, self.copy_k)
 
     @property
     def forward_ms(self) -> float:
@@ -301,13 +314,19 @@ class TreeDrafter:
             raise DrafterError(f"{model_path}: expects {booster.num_feature()} features, the spec in "
                                f"meta.json defines {len(spec.names())}")
         s = meta["settings"]
+        copy_lengths = None
+        if s.get("copy_lengths"):
+            try:
+                copy_lengths = CopyLengths.from_meta(s["copy_lengths"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise DrafterError(f"{meta_path}: bad copy-length table ({e})") from None
         return cls(bundle.model, booster, spec,
                    k_max=s["k_max"] if k_max is None else k_max,
                    p_min=s["p_min"] if p_min is None else p_min,
                    verify_ms=s["verify_ms"], predict_ms=s["predict_ms"],
                    lookahead=s.get("rule", "myopic") == "lookahead", proposal_ms=s.get("proposal_ms"),
                    copy_through=s.get("copy_through", False), trust_match=s.get("trust_match", 0),
-                   copy_k=s.get("copy_k", 0), meta=meta)
+                   copy_k=s.get("copy_k", 0), copy_lengths=copy_lengths, meta=meta)
 
     def calibrate(self, reps: int = 10) -> dict:
         """Time the costs on this machine, at the current torch thread count,
@@ -332,6 +351,7 @@ class TreeDrafter:
         fitted_own = (s.get("state_ms") or 0.0) + (s.get("predict_ms") or 0.0)
         scale = (state_ms + predict_ms) / fitted_own if fitted_own > 0 else 1.0
         self.verify_ms, self.predict_ms = verify, predict_ms
+        self._fit_copy_lengths()
         if self.proposal_ms is not None:
             self.proposal_ms *= scale
         self.meta = {**self.meta, "settings": {**s, "state_ms": state_ms}}
@@ -375,13 +395,14 @@ class TreeDrafter:
         spec = self.spec
         # What the fallback (prompt lookup) would draft here: the gate weighs
         # the tree against it, and the trusted match copies it.
-        alt = ngram_continuation(context, max(k_max, self.fallback.k_max), spec.ngram_max_n)
-        if self.trust_match:
-            cand, n = ngram_candidate(context, spec.ngram_max_n)
-            if cand is not None and n >= self.trust_match:
-                # A long match: copying is what the tree would say here, so
-                # skip its cost (draft-fit keeps this only where it simulated faster).
-                return Draft(tokens=alt[:min(self.copy_k, k_max)], fallback=alt)
+        alt, match, agree = ngram_copy_evidence(context, max(k_max, self.fallback.k_max), spec.ngram_max_n)
+        if self.trust_match and alt and min(match, spec.ngram_max_n) >= self.trust_match:
+            # A long match: copying is what the tree would say here, so skip
+            # its cost (draft-fit keeps this only where it simulated faster),
+            # as far as the match's evidence says pays, or copy_k.
+            k = self.copy_k if self.copy_lengths is None else self.copy_lengths.length(match, agree)
+            if k > 0:
+                return Draft(tokens=alt[:min(k, k_max)], fallback=alt)
         state = self.state(features)
         v = extend_costs(self.verify_ms, k_max + 1)
         ctx = list(context)

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from treespec.draft.ngram import (IndexPool, NgramDrafter, NgramIndex, ngram_candidate, ngram_continuation,
-                                  ngram_copy_path)
+from treespec.draft.ngram import (MAX_MATCH, IndexPool, NgramDrafter, NgramIndex, ngram_candidate,
+                                  ngram_continuation, ngram_copy_evidence, ngram_copy_path)
 from treespec.draft.registry import DRAFTERS, DrafterUnavailable, make_drafter
 
 
@@ -29,6 +29,34 @@ def rescan_continuation(context, k, max_n=3):
     for i in range(j + 1, j + 1 + k):
         ext.append(ext[i])
     return ext[len(context):]
+
+
+def copy_from(context, j, k):
+    ext = list(context)
+    for i in range(j + 1, j + 1 + k):
+        ext.append(ext[i])
+    return ext[len(context):]
+
+
+def rescan_evidence(context, k, max_n=3):
+    """The definition of copy_evidence: the copy, how far back the context's
+    end and the copied occurrence's end agree (up to MAX_MATCH), and how many
+    of the copy's tokens the n-gram's occurrence before that one also drafts."""
+    j, n = rescan(context, max_n)
+    if not n:
+        return [], 0, -1
+    L, m = len(context), 0
+    while m < MAX_MATCH and m <= j and context[j - m] == context[L - 1 - m]:
+        m += 1
+    gram = context[L - n:]
+    before = [i for i in range(j - 1, n - 2, -1) if context[i - n + 1:i + 1] == gram]
+    cont = copy_from(context, j, k)
+    if not before:
+        return cont, m, -1
+    other, agree = copy_from(context, before[0], k), 0
+    while agree < k and cont[agree] == other[agree]:
+        agree += 1
+    return cont, m, agree
 
 
 def rescan_copy_path(context, k, max_n=3):
@@ -80,6 +108,21 @@ def test_index_matches_rescan_under_growth_and_rollback(max_n):
         assert idx.continuation(k) == rescan_continuation(context, k, max_n)
         assert ngram_continuation(context, k, max_n) == rescan_continuation(context, k, max_n)
         assert ngram_copy_path(context, k, max_n) == rescan_copy_path(context, k, max_n)
+        idx.sync(context)
+        assert idx.copy_evidence(k) == rescan_evidence(context, k, max_n), (step, context)
+
+
+def test_copy_evidence_reads_the_history_and_the_earlier_occurrence():
+    # "1 2 3" occurs twice before the end: last followed by 4 5, before that by 4 6.
+    ctx = [9, 1, 2, 3, 4, 6, 8, 8, 1, 2, 3, 4, 5, 7, 0, 1, 2, 3]
+    assert ngram_copy_evidence(ctx, 3) == ([4, 5, 7], 3, 1)
+    # A loop: the history is as long as the loop has run, capped at MAX_MATCH,
+    # and the occurrences before agree all the way.
+    loop = [5, 6, 7] * 20
+    cont, match, agree = ngram_copy_evidence(loop, 4)
+    assert cont == [5, 6, 7, 5] and match == MAX_MATCH and agree == 4
+    assert ngram_copy_evidence([1, 2, 3, 1], 2) == ([2, 3], 1, -1)  # one earlier occurrence
+    assert ngram_copy_evidence([1, 2, 3], 2) == ([], 0, -1)
 
 
 def test_pool_keeps_one_index_per_interleaved_sequence():

@@ -13,7 +13,8 @@ from conftest import DRAFT_K_MAX as K_MAX
 from conftest import tiny_model
 from treespec.draft.features import FEATURE_VERSION, features_for, top_indices
 from treespec.draft.fit import _windows, build_rows, collect
-from treespec.draft.ngram import ngram_candidate
+from treespec.draft.copylen import CopyLengths
+from treespec.draft.ngram import ngram_candidate, ngram_copy_evidence
 from treespec.draft.tree import DrafterError, TreeDrafter, choose
 from treespec.draft.types import ModelFeatures, SamplingParams
 from treespec.model import load_bundle, save_bundle
@@ -243,6 +244,24 @@ def test_proposals_follow_the_drafting_rule(fitted):
     assert d.propose(context, feats, 1).tokens == [13]  # the engine's k_max still caps it
     d.trust_match = 3
     assert d.propose(context, feats, 4).tokens == [] and d.predict.calls == [0]
+
+    # With a copy-length table the shortcut copies as far as the table says
+    # pays for the match's evidence, and hands a length of 0 to the tree.
+    cont, match, agree = ngram_copy_evidence(context, 4)
+    right = CopyLengths.count([(match, agree)] * 50, runs=[4] * 50, drafted=[4] * 50, depths=4)
+    wrong = CopyLengths.count([(match, agree)] * 50, runs=[0] * 50, drafted=[4] * 50, depths=4)
+    d = _drafter(bundle, [{"model": 1.0}], verify_ms=(1.0, 1.1, 1.2, 1.3, 1.4))
+    d.trust_match, d.copy_k, d.copy_lengths = 2, 4, right
+    d._fit_copy_lengths()
+    assert d.propose(context, feats, 4).tokens == cont[:4] and d.predict.calls == []
+    d.copy_lengths = wrong
+    d._fit_copy_lengths()
+    assert d.propose(context, feats, 4).tokens == [] and d.predict.calls == [0]
+    # The lengths follow the verify curve the drafter is calibrated to.
+    d.copy_lengths = right
+    d.verify_ms = [1.0, 2.0, 3.0, 4.0, 5.0]  # every position as dear as a forward
+    d._fit_copy_lengths()
+    assert right.length(match, agree) == 0
 
 
 def _one_depth_at_a_time(drafter, context, feats, k_max):
