@@ -60,24 +60,46 @@ def _verify_ms(model, k_max: int, ctx_len: int, reps: int, advice: str) -> list[
     prompt = torch.randint(0, min(model.config.vocab_size, 50257), (1, ctx_len), generator=g)
     model.forward_step(prompt, 0, cache, last_only=True)
 
-    def median_ms(T: int) -> float:
-        idx = prompt[:, :T]
-        times = []
-        for _ in range(reps + 3):
-            cache.rollback(ctx_len)
-            t0 = time.perf_counter()
-            model.forward_step(idx, ctx_len, cache)
-            times.append(time.perf_counter() - t0)
-        return round(float(np.median(times[3:])) * 1e3, 4)
+    def forward_s(T: int) -> float:
+        cache.rollback(ctx_len)
+        t0 = time.perf_counter()
+        model.forward_step(prompt[:, :T], ctx_len, cache)
+        return time.perf_counter() - t0
 
-    out = [median_ms(T) for T in range(1, k_max + 2)]
+    # Round-robin over the lengths, not one length after another: a slow
+    # spell of the machine then costs every length one sample, which the
+    # medians ignore, instead of shifting one length's median (timed one
+    # after another, a spell during T = 3 once made 3, 4 and 5 positions
+    # cost 20.4 ms against 14.9 for two, and the drafter's lengths moved).
+    lengths = range(1, k_max + 2)
+    times: dict[int, list[float]] = {T: [] for T in lengths}
+    for r in range(reps + 3):  # 3 warm-up rounds
+        for T in lengths:
+            dt = forward_s(T)
+            if r >= 3:
+                times[T].append(dt)
+    out = [round(float(np.median(times[T])) * 1e3, 4) for T in lengths]
     # The one-position forward again: on a busy machine (a training run on
     # the same cores made it 100 ms against 3.9 idle here) the two disagree,
     # and a curve timed under load would set the drafter's costs wrongly.
-    again = median_ms(1)
+    again = round(float(np.median([forward_s(1) for _ in range(reps)])) * 1e3, 4)
     if abs(again - out[0]) > 0.25 * min(again, out[0]):
         warnings.warn(NoisyTimingWarning(
             f"the one-position verify forward took {out[0]:.2f} ms and then {again:.2f} ms: the machine is "
             f"busy, so the drafter's costs are unreliable; {advice}"), stacklevel=3)
-    # A longer verify never costs less: keep the curve monotone against timing noise.
-    return [float(v) for v in np.maximum.accumulate(out)]
+    # A longer verify never costs less: the closest monotone curve (pooling
+    # adjacent violators), so that one noisy length is averaged with its
+    # neighbours rather than lifting every length after it.
+    return [round(v, 4) for v in monotone(out)]
+
+
+def monotone(values) -> list[float]:
+    """The non-decreasing sequence closest to ``values`` in least squares
+    (isotonic regression by pooling adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return [m for m, n in blocks for _ in range(int(n))]

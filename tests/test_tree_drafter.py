@@ -411,6 +411,40 @@ def test_verify_timing_under_load_is_flagged():
         measure_verify_ms(model, k_max=3, ctx_len=8, reps=2, threads=1)  # steady: no warning
 
 
+def test_a_slow_spell_does_not_move_one_length_of_the_verify_curve():
+    import time
+
+    from treespec.draft.costs import measure_verify_ms
+
+    model = tiny_model(seed=0)
+    real, calls = model.forward_step, []
+
+    def timed(idx, *a, **k):  # 10 + 4 T ms of sleep a forward, and 4 forwards in a row at 60 ms
+        calls.append(1)
+        slow = 20 <= len(calls) < 24  # one whole round: one sample of every length
+        time.sleep(0.06 if slow else 0.010 + 0.004 * idx.shape[1])
+        return real(idx, *a, **k)
+
+    model.forward_step = timed
+    ms = measure_verify_ms(model, k_max=3, ctx_len=8, reps=5, threads=1)
+    calls[:] = [1] * 100  # past the spell: the same curve without it
+    quiet = measure_verify_ms(model, k_max=3, ctx_len=8, reps=5, threads=1)
+    # Timed one length after another, those 4 forwards would all have gone
+    # to T = 3 and made its median 60 ms.
+    # (Compared as increments over T = 1: the machine may run both a little faster or slower.)
+    assert all(abs((m - ms[0]) - (q - quiet[0])) < 3 for m, q in zip(ms, quiet)), (ms, quiet)
+    assert all(b - a > 2 for a, b in zip(quiet, quiet[1:]))  # the curve is still there
+
+
+def test_monotone_pools_a_noisy_length_with_its_neighbours():
+    from treespec.draft.costs import monotone
+
+    assert monotone([1, 2, 3]) == [1, 2, 3]
+    assert monotone([14.8, 14.9, 20.4, 16.0, 16.2, 22.0]) == pytest.approx([14.8, 14.9, 17.533, 17.533, 17.533, 22.0],
+                                                                            abs=1e-3)
+    assert monotone([3, 1]) == [2, 2] and monotone([]) == []
+
+
 def test_in_loop_proposal_cost_is_measured_on_decoding(fitted, draft_corpus):
     from treespec.draft.fit import _time_in_loop
 
