@@ -100,6 +100,11 @@ class CopyLengths:
         self._lengths = lengths
         return lengths
 
+    @property
+    def lengths(self) -> list[int]:
+        """The copy length per bucket from the last ``fit_lengths``."""
+        return list(self._lengths)
+
     def length(self, match: int, agree: int) -> int:
         return self._lengths[bucket(match, agree)]
 

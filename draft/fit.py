@@ -22,7 +22,8 @@
    measured verify cost and the measured drafter cost, for a grid of p_min,
    both stopping rules (tree.worth_drafting), with and without copy-through
    (tree.TreeDrafter.decide), with and without the trusted-match shortcut
-   (and its copy length), every longest draft k_max up to --k-max and
+   (and its copy length: fixed, or the copy-length table of
+   ``draft.copylen``, counted on the training contexts), every longest draft k_max up to --k-max and
    several numbers of boosting rounds. Every round adds K+2
    trees that each draft depth has to evaluate, and every depth lengthens
    the verify, so the kept setting is the one with the best estimated
@@ -715,7 +716,8 @@ def add_parser(sub, name: str) -> None:
                         "(default: %(default)s)")
     p.add_argument("--trust-match", default="auto", choices=("auto", "off", "1", "2", "3"),
                    help="where the n-gram match at depth 0 is at least this many tokens long, skip the tree and "
-                        "copy the continuation (its length is fitted too); 'auto' keeps the fastest in the "
+                        "copy the continuation (its length is fitted too: a fixed one, or the copy-length table "
+                        "of draft/copylen.py); 'auto' keeps the fastest in the "
                         "held-out simulation, 'off' asks the tree every step (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="model probability a token needs to be a token label (default: %(default)s)")

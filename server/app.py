@@ -363,7 +363,11 @@ def engine_info(engine: Engine, settings: Settings) -> dict:
         if spec is not None:  # the tree: its classes are K tokens + __COPY__ + __MODEL__
             entry.update(token_classes=len(spec.classes), classes=len(spec.classes) + 2,
                          feature_version=getattr(spec, "version", None), p_min=getattr(d, "p_min", None),
-                         verify_ms=d.verify_ms, calibration=d.calibration)
+                         verify_ms=d.verify_ms, calibration=d.calibration,
+                         # The trusted-match shortcut, and the copy length it drafts per
+                         # bucket of match evidence (draft/copylen.py) under this machine's curve.
+                         trust_match=getattr(d, "trust_match", None),
+                         copy_lengths=d.copy_lengths.lengths if getattr(d, "copy_lengths", None) else None)
         drafters[name] = entry
     return {
         "model_id": engine.model_name,

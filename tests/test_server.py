@@ -599,6 +599,9 @@ def test_tree_drafter_serves_through_a_live_server(fitted):
             cal = info["settings"]["tree"]["calibration"]
             assert cal["fitted"]["verify_ms"] == [1.9, 1.9, 1.9, 3.2] and cal["threads"] == 1
             assert info["settings"]["tree"]["verify_ms"] == cal["here"]["verify_ms"] != cal["fitted"]["verify_ms"]
+            tree_meta = json.loads((path / "draft" / "meta.json").read_text())["settings"]
+            assert info["settings"]["tree"]["trust_match"] == tree_meta["trust_match"]
+            assert (info["settings"]["tree"]["copy_lengths"] is None) == (tree_meta.get("copy_lengths") is None)
             prompt = "the cat sat on a mat and then it ran. the cat sat on a mat and then"
             before = server.wait_idle()
             tree = generate(c, prompt, max_new_tokens=16)  # the default drafter

@@ -133,6 +133,27 @@ def test_drafter_fitted_to_other_weights_is_refused(fitted, tmp_path, ranks_path
         TreeDrafter.load(load_bundle(tmp_path / "copy"))
 
 
+def test_a_copy_length_table_in_meta_loads_and_a_broken_one_is_refused(fitted, tmp_path):
+    path, _ = fitted
+    shutil.copytree(path, tmp_path / "b")
+    meta_path = tmp_path / "b" / "draft" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    table = CopyLengths.count([(32, 8)] * 40 + [(3, 0)] * 40, runs=[4] * 40 + [0] * 40, drafted=[4] * 80, depths=4)
+    meta["settings"].update(trust_match=1, copy_k=4, copy_lengths=table.to_meta())
+    meta_path.write_text(json.dumps(meta))
+    d = TreeDrafter.load(load_bundle(tmp_path / "b"))
+    assert d.copy_lengths is not None and len(d.copy_lengths.lengths) == len(table.seen)
+    # Fitted to the drafter's own verify curve at load, and refitted by calibration.
+    want = CopyLengths.from_meta(table.to_meta()).fit_lengths(d.verify_ms, 4)
+    assert d.copy_lengths.lengths == want
+    d.calibrate(reps=1)
+    assert d.copy_lengths.lengths == CopyLengths.from_meta(table.to_meta()).fit_lengths(d.verify_ms, 4)
+    meta["settings"]["copy_lengths"]["seen"] = [[0] * 4]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DrafterError, match="copy-length table"):
+        TreeDrafter.load(load_bundle(tmp_path / "b"))
+
+
 class _Scripted:
     """Class probabilities by draft depth (the last feature), in place of the tree."""
 
