@@ -4,7 +4,10 @@
         --versus tree:ngram
 
 Prints one row per drafter per file, in the files' order, so the docs quote
-what the benchmark wrote rather than numbers copied by hand.
+what the benchmark wrote rather than numbers copied by hand. ``--versus``
+lines also give the modelled ratio where the JSON has one: the runs' steps
+priced on one verify curve (``draft.bench.modelled_s``), free of the
+machine's drift between runs.
 """
 
 from __future__ import annotations
@@ -51,8 +54,13 @@ def main() -> None:
             d = result["drafters"]
             if a in d and b in d and b in d[a].get("ratio_ci95", {}):
                 lo, hi = d[a]["ratio_ci95"][b]
-                lines.append(f"- {result['suite']}, T = {result['temperature']:g}: {a} / {b} = "
-                             f"{d[a]['tokens_per_s'] / d[b]['tokens_per_s']:.2f}× (95% interval {lo:.2f}–{hi:.2f})")
+                line = (f"- {result['suite']}, T = {result['temperature']:g}: {a} / {b} = "
+                        f"{d[a]['tokens_per_s'] / d[b]['tokens_per_s']:.2f}× (95% interval {lo:.2f}–{hi:.2f})")
+                if "modelled_speedup" in d[a] and b in d[a].get("modelled_ratio_ci95", {}):
+                    mlo, mhi = d[a]["modelled_ratio_ci95"][b]
+                    line += (f"; modelled {d[a]['modelled_speedup'] / d[b]['modelled_speedup']:.2f}× "
+                             f"({mlo:.2f}–{mhi:.2f})")
+                lines.append(line)
     print("\n".join(lines))
 
 

@@ -35,7 +35,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .costs import measure_verify_ms
 from .registry import DRAFTERS
+from .types import extend_costs
 
 PROMPT_MIN, PROMPT_MAX = 64, 128
 
@@ -137,8 +139,20 @@ def summarise(runs: list[dict], reference: list[dict] | None) -> dict:
     return out
 
 
+def modelled_s(stats: dict, verify_ms: list[float]) -> float:
+    """Seconds a run's decode steps take under one verify-cost curve (ms for
+    T = 1, 2, ... positions), plus the drafter's own measured time: the
+    run's decisions priced without the machine's drift. A step that drafted
+    L tokens verifies L + 1 positions; ``drafted_per_position[j]`` counts the
+    steps that drafted more than j, so the steps of each length follow."""
+    drafted = list(stats["drafted_per_position"]) + [0]
+    counts = [stats["verify_steps"] - drafted[0]] + [drafted[j] - drafted[j + 1] for j in range(len(drafted) - 1)]
+    v = extend_costs(verify_ms, len(counts))
+    return sum(c * v[L] for L, c in enumerate(counts)) / 1e3 + stats["drafter_time_s"]
+
+
 def ratio_ci(runs: list[dict], reference: list[dict], n_boot: int = 2000, level: float = 0.95,
-             seed: int = 0) -> list[float]:
+             seed: int = 0, time_key: str = "wall_s") -> list[float]:
     """A bootstrap interval for (tokens/s of ``runs``) / (tokens/s of
     ``reference``) over the same prompts: the prompts are resampled with
     replacement, in pairs, so the interval says how much the ratio depends on
@@ -147,7 +161,7 @@ def ratio_ci(runs: list[dict], reference: list[dict], n_boot: int = 2000, level:
     import numpy as np
 
     tok = np.asarray([[r["tokens"], v["tokens"]] for r, v in zip(runs, reference)], dtype=np.float64)
-    wall = np.asarray([[r["wall_s"], v["wall_s"]] for r, v in zip(runs, reference)], dtype=np.float64)
+    wall = np.asarray([[r[time_key], v[time_key]] for r, v in zip(runs, reference)], dtype=np.float64)
     if len(tok) == 0 or (wall <= 0).any():
         return [float("nan"), float("nan")]
     idx = np.random.default_rng(seed).integers(0, len(tok), size=(n_boot, len(tok)))
@@ -356,6 +370,21 @@ def run(args) -> int:
         s["speedup_ci95"] = ratio_ci(runs[n], runs["none"])
         # Against every other drafter too: "faster than ngram" is a claim about this ratio.
         s["ratio_ci95"] = {m: ratio_ci(runs[n], runs[m]) for m in names if m not in (n, "none")}
+    # The same runs priced on one verify curve timed after them: the wall
+    # times drift by several percent between runs of the same command, the
+    # drafters' decisions (how many steps of each length) do not.
+    longest = max(len(r["stats"]["drafted_per_position"]) for rs in runs.values() for r in rs)
+    ctx = sum(len(p["prompt_ids"]) for p in prompts) // len(prompts) + args.max_new_tokens // 2
+    curve = measure_verify_ms(bundle.model, max(longest, 1), ctx, reps=10,
+                              advice="the modelled speedups are unreliable; rerun on a quiet machine")
+    for rs in runs.values():
+        for r in rs:
+            r["modelled_s"] = modelled_s(r["stats"], curve)
+    for n, s in summary.items():
+        t = sum(r["modelled_s"] for r in runs[n])
+        s["modelled_speedup"] = sum(r["modelled_s"] for r in runs["none"]) / t if t else 0.0
+        s["modelled_ratio_ci95"] = {m: ratio_ci(runs[n], runs[m], time_key="modelled_s")
+                                    for m in names if m not in (n, "none")}
 
     report = {
         "bundle": str(bundle.path), "weights_sha256": bundle.weights_sha256, "suite": args.suite,
@@ -366,6 +395,7 @@ def run(args) -> int:
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv,
         "calibrated_costs": costs,
+        "modelled_verify_ms": curve,
         "drafters": summary,
         "runs": {n: [{k: v for k, v in r.items() if k != "token_ids"} for r in runs[n]] for n in names},
     }
@@ -382,6 +412,8 @@ def run(args) -> int:
     else:
         print(title)
         print(format_table(summary))
+        print("modelled (decode steps priced on one verify curve, " + ", ".join(f"{v:.1f}" for v in curve)
+              + " ms): " + ", ".join(f"{n} {s['modelled_speedup']:.2f}x" for n, s in summary.items()))
         print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
     mismatched = {n: s["mismatched_prompts"] for n, s in summary.items() if s.get("mismatched_prompts")}
     if mismatched:

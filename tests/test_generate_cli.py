@@ -88,6 +88,12 @@ def test_bench_writes_report_and_plot(long_bundle, corpus, tmp_path, capsys, sui
     ng = report["drafters"]["ngram"]
     assert ng["identical"] == 3 and report["drafters"]["none"]["speedup"] == 1.0
     assert ng["tau"] >= 1.0 and len(ng["acceptance_per_position"]) >= 1
+    # The modelled speed prices each run's steps on one measured curve.
+    curve = report["modelled_verify_ms"]
+    assert len(curve) >= 2 and curve == sorted(curve) and report["drafters"]["none"]["modelled_speedup"] == 1.0
+    for r in report["runs"]["none"]:
+        assert r["modelled_s"] == pytest.approx(r["stats"]["verify_steps"] * curve[0] / 1e3, rel=1e-9)
+    assert "modelled" in stdout and ng["modelled_speedup"] > 0
     # prompts are 64-128 tokens from distinct documents of the suite's kind, in order of a seeded shuffle
     ids = [r["id"].split("@")[0] for r in report["runs"]["none"]]
     if suite == "code":
@@ -150,6 +156,10 @@ def test_bench_compares_a_drafter_at_several_draft_lengths(long_bundle, corpus, 
     lo, hi = d["ngram@6"]["ratio_ci95"]["ngram"]
     assert f"ngram@6 / ngram = {d['ngram@6']['tokens_per_s'] / d['ngram']['tokens_per_s']:.2f}×" in out
     assert f"(95% interval {lo:.2f}–{hi:.2f})" in out
+    m = d["ngram@6"]["modelled_speedup"] / d["ngram"]["modelled_speedup"]
+    assert f"modelled {m:.2f}×" in out
+    # A longer cap makes fewer, longer verify steps (what the modelled time prices).
+    assert d["ngram@6"]["verify_steps"] < d["ngram@1"]["verify_steps"]
 
 
 @pytest.mark.parametrize("spec", ["ngram@0", "ngram@x", "none@3", "medusa", "tree@"])
@@ -193,3 +203,14 @@ def test_ratio_ci_brackets_the_ratio_and_widens_with_disagreeing_prompts():
     pooled = (800 / (4 / 3 + 4)) / 100
     assert lo < pooled < hi and lo < 1.3 and hi > 1.8
     assert ratio_ci(runs([1 / 3, 1.0] * 4), ref) == [lo, hi]  # seeded: the same interval every time
+
+
+def test_modelled_time_prices_each_step_by_its_length():
+    from treespec.draft.bench import modelled_s
+
+    # 10 steps: 4 drafted nothing, 3 drafted one token, 1 two, 2 three.
+    stats = {"verify_steps": 10, "drafted_per_position": [6, 3, 2], "drafter_time_s": 0.5}
+    curve = [10.0, 11.0, 12.0, 14.0]  # T = 1..4
+    assert modelled_s(stats, curve) == pytest.approx((4 * 10 + 3 * 11 + 1 * 12 + 2 * 14) / 1e3 + 0.5)
+    # A curve shorter than the drafts is extended at its last slope.
+    assert modelled_s(stats, curve[:3]) == pytest.approx((4 * 10 + 3 * 11 + 1 * 12 + 2 * 13) / 1e3 + 0.5)
