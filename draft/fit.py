@@ -278,7 +278,6 @@ def _chains(rows: Rows, idx: np.ndarray, k_max: int):
     return uniq, valid, where
 
 
-
 def _copy_outcome(col: Collected, seq: int, i: int, k: int, max_n: int) -> tuple[list[int], int, tuple[int, int]]:
     """Prompt lookup's copy at greedy step i of context ``seq``: (the copy,
     how many of its tokens are the model's greedy ones, its (match, agree)
@@ -454,7 +453,9 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
     copy_ms = t_copy / max(len(uniq), 1) * 1e3
     # The copy-length table (draft.copylen) is counted on the training
     # contexts' steps and judged here on the held-out ones.
-    table = _copy_table(col, sorted(set(rows.seq[tr].tolist())), k_max, spec.ngram_max_n, tok.eot_id)
+    # Its evidence compares as many tokens as the held-out copies above (and
+    # the drafter's at serving time, which reads the table's depth).
+    table = _copy_table(col, sorted(set(rows.seq[tr].tolist())), len(v) - 1, spec.ngram_max_n, tok.eot_id)
     table.fit_lengths(verify_ms, k_max)
     table_len = np.asarray([table.length(m, a) for m, a in copy_ev], dtype=np.int64)
     # The depth-0 match length and candidate, for the trusted-match shortcut.

@@ -395,7 +395,9 @@ class TreeDrafter:
         spec = self.spec
         # What the fallback (prompt lookup) would draft here: the gate weighs
         # the tree against it, and the trusted match copies it.
-        alt, match, agree = ngram_copy_evidence(context, max(k_max, self.fallback.k_max), spec.ngram_max_n)
+        # (As many tokens as the copy-length table's evidence compared when it was counted.)
+        look = max(k_max, self.fallback.k_max, self.copy_lengths.depths if self.copy_lengths is not None else 0)
+        alt, match, agree = ngram_copy_evidence(context, look, spec.ngram_max_n)
         if self.trust_match and alt and min(match, spec.ngram_max_n) >= self.trust_match:
             # A long match: copying is what the tree would say here, so skip
             # its cost (draft-fit keeps this only where it simulated faster),
