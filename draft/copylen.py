@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .types import extend_costs
+from .types import fastest_length
 
 MATCH_EDGES = (3, 4, 8, 16, 32)  # match buckets: < 3, 3, 4-7, 8-15, 16-31, 32+
 AGREE_CAP = 8  # agree buckets: none (-1), 0, 1, ..., 8+
@@ -86,17 +86,7 @@ class CopyLengths:
         that drafts k costs verify_ms[k] and yields the accepted tokens plus
         the model's own). Kept for ``length``; call again after the curve changes."""
         k_max = min(k_max, self.depths)
-        v = extend_costs(verify_ms, k_max + 1)
-        p = self.acceptance()
-        lengths = []
-        for b in range(N_BUCKETS):
-            best_k, best, alive, tokens = 0, 1.0 / v[0], 1.0, 1.0
-            for k in range(1, k_max + 1):
-                alive *= p[b, k - 1]
-                tokens += alive
-                if tokens / v[k] > best:
-                    best_k, best = k, tokens / v[k]
-            lengths.append(best_k)
+        lengths = [fastest_length(row[:k_max], verify_ms)[0] for row in self.acceptance()]
         self._lengths = lengths
         return lengths
 

@@ -32,7 +32,7 @@ from .sampling import (AcceptRule, PositionDraws, accept_greedy, accept_sampled,
                        validate_params)
 from .text import TextStream
 from .types import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Draft, Drafter, ModelFeatures,
-                    SamplingParams, SpecStats, StepEvent, extend_costs)
+                    SamplingParams, SpecStats, StepEvent, extend_costs, fastest_length)
 
 # Draft length for a drafter that declares no k_max of its own.
 DEFAULT_K = 4
@@ -136,18 +136,12 @@ class DraftGate:
         when none pays. Fastest per token, not most saved per step: a longer
         draft saves more a step and can still be slower (prompt lookup at 8
         tokens against 4 on sampled code)."""
-        v = extend_costs(self.verify_ms, k_cap + 1)
         acc = self.fallback_acceptance
-        best_k, best = 0, 0.0
-        alive, tokens = 1.0, 1.0
-        for k in range(1, k_cap + 1):
-            alive *= acc[k - 1] if k - 1 < len(acc) else self.FALLBACK_PRIOR
-            tokens += alive
-            # A step of v[k] ms yields `tokens` tokens; vanilla spends forward_ms on each.
-            saving = self.forward_ms - (v[k] - v[0] + self.forward_ms) / tokens
-            if saving > best:
-                best_k, best = k, saving
-        return best_k, best
+        acc = [acc[i] if i < len(acc) else self.FALLBACK_PRIOR for i in range(k_cap)]
+        # Costed from vanilla's forward_ms: a step of v[k] ms costs v[k] - v[0] more than one.
+        v = [x - self.verify_ms[0] + self.forward_ms for x in extend_costs(self.verify_ms, k_cap + 1)]
+        k, ms_per_token = fastest_length(acc, v)
+        return (k, self.forward_ms - ms_per_token) if k else (0, 0.0)
 
     def fallback_saving(self) -> float:
         """ms per generated token the fallback is expected to save against

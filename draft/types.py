@@ -129,3 +129,23 @@ def extend_costs(verify_ms: Sequence[float], n: int) -> list[float]:
     while len(v) < n:
         v.append(v[-1] + (v[-1] - v[-2] if len(v) > 1 else 0.0))
     return v
+
+
+def fastest_length(acceptance: Sequence[float], verify_ms: Sequence[float]) -> tuple[int, float]:
+    """(draft length k from 0 to len(acceptance), verify ms per generated
+    token at that length) for the length with the fewest ms per token.
+
+    ``acceptance[i]`` is the chance that draft i is accepted when the drafts
+    before it were; ``verify_ms[k]`` what a step that drafts k tokens costs
+    (T = k + 1 positions, extended past its end by ``extend_costs``). A step
+    yields its accepted drafts plus the model's own token."""
+    v = extend_costs(verify_ms, len(acceptance) + 1)
+    best_k, best = 0, v[0]
+    alive = tokens = 1.0
+    for k, p in enumerate(acceptance, start=1):
+        alive *= p
+        tokens += alive
+        if v[k] / tokens < best:
+            best_k, best = k, v[k] / tokens
+    return best_k, best
+
