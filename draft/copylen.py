@@ -86,9 +86,8 @@ class CopyLengths:
         that drafts k costs verify_ms[k] and yields the accepted tokens plus
         the model's own). Kept for ``length``; call again after the curve changes."""
         k_max = min(k_max, self.depths)
-        lengths = [fastest_length(row[:k_max], verify_ms)[0] for row in self.acceptance()]
-        self._lengths = lengths
-        return lengths
+        self._lengths = [fastest_length(row[:k_max], verify_ms)[0] for row in self.acceptance()]
+        return self.lengths
 
     @property
     def lengths(self) -> list[int]:

@@ -43,10 +43,6 @@ class NgramIndex:
         # so rollback can restore the entries that later positions overwrote
         self._undo: list[tuple[int, tuple[int, ...], int]] = []
         self._undo_at: list[int] = []  # len(_undo) before position i was indexed
-        # _prev[i][n-1]: end position of the occurrence of the n-gram ending at
-        # i before that one (-1: none); it is what the undo log records, kept
-        # by position so a match can also be compared with its predecessor.
-        self._prev: list[tuple[int, ...]] = []
 
     # Position i is indexed once token i+1 exists: an n-gram at the very end
     # has nothing after it to propose, and must not match itself.
@@ -79,7 +75,6 @@ class NgramIndex:
                     self._last[n][gram] = prev
             del self._undo[mark:]
             del self._undo_at[keep:]
-            del self._prev[keep:]
         del self.tokens[length:]
 
     def _extend(self, new: Sequence[int]) -> None:
@@ -90,15 +85,11 @@ class NgramIndex:
             if i < 0:
                 continue
             self._undo_at.append(len(undo))
-            prev = []
             for n in range(1, min(max_n, i + 1) + 1):
                 gram = tuple(toks[i - n + 1:i + 1])
                 d = last[n]
-                before = d.get(gram, -1)
-                undo.append((n, gram, before))
-                prev.append(before)
+                undo.append((n, gram, d.get(gram, -1)))
                 d[gram] = i
-            self._prev.append(tuple(prev))
 
     def match(self, max_n: int | None = None) -> tuple[int, int]:
         """(end position of the most recent earlier occurrence of the longest
@@ -147,7 +138,9 @@ class NgramIndex:
         while m < max_match and m <= j and toks[j - m] == toks[L - 1 - m]:
             m += 1
         cont = self._copy_from(j, k)
-        j2 = self._prev[j][n - 1]
+        # The undo log holds, for position j, the n-gram's previous end
+        # position for n = 1, 2, ... in order: the occurrence before j.
+        j2 = self._undo[self._undo_at[j] + n - 1][2]
         if j2 < 0:
             return cont, m, -1
         other = self._copy_from(j2, k)
