@@ -29,7 +29,11 @@
    the verify, so the kept setting is the one with the best estimated
    speed, not the lowest loss. (--p-min fixes p_min.)
    The n-gram drafter is simulated on the same steps for comparison.
-6. ``BUNDLE/draft/tree.txt`` and ``meta.json`` are written.
+6. ``BUNDLE/draft/tree.txt`` and ``meta.json`` are written, with the
+   corpus bigram (``draft.corpus``: every token's most frequent follower in
+   the training split) in ``bigram.safetensors``. The simulation does not
+   use it: it only fills steps that would otherwise draft nothing, and
+   ``treespec bench`` measures what that gives.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from tqdm import tqdm
 
 from .features import FEATURE_VERSION, FeatureSpec, features_for, fit_pca, state_features
 from .copylen import CopyLengths
+from .corpus import FILE as CORPUS_FILE, CorpusBigram
 from .ngram import DEFAULT_MAX_N, NgramDrafter, ngram_candidate, ngram_copy_evidence
 from ..model.tokenizer import sha256_file
 from .tree import (COPY, FORMAT, FORMAT_VERSION, META_FILE, MODEL, MODEL_FILE, TreeDrafter, _Predictor, choose,
@@ -324,7 +329,7 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
          learning_rate: float = 0.2, num_leaves: int = 15, max_depth: int = 5, early_stopping: int = 10,
          verify_ms: list[float] | str = "auto", verify_threads: int | None = None, threads: int = 1,
          n_last: int = 3, copy_through: bool | None = None, trust_match: int | None = None,
-         balance_domains: bool = False,
+         balance_domains: bool = False, corpus_bigram: bool = True,
          progress: bool = True, log=_log) -> dict:
     import lightgbm as lgb
 
@@ -591,7 +596,8 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
                      "rule": best["rule"], "copy_through": bool(best["copy_through"]),
                      "trust_match": int(best["trust_match"]), "copy_k": int(best["copy_k"]),
                      "copy_lengths": table.to_meta() if best["copy_table"] else None,
-                     "copy_ms": round(copy_ms, 4)},
+                     "copy_ms": round(copy_ms, 4),
+                     "corpus_bigram": write_corpus_bigram(bundle, data, log) if corpus_bigram else None},
         "fit": {"data_dir": str(data_dir), "contexts": contexts, "steps_per_context": steps, "seed": seed,
                 "balance_domains": bool(balance_domains),
                 "min_context": min_context, "max_context": max_context, "lightgbm": params, "threads": threads,
@@ -609,6 +615,36 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike = "data/def
         (draft_dir / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         log(f"drafter cost in the decode loop: {proposal_ms:.3f} ms per proposal")
     log(f"wrote {model_path} and {draft_dir / META_FILE}")
+    return meta
+
+
+def write_corpus_bigram(bundle, data: np.ndarray, log=_log, min_count: int = 2) -> dict:
+    """Count the corpus bigram of ``data`` (the training split) into
+    ``BUNDLE/draft/``; the entry meta.json's settings keep for it."""
+    table = CorpusBigram.count(data, bundle.config.vocab_size, min_count=min_count)
+    bundle.draft_dir.mkdir(parents=True, exist_ok=True)
+    path = table.save(bundle.draft_dir)
+    log(f"corpus bigram: followers for {len(table)} token ids (seen at least {min_count} times) -> {path}")
+    return {"file": CORPUS_FILE, "sha256": sha256_file(path), "min_count": min_count, "tokens": int(len(table)),
+            "corpus_tokens": int(len(data))}
+
+
+def refit_corpus_bigram(bundle_path, data_dir, log=_log) -> dict:
+    """Recount only the corpus bigram of an already fitted drafter (the
+    tree, its settings and its costs stay as they are)."""
+    from ..model import load_bundle
+    from ..training.data import load_split
+
+    bundle = load_bundle(bundle_path)
+    meta_path = bundle.draft_dir / META_FILE
+    if not meta_path.is_file():
+        raise ValueError(f"{meta_path}: no fitted tree drafter to add a corpus bigram to; run "
+                         f"`treespec draft-fit --bundle {bundle.path}` first")
+    meta = json.loads(meta_path.read_text())
+    meta["settings"]["corpus_bigram"] = write_corpus_bigram(bundle, load_split(data_dir, "train"), log)
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    TreeDrafter.load(bundle)  # what was written loads
+    log(f"wrote {meta_path}")
     return meta
 
 
@@ -720,6 +756,10 @@ def add_parser(sub, name: str) -> None:
                         "copy the continuation (its length is fitted too: a fixed one, or the copy-length table "
                         "of draft/copylen.py); 'auto' keeps the fastest in the "
                         "held-out simulation, 'off' asks the tree every step (default: %(default)s)")
+    p.add_argument("--corpus-bigram", choices=("yes", "no", "only"), default="yes",
+                   help="count the training split's bigram, for one-token guesses where the context has nothing "
+                        "to copy; 'only' recounts it for an already fitted drafter and changes nothing else "
+                        "(default: %(default)s)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="model probability a token needs to be a token label (default: %(default)s)")
     p.add_argument("--balance-domains", action="store_true",
@@ -757,6 +797,9 @@ def run(args) -> int:
               file=sys.stderr)
         return 2
     try:
+        if args.corpus_bigram == "only":
+            refit_corpus_bigram(args.bundle, args.data_dir)
+            return 0
         fit_drafter(args.bundle, args.data_dir, contexts=args.contexts, steps=args.steps_per_context,
                     n_classes=args.classes, pca_dims=args.pca_dims, k_max=args.k_max, p_min=args.p_min,
                     threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
@@ -766,6 +809,7 @@ def run(args) -> int:
                     copy_through={"auto": None, "yes": True, "no": False}[args.copy_through],
                     trust_match=None if args.trust_match == "auto" else 0 if args.trust_match == "off"
                     else int(args.trust_match), balance_domains=args.balance_domains,
+                    corpus_bigram=args.corpus_bigram == "yes",
                     threads=args.threads, progress=not args.no_progress)
     except (BundleError, DataError, ValueError) as e:
         print(f"treespec draft-fit: error: {e}", file=sys.stderr)

@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import Sequence
 
+from .corpus import CorpusBigram
 from .types import Draft, ModelFeatures
 
 DEFAULT_MAX_N = 3
@@ -260,13 +261,28 @@ def ngram_copy_evidence(context: Sequence[int], k: int, max_n: int = DEFAULT_MAX
 
 @dataclass
 class NgramDrafter:
-    """Prompt-lookup decoding as a Drafter: propose the copied continuation."""
+    """Prompt-lookup decoding as a Drafter: propose the copied continuation.
+
+    With a ``corpus`` table (the tree drafter's fallback has one; the
+    ``ngram`` baseline does not), a context with nothing to copy gets a
+    one-token guess instead: the newest token's most frequent follower in
+    the training corpus (``draft.corpus``)."""
 
     k_max: int = 4
     max_n: int = DEFAULT_MAX_N
     name: str = "ngram"
+    corpus: CorpusBigram | None = None
 
     def propose(self, context: list[int], features: ModelFeatures | None, k_max: int) -> Draft:
         # The engine passes k_max already capped (the request's k_max, else
         # self.k_max, and never past max_new_tokens or the context).
-        return Draft(tokens=ngram_continuation(context, k_max, self.max_n))
+        tokens = ngram_continuation(context, k_max, self.max_n)
+        if not tokens and k_max > 0:
+            tokens = self.guess(context)
+        return Draft(tokens=tokens)
+
+    def guess(self, context: Sequence[int]) -> list[int]:
+        """The corpus follower of the newest token, as a draft ([] without a
+        table or where it has none)."""
+        c = self.corpus.candidate(context[-1]) if self.corpus is not None and context else None
+        return [] if c is None else [c]

@@ -37,6 +37,15 @@ of 0 there hands the step to the tree. A match is mostly where the tree
 says __COPY__ anyway, and there its cost (about as much as a fifth of a
 forward on the CPU it was fitted on) buys nothing.
 
+Where the tree hands back before drafting anything and the context has
+nothing to copy, the drafter fills the verify slot with the corpus guess
+(``draft.corpus``: the newest token's most frequent follower in the training
+split) if its corpus share pays for one more position. On a CPU whose
+verify forward costs the same for one and two positions it always does,
+and the guess is right often enough under free sampling to matter. The
+DraftGate's fallback (prompt lookup) guesses the same way where it has
+nothing to copy.
+
 That is the rule. Copy-through is the cost-aware form of the handback:
 where the verify forward costs about the same for 1 and 8 positions,
 a candidate the tree thinks is right only 30% of the time is still worth
@@ -78,6 +87,7 @@ import torch
 
 from ..model.tokenizer import sha256_file
 from .copylen import CopyLengths
+from .corpus import CorpusBigram
 from .costs import measure_verify_ms
 from .features import FEATURE_VERSION, FeatureSpec, features_for, state_features
 from .ngram import NgramDrafter, ngram_candidate, ngram_copy_evidence, ngram_copy_path
@@ -213,7 +223,8 @@ class TreeDrafter:
     def __init__(self, model, booster, spec: FeatureSpec, *, k_max: int, p_min: float,
                  verify_ms: Sequence[float], predict_ms: float, lookahead: bool = False,
                  proposal_ms: float | None = None, copy_through: bool = False, trust_match: int = 0,
-                 copy_k: int = 0, copy_lengths: CopyLengths | None = None, meta: dict | None = None):
+                 copy_k: int = 0, copy_lengths: CopyLengths | None = None, corpus: CorpusBigram | None = None,
+                 meta: dict | None = None):
         self.model = model
         self.booster = booster
         self.spec = spec
@@ -240,7 +251,11 @@ class TreeDrafter:
         # next to nothing to propose but lengthens the verify like any draft
         # (the gate picks its length from ``verify_ms`` and how often its
         # drafts were accepted).
-        self.fallback = NgramDrafter(k_max=self.k_max, max_n=spec.ngram_max_n)
+        # With a corpus bigram (draft.corpus) it guesses one token where the
+        # context has nothing to copy, and so does the tree where it hands
+        # back before drafting anything (see propose).
+        self.corpus = corpus
+        self.fallback = NgramDrafter(k_max=self.k_max, max_n=spec.ngram_max_n, corpus=corpus)
         self.calibration: dict | None = None  # set by calibrate(): the fitted costs and this machine's
         self._fit_copy_lengths()
 
@@ -314,6 +329,12 @@ class TreeDrafter:
             raise DrafterError(f"{model_path}: expects {booster.num_feature()} features, the spec in "
                                f"meta.json defines {len(spec.names())}")
         s = meta["settings"]
+        corpus = None
+        if s.get("corpus_bigram"):
+            try:
+                corpus = CorpusBigram.load(d / s["corpus_bigram"]["file"], s["corpus_bigram"].get("sha256"))
+            except (KeyError, TypeError, ValueError) as e:
+                raise DrafterError(f"{meta_path}: bad corpus bigram ({e})") from None
         copy_lengths = None
         if s.get("copy_lengths"):
             try:
@@ -326,7 +347,7 @@ class TreeDrafter:
                    verify_ms=s["verify_ms"], predict_ms=s["predict_ms"],
                    lookahead=s.get("rule", "myopic") == "lookahead", proposal_ms=s.get("proposal_ms"),
                    copy_through=s.get("copy_through", False), trust_match=s.get("trust_match", 0),
-                   copy_k=s.get("copy_k", 0), copy_lengths=copy_lengths, meta=meta)
+                   copy_k=s.get("copy_k", 0), copy_lengths=copy_lengths, corpus=corpus, meta=meta)
 
     def calibrate(self, reps: int = 10) -> dict:
         """Time the costs on this machine, at the current torch thread count,
@@ -398,13 +419,15 @@ class TreeDrafter:
         # (As many tokens as the copy-length table's evidence compared when it was counted.)
         look = max(k_max, self.fallback.k_max, self.copy_lengths.depths if self.copy_lengths is not None else 0)
         alt, match, agree = ngram_copy_evidence(context, look, spec.ngram_max_n)
+        # The fallback's draft where the context has nothing to copy: the corpus guess.
+        fallback = alt or self.fallback.guess(context)
         if self.trust_match and alt and min(match, spec.ngram_max_n) >= self.trust_match:
             # A long match: copying is what the tree would say here, so skip
             # its cost (draft-fit keeps this only where it simulated faster),
             # as far as the match's evidence says pays, or copy_k.
             k = self.copy_k if self.copy_lengths is None else self.copy_lengths.length(match, agree)
             if k > 0:
-                return Draft(tokens=alt[:min(k, k_max)], fallback=alt)
+                return Draft(tokens=alt[:min(k, k_max)], fallback=fallback)
         state = self.state(features)
         v = extend_costs(self.verify_ms, k_max + 1)
         ctx = list(context)
@@ -424,13 +447,26 @@ class TreeDrafter:
             for i, (tok, p, p_cand) in enumerate(self._decisions(X, ngs)):
                 t, cum = self.decide(j0 + i, cum, tok, p, ngs[i][0], p_cand, v, k_max)
                 if t is None:
-                    return Draft(tokens=drafted, handback=True, fallback=alt)
+                    if not drafted and not alt and self._worth_guessing(context, v):
+                        drafted = fallback  # hand back, but fill the verify slot with the corpus guess
+                    return Draft(tokens=drafted, handback=True, fallback=fallback)
                 drafted.append(t)
                 ctx.append(t)
                 if len(drafted) == k_max:
-                    return Draft(tokens=drafted, handback=False, fallback=alt)
+                    return Draft(tokens=drafted, handback=False, fallback=fallback)
                 if i >= len(path) or t != path[i]:
                     break  # off the copy path: rows past this depth are stale, a new round from here
+
+    def _worth_guessing(self, context: list[int], v: Sequence[float]) -> bool:
+        """Whether the corpus guess pays for its verify position, at the
+        corpus's own share for it: where the model hands back with nothing
+        to copy, one more position costs ``v[1] - v[0]``, nearly nothing on
+        a CPU whose verify curve is flat there, and a right guess saves a
+        forward."""
+        if self.corpus is None or not context:
+            return False
+        share = float(self.corpus.share[context[-1]]) if 0 <= context[-1] < len(self.corpus.share) else 0.0
+        return share * v[0] >= v[1] - v[0]
 
     def decide(self, j: int, cum: float, tok: int, p: float, cand: int | None, p_cand: float,
                v: Sequence[float], k_max: int) -> tuple[int | None, float]:

@@ -367,7 +367,9 @@ def engine_info(engine: Engine, settings: Settings) -> dict:
                          # The trusted-match shortcut, and the copy length it drafts per
                          # bucket of match evidence (draft/copylen.py) under this machine's curve.
                          trust_match=getattr(d, "trust_match", None),
-                         copy_lengths=d.copy_lengths.lengths if getattr(d, "copy_lengths", None) else None)
+                         copy_lengths=d.copy_lengths.lengths if getattr(d, "copy_lengths", None) else None,
+                         # How many token ids the corpus bigram guesses a follower for (draft/corpus.py).
+                         corpus_bigram=len(d.corpus) if getattr(d, "corpus", None) is not None else None)
         drafters[name] = entry
     return {
         "model_id": engine.model_name,

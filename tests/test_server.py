@@ -602,6 +602,7 @@ def test_tree_drafter_serves_through_a_live_server(fitted):
             tree_meta = json.loads((path / "draft" / "meta.json").read_text())["settings"]
             assert info["settings"]["tree"]["trust_match"] == tree_meta["trust_match"]
             assert (info["settings"]["tree"]["copy_lengths"] is None) == (tree_meta.get("copy_lengths") is None)
+            assert info["settings"]["tree"]["corpus_bigram"] == tree_meta["corpus_bigram"]["tokens"] > 0
             prompt = "the cat sat on a mat and then it ran. the cat sat on a mat and then"
             before = server.wait_idle()
             tree = generate(c, prompt, max_new_tokens=16)  # the default drafter

@@ -14,7 +14,8 @@ from conftest import tiny_model
 from treespec.draft.features import FEATURE_VERSION, features_for, top_indices
 from treespec.draft.fit import _windows, build_rows, collect
 from treespec.draft.copylen import CopyLengths
-from treespec.draft.ngram import ngram_candidate, ngram_copy_evidence
+from treespec.draft.corpus import CorpusBigram
+from treespec.draft.ngram import ngram_candidate, ngram_continuation, ngram_copy_evidence
 from treespec.draft.tree import DrafterError, TreeDrafter, choose
 from treespec.draft.types import ModelFeatures, SamplingParams
 from treespec.model import load_bundle, save_bundle
@@ -31,7 +32,7 @@ def test_draft_fit_writes_a_drafter_that_loads(fitted):
     path, log = fitted
     assert "__MODEL__: precision" in log and "depth" in log
     files = sorted(p.name for p in (path / "draft").iterdir())
-    assert files == ["meta.json", "tree.txt"]  # LightGBM text + JSON, never a pickle
+    assert files == ["bigram.safetensors", "meta.json", "tree.txt"]  # LightGBM text, safetensors + JSON, never a pickle
     bundle = load_bundle(path)
     meta = json.loads((path / "draft" / "meta.json").read_text())
     assert meta["weights_sha256"] == bundle.weights_sha256
@@ -287,7 +288,8 @@ def test_proposals_follow_the_drafting_rule(fitted):
 
 def _one_depth_at_a_time(drafter, context, feats, k_max):
     """The drafting rule as the module docstring states it: one tree call per
-    depth, the n-gram candidate looked up again after every drafted token."""
+    depth, the n-gram candidate looked up again after every drafted token,
+    and the corpus guess where it hands back at once with nothing to copy."""
     from treespec.draft.tree import worth_drafting
     from treespec.draft.types import extend_costs
 
@@ -307,6 +309,10 @@ def _one_depth_at_a_time(drafter, context, feats, k_max):
         elif drafter.copy_through and ng[0] is not None and pays(pc):
             tok, cum = ng[0], cum * pc
         else:
+            # Handing back before drafting anything, with nothing to copy:
+            # the corpus guess fills the slot where it pays for it.
+            if not drafted and ng[0] is None and drafter._worth_guessing(context, v):
+                drafted = drafter.fallback.guess(context)
             return drafted, True
         drafted.append(tok)
         ctx.append(tok)
@@ -318,7 +324,7 @@ def test_batched_proposals_equal_the_one_depth_at_a_time_rule(fitted, draft_corp
     model, n_vocab = bundle.model, bundle.tokenizer.n_vocab
     data = load_split(draft_corpus, "test").astype(int).tolist()
     rng = np.random.default_rng(3)
-    lengths, longer = set(), 0
+    lengths, longer, guessed = set(), 0, 0
     for p_min, copy_through in ((0.05, False), (0.3, False), (0.3, True), (0.9, True)):
         drafter = TreeDrafter.load(bundle, p_min=p_min)
         drafter.copy_through, drafter.trust_match = copy_through, 0  # the shortcut has its own test
@@ -330,12 +336,15 @@ def test_batched_proposals_equal_the_one_depth_at_a_time_rule(fitted, draft_corp
                 draft = drafter.propose(context, feats, k)
                 assert (draft.tokens, draft.handback) == _one_depth_at_a_time(drafter, context, feats, k)
                 lengths.add(len(draft.tokens))
+                guessed += draft.handback and draft.tokens == drafter.fallback.guess(context) != [] and \
+                    ngram_candidate(context)[0] is None
                 if copy_through:
                     drafter.copy_through = False
                     longer += len(draft.tokens) > len(drafter.propose(context, feats, k).tokens)
                     drafter.copy_through = True
     assert len(lengths) > 1  # the cases include drafts of different lengths
     assert longer > 0  # and copy-through drafting past a __MODEL__
+    assert guessed > 0  # and corpus guesses
 
 
 def test_choose_merges_copy_into_the_candidates_token(fitted):
@@ -649,3 +658,71 @@ def test_proposals_report_what_prompt_lookup_would_have_drafted(fitted):
     d.trust_match, d.copy_k = 2, 2  # a 2-token match: the shortcut copies without the tree
     draft = d.propose(context, feats, 4)
     assert draft.tokens == want[:2] and draft.fallback == want
+
+
+def test_the_fitted_corpus_bigram_is_the_training_splits_and_is_checked(fitted, draft_corpus, tmp_path):
+    from treespec.cli import main as cli_main
+
+    path, log = fitted
+    bundle = load_bundle(path)
+    d = TreeDrafter.load(bundle)
+    want = CorpusBigram.count(load_split(draft_corpus, "train"), bundle.config.vocab_size)
+    assert np.array_equal(d.corpus.follower, want.follower) and len(want) > 0
+    assert d.fallback.corpus is d.corpus and "corpus bigram" in log
+    # A changed table is refused, as a changed tree is.
+    shutil.copytree(path, tmp_path / "b")
+    table = tmp_path / "b" / "draft" / "bigram.safetensors"
+    CorpusBigram(np.zeros_like(want.follower), want.share).save(table.parent)
+    with pytest.raises(DrafterError, match="corpus bigram.*checksum"):
+        TreeDrafter.load(load_bundle(tmp_path / "b"))
+    # --corpus-bigram only recounts it and leaves the tree and its settings alone.
+    tree_before = (tmp_path / "b" / "draft" / "tree.txt").read_bytes()
+    settings_before = json.loads((tmp_path / "b" / "draft" / "meta.json").read_text())["settings"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli_main(["draft-fit", "--bundle", str(tmp_path / "b"), "--data-dir", str(draft_corpus),
+                         "--corpus-bigram", "only"]) == 0
+    after = json.loads((tmp_path / "b" / "draft" / "meta.json").read_text())["settings"]
+    assert (tmp_path / "b" / "draft" / "tree.txt").read_bytes() == tree_before
+    assert {k: v for k, v in after.items() if k != "corpus_bigram"} == \
+        {k: v for k, v in settings_before.items() if k != "corpus_bigram"}
+    assert np.array_equal(TreeDrafter.load(load_bundle(tmp_path / "b")).corpus.follower, want.follower)
+    # Without a table in meta.json the drafter has none, and guesses nothing.
+    meta = json.loads((tmp_path / "b" / "draft" / "meta.json").read_text())
+    meta["settings"]["corpus_bigram"] = None
+    (tmp_path / "b" / "draft" / "meta.json").write_text(json.dumps(meta))
+    assert TreeDrafter.load(load_bundle(tmp_path / "b")).corpus is None
+
+
+def test_a_handback_with_nothing_to_copy_fills_the_slot_with_the_corpus_guess(fitted):
+    bundle = load_bundle(fitted[0])
+    model, n_vocab = bundle.model, bundle.tokenizer.n_vocab
+    context = [101, 102, 103]  # nothing repeats
+    out = model.forward_step(torch.tensor([context]), 0, model.new_cache(batch_size=1))
+    feats = _engine_features(out, len(context) - 1, n_vocab)
+    follower, share = np.full(bundle.config.vocab_size, -1), np.zeros(bundle.config.vocab_size)
+    follower[103], share[103] = 77, 0.25
+    table = CorpusBigram(follower, share)
+
+    def drafter(verify_ms, corpus=table):
+        d = _drafter(bundle, [{"model": 0.9, 0: 0.1}], verify_ms=verify_ms)
+        d.corpus = d.fallback.corpus = corpus
+        return d
+
+    # The tree hands back at once; a second position is free: guess.
+    draft = drafter((1.0, 1.0, 1.0)).propose(context, feats, 4)
+    assert draft.tokens == [77] and draft.handback and draft.fallback == [77]
+    # The guess is right a quarter of the time (its corpus share): worth a
+    # position that costs a fifth of a forward, not one that costs a third.
+    assert drafter((1.0, 1.2, 1.4)).propose(context, feats, 4).tokens == [77]
+    assert drafter((1.0, 1.34, 1.7)).propose(context, feats, 4).tokens == []
+    # Without a table, or with a match to copy (the tree judged it), no guess.
+    assert drafter((1.0, 1.0), corpus=None).propose(context, feats, 4).tokens == []
+    copyable = [11, 12, 103, 11, 12]
+    d = drafter((1.0, 1.0))
+    draft = d.propose(copyable, feats, 4)
+    assert draft.tokens == [] and draft.fallback == ngram_continuation(copyable, max(4, d.fallback.k_max))
+    assert draft.fallback[:3] == [103, 11, 12]
+    # What the tree drafted itself is never replaced.
+    d = _drafter(bundle, [{0: 0.9, "model": 0.1}, {"model": 0.9}])
+    d.corpus = d.fallback.corpus = table
+    assert d.propose(context, feats, 4).tokens == [d.spec.classes[0]]
