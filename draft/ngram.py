@@ -264,9 +264,12 @@ class NgramDrafter:
     """Prompt-lookup decoding as a Drafter: propose the copied continuation.
 
     With a ``corpus`` table (the tree drafter's fallback has one; the
-    ``ngram`` baseline does not), a context with nothing to copy gets a
-    one-token guess instead: the newest token's most frequent follower in
-    the training corpus (``draft.corpus``)."""
+    ``ngram`` baseline does not), a context with nothing to copy, or only a
+    one-token match to copy from, gets a one-token guess instead: the
+    newest token's most frequent follower in the training corpus
+    (``draft.corpus``). One earlier occurrence of the newest token is a
+    worse guide to what follows it than the whole corpus is
+    (``bench/corpus_probe.py``)."""
 
     k_max: int = 4
     max_n: int = DEFAULT_MAX_N
@@ -277,8 +280,8 @@ class NgramDrafter:
         # The engine passes k_max already capped (the request's k_max, else
         # self.k_max, and never past max_new_tokens or the context).
         tokens = ngram_continuation(context, k_max, self.max_n)
-        if not tokens and k_max > 0:
-            tokens = self.guess(context)
+        if self.corpus is not None and k_max > 0 and (not tokens or ngram_candidate(context, self.max_n)[1] <= 1):
+            tokens = self.guess(context) or tokens
         return Draft(tokens=tokens)
 
     def guess(self, context: Sequence[int]) -> list[int]:

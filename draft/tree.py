@@ -38,13 +38,12 @@ says __COPY__ anyway, and there its cost (about as much as a fifth of a
 forward on the CPU it was fitted on) buys nothing.
 
 Where the tree hands back before drafting anything and the context has
-nothing to copy, the drafter fills the verify slot with the corpus guess
+nothing to copy (or only a one-token match), the drafter fills the verify slot with the corpus guess
 (``draft.corpus``: the newest token's most frequent follower in the training
 split) if its corpus share pays for one more position. On a CPU whose
 verify forward costs the same for one and two positions it always does,
 and the guess is right often enough under free sampling to matter. The
-DraftGate's fallback (prompt lookup) guesses the same way where it has
-nothing to copy.
+DraftGate's fallback (prompt lookup) guesses the same way there.
 
 That is the rule. Copy-through is the cost-aware form of the handback:
 where the verify forward costs about the same for 1 and 8 positions,
@@ -419,8 +418,10 @@ class TreeDrafter:
         # (As many tokens as the copy-length table's evidence compared when it was counted.)
         look = max(k_max, self.fallback.k_max, self.copy_lengths.depths if self.copy_lengths is not None else 0)
         alt, match, agree = ngram_copy_evidence(context, look, spec.ngram_max_n)
-        # The fallback's draft where the context has nothing to copy: the corpus guess.
-        fallback = alt or self.fallback.guess(context)
+        # The fallback's draft where the context has nothing to copy, or only
+        # a one-token match: the corpus guess (draft.corpus).
+        guess = self.fallback.guess(context) if match <= 1 else []
+        fallback = guess or alt
         if self.trust_match and alt and min(match, spec.ngram_max_n) >= self.trust_match:
             # A long match: copying is what the tree would say here, so skip
             # its cost (draft-fit keeps this only where it simulated faster),
@@ -447,8 +448,8 @@ class TreeDrafter:
             for i, (tok, p, p_cand) in enumerate(self._decisions(X, ngs)):
                 t, cum = self.decide(j0 + i, cum, tok, p, ngs[i][0], p_cand, v, k_max)
                 if t is None:
-                    if not drafted and not alt and self._worth_guessing(context, v):
-                        drafted = fallback  # hand back, but fill the verify slot with the corpus guess
+                    if not drafted and guess and self._worth_guessing(context, v):
+                        drafted = guess  # hand back, but fill the verify slot with the corpus guess
                     return Draft(tokens=drafted, handback=True, fallback=fallback)
                 drafted.append(t)
                 ctx.append(t)

@@ -52,7 +52,7 @@ def test_saves_and_loads_and_refuses_a_changed_file(tmp_path):
         CorpusBigram.load(path)
 
 
-def test_prompt_lookup_guesses_from_the_corpus_only_where_nothing_repeats():
+def test_prompt_lookup_guesses_from_the_corpus_where_little_repeats():
     table = CorpusBigram.count(np.array([3, 8, 3, 8, 12, 13, 12, 13]), vocab_size=20)
     plain, filled = NgramDrafter(), NgramDrafter(corpus=table)
     ctx = [10, 11, 12, 10, 11]
@@ -63,3 +63,8 @@ def test_prompt_lookup_guesses_from_the_corpus_only_where_nothing_repeats():
     assert filled.propose([1, 2, 3], None, 4).tokens == [8]
     assert filled.propose([1, 2, 3], None, 0).tokens == []  # k = 0 drafts nothing
     assert filled.propose([1, 2, 5], None, 4).tokens == []  # no follower of 5 in the corpus
+    # A match of one token only: the corpus follower replaces the copy ...
+    assert plain.propose([3, 9, 1, 3], None, 2).tokens == [9, 1]
+    assert filled.propose([3, 9, 1, 3], None, 2).tokens == [8]
+    # ... unless the corpus has none.
+    assert filled.propose([5, 9, 1, 5], None, 2).tokens == [9, 1]

@@ -309,9 +309,10 @@ def _one_depth_at_a_time(drafter, context, feats, k_max):
         elif drafter.copy_through and ng[0] is not None and pays(pc):
             tok, cum = ng[0], cum * pc
         else:
-            # Handing back before drafting anything, with nothing to copy:
-            # the corpus guess fills the slot where it pays for it.
-            if not drafted and ng[0] is None and drafter._worth_guessing(context, v):
+            # Handing back before drafting anything, with nothing to copy or
+            # a one-token match: the corpus guess fills the slot where it pays.
+            if not drafted and ng[1] <= 1 and drafter.fallback.guess(context) and \
+                    drafter._worth_guessing(context, v):
                 drafted = drafter.fallback.guess(context)
             return drafted, True
         drafted.append(tok)
@@ -337,7 +338,7 @@ def test_batched_proposals_equal_the_one_depth_at_a_time_rule(fitted, draft_corp
                 assert (draft.tokens, draft.handback) == _one_depth_at_a_time(drafter, context, feats, k)
                 lengths.add(len(draft.tokens))
                 guessed += draft.handback and draft.tokens == drafter.fallback.guess(context) != [] and \
-                    ngram_candidate(context)[0] is None
+                    ngram_candidate(context)[1] <= 1
                 if copy_through:
                     drafter.copy_through = False
                     longer += len(draft.tokens) > len(drafter.propose(context, feats, k).tokens)
@@ -715,7 +716,13 @@ def test_a_handback_with_nothing_to_copy_fills_the_slot_with_the_corpus_guess(fi
     # position that costs a fifth of a forward, not one that costs a third.
     assert drafter((1.0, 1.2, 1.4)).propose(context, feats, 4).tokens == [77]
     assert drafter((1.0, 1.34, 1.7)).propose(context, feats, 4).tokens == []
-    # Without a table, or with a match to copy (the tree judged it), no guess.
+    # A one-token match is a worse guide than the corpus: guess there too,
+    # and the fallback's draft is the guess.
+    one = [5, 103, 7, 103]
+    assert ngram_candidate(one) == (7, 1)
+    draft = drafter((1.0, 1.0)).propose(one, feats, 4)
+    assert draft.tokens == [77] and draft.fallback == [77]
+    # Without a table, or with a longer match to copy (the tree judged it), no guess.
     assert drafter((1.0, 1.0), corpus=None).propose(context, feats, 4).tokens == []
     copyable = [11, 12, 103, 11, 12]
     d = drafter((1.0, 1.0))
