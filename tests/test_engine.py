@@ -13,6 +13,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
+from treespec.draft.corpus import CorpusBigram
 from treespec.draft.engine import generate, generate_all
 from treespec.draft.ngram import NgramDrafter
 from treespec.draft.sampling import accept_sampled, probs_from_logits, sample
@@ -58,6 +59,21 @@ def random_prompts(n: int, seed: int, lo: int = 1, hi: int = 16) -> list[list[in
     return [torch.randint(0, N_VOCAB - 1, (L,), generator=g).tolist() for L in lens]
 
 
+def corpus_guesser(model, tok, k_max: int = 4) -> NgramDrafter:
+    """Prompt lookup with a corpus bigram (the tree's fallback): the table
+    counted on the model's own greedy text, so some guesses are right, and
+    a fixed scramble for every token that text never had, so a guess is
+    drafted wherever the context has nothing to copy."""
+    text = []
+    for prompt in random_prompts(4, seed=99):
+        text += prompt + generate_all(model, prompt, SamplingParams(max_new_tokens=24), tokenizer=tok).token_ids
+    table = CorpusBigram.count(torch.tensor(text).numpy(), N_VOCAB, min_count=1)
+    missing = table.follower < 0
+    table.follower[missing] = (torch.arange(N_VOCAB).numpy()[missing] * 7919 + 1) % N_VOCAB
+    table.share[missing] = 0.1
+    return NgramDrafter(k_max=k_max, corpus=CorpusBigram(table.follower, table.share))
+
+
 class Oracle:
     """Proposes the vanilla continuation: ``mode`` "right" as is, "wrong"
     with every token shifted (never the argmax), "partial" right for a
@@ -85,10 +101,11 @@ def test_greedy_speculative_equals_vanilla(request, tok, model_name):
     model = request.getfixturevalue(model_name)
     params = SamplingParams(max_new_tokens=24)
     accepted = 0
+    guesser, guessed = corpus_guesser(model, tok), 0
     for prompt in random_prompts(10, seed=len(model_name)):
         ref = generate_all(model, prompt, params, tokenizer=tok)
         assert ref.finish_reason == FINISH_LENGTH and len(ref.token_ids) == 24
-        drafters = [NgramDrafter(k_max=3), NgramDrafter(k_max=6), Oracle(ref.token_ids, len(prompt), 4, "partial"),
+        drafters = [NgramDrafter(k_max=3), NgramDrafter(k_max=6), guesser, Oracle(ref.token_ids, len(prompt), 4, "partial"),
                     Oracle(ref.token_ids, len(prompt), 5, "right"), Oracle(ref.token_ids, len(prompt), 2, "wrong")]
         for d in drafters:
             got = generate_all(model, prompt, params, d, tokenizer=tok)
@@ -97,7 +114,8 @@ def test_greedy_speculative_equals_vanilla(request, tok, model_name):
             assert got.finish_reason == ref.finish_reason
             torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
             accepted += got.stats.accepted_tokens
-    assert accepted > 0
+            guessed += got.stats.draft_tokens if d is guesser else 0
+    assert accepted > 0 and guessed > 0
 
 
 @pytest.mark.parametrize("model_name", ["looping", "wandering"])
@@ -107,19 +125,22 @@ def test_seeded_sampling_gives_vanilla_tokens_with_every_drafter(request, tok, m
     oracle of that sampled run is always accepted (tau = k + 1 at T = 0.9)."""
     model = request.getfixturevalue(model_name)
     outputs = set()
+    guesser, guessed = corpus_guesser(model, tok), 0
     for i, prompt in enumerate(random_prompts(8, seed=20 + len(model_name))):
         params = SamplingParams(max_new_tokens=21, temperature=0.9, top_k=100, top_p=0.95, seed=100 + i)
         ref = generate_all(model, prompt, params, tokenizer=tok)
         outputs.add(tuple(ref.token_ids))
-        for d in (NgramDrafter(k_max=4), Oracle(ref.token_ids, len(prompt), 4, "partial"),
+        for d in (NgramDrafter(k_max=4), guesser, Oracle(ref.token_ids, len(prompt), 4, "partial"),
                   Oracle(ref.token_ids, len(prompt), 2, "wrong")):
             got = generate_all(model, prompt, params, d, tokenizer=tok)
             assert got.token_ids == ref.token_ids, d.name
+            guessed += got.stats.draft_tokens if d is guesser else 0
             torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
         right = generate_all(model, prompt, params, Oracle(ref.token_ids, len(prompt), 4, "right"), tokenizer=tok)
         assert right.token_ids == ref.token_ids
         assert right.stats.accepted_tokens == right.stats.draft_tokens == 4 * right.stats.verify_steps == 16
     assert len(outputs) == 8  # and the seeds do sample different continuations
+    assert guessed > 0
 
 
 @pytest.mark.parametrize("k,steps", [(1, 6), (3, 4), (4, 3)])
