@@ -21,6 +21,7 @@ drafter's meta.json.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,12 @@ class CorpusBigram:
 
         path = Path(directory) / FILE
         save_file({"follower": self.follower, "share": self.share}, str(path))
+        # safetensors writes the file owner-only (0600); give it the mode
+        # the rest of the bundle gets, so a server running as another user
+        # (the docker image's) can read a drafter fitted outside it.
+        umask = os.umask(0)
+        os.umask(umask)
+        path.chmod(0o666 & ~umask)
         return path
 
     @classmethod

@@ -1,5 +1,7 @@
 """The corpus bigram: counting, its file form, and the guesses it makes."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -41,6 +43,9 @@ def test_saves_and_loads_and_refuses_a_changed_file(tmp_path):
     t = CorpusBigram.count(np.random.default_rng(0).integers(0, 50, size=2000), vocab_size=64)
     path = t.save(tmp_path)
     assert path.name == FILE
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not safetensors' 0600
     back = CorpusBigram.load(path, sha256_file(path))
     assert np.array_equal(back.follower, t.follower) and np.array_equal(back.share, t.share)
     with pytest.raises(ValueError, match="checksum"):
