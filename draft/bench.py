@@ -103,7 +103,7 @@ def summarise(runs: list[dict], reference: list[dict] | None) -> dict:
     wall = sum(r["wall_s"] for r in runs)
     s = {k: sum(r["stats"][k] for r in runs)
          for k in ("verify_steps", "draft_tokens", "accepted_tokens", "model_handbacks", "skipped_proposals",
-                   "drafter_time_s", "verify_time_s", "prefill_time_s")}
+                   "guess_tokens", "accepted_guesses", "drafter_time_s", "verify_time_s", "prefill_time_s")}
     depth = max((len(r["stats"]["drafted_per_position"]) for r in runs), default=0)
     drafted = [sum(r["stats"]["drafted_per_position"][j] for r in runs
                    if j < len(r["stats"]["drafted_per_position"])) for j in range(depth)]
@@ -125,7 +125,7 @@ def summarise(runs: list[dict], reference: list[dict] | None) -> dict:
         "drafter_ms_per_step": 1e3 * s["drafter_time_s"] / steps if steps else 0.0,
         "verify_ms_per_step": 1e3 * s["verify_time_s"] / steps if steps else 0.0,
         **{k: s[k] for k in ("verify_steps", "draft_tokens", "accepted_tokens", "model_handbacks",
-                             "skipped_proposals")},
+                             "skipped_proposals", "guess_tokens", "accepted_guesses")},
     }
     if reference is not None:
         # Sampled runs too: prompt i has the same seed for every drafter, and

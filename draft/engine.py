@@ -325,7 +325,7 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
         # yields drafts + 1 tokens, and prompt + max_new_tokens <= block_size
         # keeps every position inside the cache.
         k = min(k_cap, params.max_new_tokens - stats.generated_tokens - 1) if drafter is not None else 0
-        drafts, q = [], None
+        drafts, q, guessed = [], None, False
         asked = k > 0 and (gate is None or gate.open())
         stats.skipped_proposals += int(k > 0 and not asked)
         # While the gate is closed, the drafter's cheap fallback (if any)
@@ -346,6 +346,7 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
             if draft.q is not None and drafts:
                 q = [r[:n_vocab].float() for r in draft.q[:len(drafts)]]
             stats.model_handbacks += int(bool(draft.handback))
+            guessed = bool(draft.guess) and bool(drafts)
 
         tv = time.perf_counter()
         pos = len(context) - 1
@@ -365,6 +366,9 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
         stats.verify_steps += 1
         stats.draft_tokens += len(drafts)
         stats.accepted_tokens += n
+        if guessed:
+            stats.guess_tokens += len(drafts)
+            stats.accepted_guesses += n
         _grow(stats.drafted_per_position, len(drafts))
         _grow(stats.accepted_per_position, len(drafts))
         for j in range(len(drafts)):

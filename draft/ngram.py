@@ -281,7 +281,9 @@ class NgramDrafter:
         # self.k_max, and never past max_new_tokens or the context).
         tokens = ngram_continuation(context, k_max, self.max_n)
         if self.corpus is not None and k_max > 0 and (not tokens or ngram_candidate(context, self.max_n)[1] <= 1):
-            tokens = self.guess(context) or tokens
+            guess = self.guess(context)
+            if guess:
+                return Draft(tokens=guess, guess=True)
         return Draft(tokens=tokens)
 
     def guess(self, context: Sequence[int]) -> list[int]:

@@ -449,7 +449,8 @@ class TreeDrafter:
                 t, cum = self.decide(j0 + i, cum, tok, p, ngs[i][0], p_cand, v, k_max)
                 if t is None:
                     if not drafted and guess and self._worth_guessing(context, v):
-                        drafted = guess  # hand back, but fill the verify slot with the corpus guess
+                        # Hand back, but fill the verify slot with the corpus guess.
+                        return Draft(tokens=guess, handback=True, fallback=fallback, guess=True)
                     return Draft(tokens=drafted, handback=True, fallback=fallback)
                 drafted.append(t)
                 ctx.append(t)

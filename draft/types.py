@@ -57,6 +57,9 @@ class Draft:
     # the drafter knows it at no extra cost: the gate judges the fallback on
     # the tokens this step emits, so it can tell which of the two pays more.
     fallback: list[int] | None = None
+    # True when the tokens are the corpus guess (draft.corpus) filling a step
+    # the drafter would otherwise have left empty, not its own proposal.
+    guess: bool = False
 
 
 class Drafter(Protocol):
@@ -85,6 +88,8 @@ class SpecStats:
     drafted_per_position: list[int] = field(default_factory=list)  # [j]: proposed at draft position j
     model_handbacks: int = 0  # drafts that ended in __MODEL__
     skipped_proposals: int = 0  # steps the DraftGate did not ask the drafter (its fallback, if any, drafted)
+    guess_tokens: int = 0  # of draft_tokens, corpus guesses (draft.corpus) in otherwise empty steps
+    accepted_guesses: int = 0  # of accepted_tokens, corpus guesses
     drafter_time_s: float = 0.0
     verify_time_s: float = 0.0
     prefill_time_s: float = 0.0

@@ -231,7 +231,8 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
                 mean_accepted_length=st.mean_accepted_length,
                 accepted_per_position=list(st.accepted_per_position),
                 drafted_per_position=list(st.drafted_per_position), model_handbacks=st.model_handbacks,
-                skipped_proposals=st.skipped_proposals))
+                skipped_proposals=st.skipped_proposals, guess_tokens=st.guess_tokens,
+                accepted_guesses=st.accepted_guesses))
 
     eot = None
 

@@ -365,6 +365,7 @@ class Engine:
 
         for key, counter in (("draft_tokens", m.num_draft_tokens), ("accepted_tokens", m.num_accepted_tokens),
                              ("model_handbacks", m.model_handbacks), ("skipped_proposals", m.skipped_proposals),
+                             ("guess_tokens", m.guess_tokens), ("accepted_guesses", m.accepted_guesses),
                              ("verify_steps", m.verify_steps)):
             inc = delta(key, getattr(st, key))
             if inc:

@@ -38,6 +38,8 @@ class Metrics:
         self.num_drafted_per_pos = Counter("treespec_spec_decode_num_draft_tokens_per_pos", "Drafted tokens proposed at each draft position", D + ["position"], registry=r)
         self.model_handbacks = Counter("treespec_spec_decode_model_handbacks", "Drafts that ended because the tree predicted __MODEL__", D, registry=r)
         self.skipped_proposals = Counter("treespec_spec_decode_skipped_proposals", "Verify steps run without asking the drafter: its recent proposals cost more than they saved (DraftGate)", D, registry=r)
+        self.guess_tokens = Counter("treespec_spec_decode_num_guess_tokens", "Of the drafted tokens, corpus guesses: the training corpus's most frequent follower of the newest token, drafted where the drafter had nothing else", D, registry=r)
+        self.accepted_guesses = Counter("treespec_spec_decode_num_accepted_guesses", "Of the accepted tokens, corpus guesses", D, registry=r)
         self.verify_steps = Counter("treespec_spec_decode_num_verify_steps", "Model forwards after the prefill (each verifies the last token plus a draft)", D, registry=r)
         # Per request.
         self.acceptance_rate = Histogram("treespec_spec_decode_acceptance_rate", "Per request: accepted / drafted tokens (requests that drafted nothing are not observed)", D, buckets=_RATE, registry=r)

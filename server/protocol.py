@@ -172,6 +172,8 @@ class Speculative(BaseModel):
     drafted_per_position: list[int]
     model_handbacks: int
     skipped_proposals: int
+    guess_tokens: int
+    accepted_guesses: int
 
 
 class Details(BaseModel):

@@ -65,7 +65,8 @@ def test_prompt_lookup_guesses_from_the_corpus_where_little_repeats():
     assert filled.propose(ctx, None, 3).tokens == plain.propose(ctx, None, 3).tokens == [12, 10, 11]
     # Nothing repeats: the baseline drafts nothing, the filled one guesses one token.
     assert plain.propose([1, 2, 3], None, 4).tokens == []
-    assert filled.propose([1, 2, 3], None, 4).tokens == [8]
+    assert filled.propose([1, 2, 3], None, 4).tokens == [8] and filled.propose([1, 2, 3], None, 4).guess
+    assert not filled.propose(ctx, None, 3).guess
     assert filled.propose([1, 2, 3], None, 0).tokens == []  # k = 0 drafts nothing
     assert filled.propose([1, 2, 5], None, 4).tokens == []  # no follower of 5 in the corpus
     # A match of one token only: the corpus follower replaces the copy ...

@@ -114,7 +114,11 @@ def test_greedy_speculative_equals_vanilla(request, tok, model_name):
             assert got.finish_reason == ref.finish_reason
             torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
             accepted += got.stats.accepted_tokens
-            guessed += got.stats.draft_tokens if d is guesser else 0
+            if d is guesser:
+                guessed += got.stats.guess_tokens
+                assert got.stats.accepted_guesses <= got.stats.guess_tokens <= got.stats.draft_tokens
+            else:
+                assert got.stats.guess_tokens == got.stats.accepted_guesses == 0
     assert accepted > 0 and guessed > 0
 
 
@@ -134,7 +138,7 @@ def test_seeded_sampling_gives_vanilla_tokens_with_every_drafter(request, tok, m
                   Oracle(ref.token_ids, len(prompt), 2, "wrong")):
             got = generate_all(model, prompt, params, d, tokenizer=tok)
             assert got.token_ids == ref.token_ids, d.name
-            guessed += got.stats.draft_tokens if d is guesser else 0
+            guessed += got.stats.guess_tokens if d is guesser else 0
             torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
         right = generate_all(model, prompt, params, Oracle(ref.token_ids, len(prompt), 4, "right"), tokenizer=tok)
         assert right.token_ids == ref.token_ids

@@ -620,6 +620,9 @@ def test_tree_drafter_serves_through_a_live_server(fitted):
         assert delta(before, after, "treespec_spec_decode_num_draft_tokens_total", **L) == spec["draft_tokens"]
         assert delta(before, after, "treespec_spec_decode_model_handbacks_total", **L) == spec["model_handbacks"]
         assert delta(before, after, "treespec_spec_decode_skipped_proposals_total", **L) == spec["skipped_proposals"]
+        assert delta(before, after, "treespec_spec_decode_num_guess_tokens_total", **L) == spec["guess_tokens"]
+        assert delta(before, after, "treespec_spec_decode_num_accepted_guesses_total", **L) == spec["accepted_guesses"]
+        assert spec["accepted_guesses"] <= spec["guess_tokens"] <= spec["draft_tokens"]
         assert delta(before, after, "treespec_request_success_total", **L) == 1
     finally:
         stop_server(server)

@@ -711,7 +711,7 @@ def test_a_handback_with_nothing_to_copy_fills_the_slot_with_the_corpus_guess(fi
 
     # The tree hands back at once; a second position is free: guess.
     draft = drafter((1.0, 1.0, 1.0)).propose(context, feats, 4)
-    assert draft.tokens == [77] and draft.handback and draft.fallback == [77]
+    assert draft.tokens == [77] and draft.handback and draft.guess and draft.fallback == [77]
     # The guess is right a quarter of the time (its corpus share): worth a
     # position that costs a fifth of a forward, not one that costs a third.
     assert drafter((1.0, 1.2, 1.4)).propose(context, feats, 4).tokens == [77]
@@ -732,4 +732,5 @@ def test_a_handback_with_nothing_to_copy_fills_the_slot_with_the_corpus_guess(fi
     # What the tree drafted itself is never replaced.
     d = _drafter(bundle, [{0: 0.9, "model": 0.1}, {"model": 0.9}])
     d.corpus = d.fallback.corpus = table
-    assert d.propose(context, feats, 4).tokens == [d.spec.classes[0]]
+    draft = d.propose(context, feats, 4)
+    assert draft.tokens == [d.spec.classes[0]] and not draft.guess
