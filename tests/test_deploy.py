@@ -543,10 +543,11 @@ def test_healthcheck_and_scrape_paths_are_server_routes(tmp_path):
 
 
 # Families the dashboard queries whose series only appear once something
-# specific happened: handbacks need a bundle with a fitted tree drafter (the
+# specific happened: handbacks and corpus guesses need a bundle with a fitted tree drafter (the
 # tiny test bundle has none), so for them the test requires the declaration
 # (# HELP/# TYPE in /metrics) but not a sample.
-TREE_ONLY = {"treespec_spec_decode_model_handbacks_total"}
+TREE_ONLY = {"treespec_spec_decode_model_handbacks_total", "treespec_spec_decode_num_guess_tokens_total",
+             "treespec_spec_decode_num_accepted_guesses_total"}
 
 
 def test_every_dashboard_metric_exists_in_live_metrics(server):
