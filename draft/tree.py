@@ -253,10 +253,18 @@ class TreeDrafter:
         # With a corpus bigram (draft.corpus) it guesses one token where the
         # context has nothing to copy, and so does the tree where it hands
         # back before drafting anything (see propose).
-        self.corpus = corpus
         self.fallback = NgramDrafter(k_max=self.k_max, max_n=spec.ngram_max_n, corpus=corpus)
         self.calibration: dict | None = None  # set by calibrate(): the fitted costs and this machine's
         self._fit_copy_lengths()
+
+    @property
+    def corpus(self) -> CorpusBigram | None:
+        """The corpus bigram the drafter and its fallback guess from (None: no guesses)."""
+        return self.fallback.corpus
+
+    @corpus.setter
+    def corpus(self, table: CorpusBigram | None) -> None:
+        self.fallback.corpus = table
 
     def _fit_copy_lengths(self) -> None:
         # The lengths depend on the verify curve, so they follow calibrate().

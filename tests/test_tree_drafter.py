@@ -669,7 +669,7 @@ def test_the_fitted_corpus_bigram_is_the_training_splits_and_is_checked(fitted, 
     d = TreeDrafter.load(bundle)
     want = CorpusBigram.count(load_split(draft_corpus, "train"), bundle.config.vocab_size)
     assert np.array_equal(d.corpus.follower, want.follower) and len(want) > 0
-    assert d.fallback.corpus is d.corpus and "corpus bigram" in log
+    assert "corpus bigram" in log
     # A changed table is refused, as a changed tree is.
     shutil.copytree(path, tmp_path / "b")
     table = tmp_path / "b" / "draft" / "bigram.safetensors"
@@ -706,7 +706,7 @@ def test_a_handback_with_nothing_to_copy_fills_the_slot_with_the_corpus_guess(fi
 
     def drafter(verify_ms, corpus=table):
         d = _drafter(bundle, [{"model": 0.9, 0: 0.1}], verify_ms=verify_ms)
-        d.corpus = d.fallback.corpus = corpus
+        d.corpus = corpus
         return d
 
     # The tree hands back at once; a second position is free: guess.
@@ -731,6 +731,6 @@ def test_a_handback_with_nothing_to_copy_fills_the_slot_with_the_corpus_guess(fi
     assert draft.fallback[:3] == [103, 11, 12]
     # What the tree drafted itself is never replaced.
     d = _drafter(bundle, [{0: 0.9, "model": 0.1}, {"model": 0.9}])
-    d.corpus = d.fallback.corpus = table
+    d.corpus = table
     draft = d.propose(context, feats, 4)
     assert draft.tokens == [d.spec.classes[0]] and not draft.guess
