@@ -269,7 +269,8 @@ class NgramDrafter:
     newest token's most frequent follower in the training corpus
     (``draft.corpus``). One earlier occurrence of the newest token is a
     worse guide to what follows it than the whole corpus is
-    (``bench/corpus_probe.py``)."""
+    (``bench/corpus_probe.py``). Where the two agree, the copy is kept: it
+    starts with the same token and goes on."""
 
     k_max: int = 4
     max_n: int = DEFAULT_MAX_N
@@ -282,7 +283,7 @@ class NgramDrafter:
         tokens = ngram_continuation(context, k_max, self.max_n)
         if self.corpus is not None and k_max > 0 and (not tokens or ngram_candidate(context, self.max_n)[1] <= 1):
             guess = self.guess(context)
-            if guess:
+            if guess and guess != tokens[:1]:  # where they agree, the copy says more
                 return Draft(tokens=guess, guess=True)
         return Draft(tokens=tokens)
 

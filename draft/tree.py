@@ -429,7 +429,7 @@ class TreeDrafter:
         # The fallback's draft where the context has nothing to copy, or only
         # a one-token match: the corpus guess (draft.corpus).
         guess = self.fallback.guess(context) if match <= 1 else []
-        fallback = guess or alt
+        fallback = guess if guess and guess != alt[:1] else alt  # where they agree, the copy says more
         if self.trust_match and alt and min(match, spec.ngram_max_n) >= self.trust_match:
             # A long match: copying is what the tree would say here, so skip
             # its cost (draft-fit keeps this only where it simulated faster),

@@ -72,5 +72,7 @@ def test_prompt_lookup_guesses_from_the_corpus_where_little_repeats():
     # A match of one token only: the corpus follower replaces the copy ...
     assert plain.propose([3, 9, 1, 3], None, 2).tokens == [9, 1]
     assert filled.propose([3, 9, 1, 3], None, 2).tokens == [8]
-    # ... unless the corpus has none.
+    # ... unless the corpus has none, or agrees with the copy, which then goes on.
     assert filled.propose([5, 9, 1, 5], None, 2).tokens == [9, 1]
+    agree = filled.propose([3, 8, 1, 3], None, 2)
+    assert agree.tokens == [8, 1] and not agree.guess

@@ -722,6 +722,12 @@ def test_a_handback_with_nothing_to_copy_fills_the_slot_with_the_corpus_guess(fi
     assert ngram_candidate(one) == (7, 1)
     draft = drafter((1.0, 1.0)).propose(one, feats, 4)
     assert draft.tokens == [77] and draft.fallback == [77]
+    # Where the corpus agrees with that copy, the copy (which goes on) is the fallback's draft.
+    agreeing = CorpusBigram(np.where(np.arange(len(follower)) == 103, 7, follower), share)
+    d = drafter((1.0, 1.0), corpus=agreeing)
+    draft = d.propose(one, feats, 4)
+    assert draft.fallback == ngram_continuation(one, max(4, d.fallback.k_max)) and draft.fallback[:2] == [7, 103]
+    assert draft.tokens == [7] and draft.guess  # the tree handed back: the slot still gets the guess
     # Without a table, or with a longer match to copy (the tree judged it), no guess.
     assert drafter((1.0, 1.0), corpus=None).propose(context, feats, 4).tokens == []
     copyable = [11, 12, 103, 11, 12]
