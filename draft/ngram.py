@@ -280,8 +280,9 @@ class NgramDrafter:
     def propose(self, context: list[int], features: ModelFeatures | None, k_max: int) -> Draft:
         # The engine passes k_max already capped (the request's k_max, else
         # self.k_max, and never past max_new_tokens or the context).
-        tokens = ngram_continuation(context, k_max, self.max_n)
-        if self.corpus is not None and k_max > 0 and (not tokens or ngram_candidate(context, self.max_n)[1] <= 1):
+        index = _thread_index(context, self.max_n)  # one sync for the copy and its match length
+        tokens = index.continuation(k_max, self.max_n)
+        if self.corpus is not None and k_max > 0 and (not tokens or index.candidate(self.max_n)[1] <= 1):
             guess = self.guess(context)
             if guess and guess != tokens[:1]:  # where they agree, the copy says more
                 return Draft(tokens=guess, guess=True)
