@@ -53,7 +53,7 @@ def fake_data_dir(root: Path, n_tokens: int, seed: int = 0) -> Path:
 
 
 def time_mode(cfg, bf16: bool, steps: int, warmup: int) -> dict:
-    run = Run(replace(cfg, autocast_bf16=bf16), command_line="bench")
+    run = Run(replace(cfg, autocast_bf16="on" if bf16 else "off"), command_line="bench")
     run.model.train()
     for _ in range(warmup):  # first steps allocate, and on CUDA compile
         run.train_step()

@@ -96,6 +96,25 @@ def _read_json(file: Path) -> dict:
         raise BundleError(f"{file}: not valid JSON ({e})") from None
 
 
+def _read_config(path: Path) -> tuple[dict, GPTConfig]:
+    cfg = _read_json(path / CONFIG_FILE)
+    if cfg.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{path / CONFIG_FILE}: unknown bundle format version {cfg.get('format_version')!r} "
+                          f"(this treespec reads {FORMAT_VERSION})")
+    try:
+        return cfg, GPTConfig.from_dict(cfg["model"])
+    except (KeyError, TypeError, ConfigError) as e:
+        raise BundleError(f"{path / CONFIG_FILE}: bad model config: {e}") from None
+
+
+def read_bundle_config(path: str | os.PathLike) -> GPTConfig:
+    """A bundle's ``GPTConfig`` alone, without loading (or verifying) its weights."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise BundleError(f"{path / CONFIG_FILE}: missing file; is {path} a bundle?")
+    return _read_config(path)[1]
+
+
 def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> Bundle:
     """Load and verify a bundle; the model comes back in eval mode."""
@@ -119,14 +138,7 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu",
             raise BundleError(f"{path / name}: checksum mismatch (manifest says {listed[name][:12]}…, "
                               f"file is {actual[:12]}…); the file is corrupt or was changed after saving")
 
-    cfg = _read_json(path / CONFIG_FILE)
-    if cfg.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path / CONFIG_FILE}: unknown bundle format version {cfg.get('format_version')!r} "
-                          f"(this treespec reads {FORMAT_VERSION})")
-    try:
-        config = GPTConfig.from_dict(cfg["model"])
-    except (KeyError, TypeError, ConfigError) as e:
-        raise BundleError(f"{path / CONFIG_FILE}: bad model config: {e}") from None
+    cfg, config = _read_config(path)
 
     try:
         state = load_file(str(path / WEIGHTS_FILE))

@@ -97,14 +97,14 @@ def test_overrides_are_type_checked():
     cfg = build_train_config("cpu-default", None, ["--lr=2e-3", "--batch_size=3", "--autocast_bf16=false",
                                                    "--lr_schedule=hypergradient", "--model.n_layer=3",
                                                    "--model.dwa=true", "--model.exit_layers=[2,3]"])
-    assert (cfg.lr, cfg.batch_size, cfg.autocast_bf16, cfg.lr_schedule) == (2e-3, 3, False, "hypergradient")
+    assert (cfg.lr, cfg.batch_size, cfg.autocast_bf16, cfg.lr_schedule) == (2e-3, 3, "off", "hypergradient")
     assert cfg.seq_len == 512 and cfg.threads == 2  # the rest comes from the preset
     g = cfg.gpt_config()
     assert (g.n_layer, g.dwa, g.exit_layers, g.n_embd) == (3, True, (2, 3), 384)
 
     for bad, msg in [("--batch_size=2.5", "batch_size.*expected int"),
                      ("--lr=fast", "lr.*expected float"),
-                     ("--autocast_bf16=maybe", "autocast_bf16.*expected bool"),
+                     ("--autocast_bf16=maybe", "autocast_bf16 must be auto, on or off"),
                      ("--model.n_layer=six", "n_layer.*expected int"),
                      ("--model.exit_layers=5", "exit_layers.*JSON list"),
                      ("--model.exit_layers=[2,2]", "strictly increasing"),
@@ -112,10 +112,31 @@ def test_overrides_are_type_checked():
                      ("--exit_sample_frac=0", "exit_sample_frac"),
                      ("--seq_len=4096", "block_size"),
                      ("--batch_size=0", "batch_size must be positive"),
+                     ("--lr=1e-4", "min_lr=0.00012 exceeds lr=0.0001"),
                      ("lr=1", "expected --key=value"),
                      ("--lr", "expected --key=value")]:
         with pytest.raises(TrainConfigError, match=msg):
             build_train_config("cpu-default", None, [bad])
+
+
+def test_bf16_autocast_only_where_the_hardware_has_it(monkeypatch):
+    from treespec.training import train
+
+    assert build_train_config(None, None, []).autocast_bf16 == "auto"
+    for word, mode in (("true", "on"), ("ON", "on"), ("no", "off"), ("auto", "auto")):
+        assert build_train_config(None, None, [f"--autocast_bf16={word}"]).autocast_bf16 == mode
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert train.use_bf16_autocast("auto", cpu) is native
+        assert train.use_bf16_autocast("on", cpu) is True
+        assert train.use_bf16_autocast("off", cpu) is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # AMX alone is enough
+    assert train.use_bf16_autocast("auto", cpu) is True
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe: no bf16
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert train.use_bf16_autocast("auto", cpu) is False
 
 
 def test_unknown_keys_and_presets_are_rejected():
@@ -249,6 +270,66 @@ def test_refuses_to_overwrite_a_run(short_run, data_dir):
         Run(tiny_cfg(data_dir, short_run, "--max_steps=20"))
     with pytest.raises(TrainConfigError, match="model config differs"):
         Run(tiny_cfg(data_dir, short_run, "--max_steps=20", "--model.n_embd=64"), resume=True)
+
+
+# --- init_from: on from a bundle ---------------------------------------------------------
+
+def test_init_from_a_bundle_continues_its_model(short_run, data_dir, tmp_path):
+    src = short_run / "bundle"
+    start = load_bundle(src)
+    cfg = build_train_config(None, None, [*(a for a in TINY if not a.startswith("--model.")),
+                                          f"--init_from={src}", "--max_steps=6", "--eval_interval=3",
+                                          f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'c'}"])
+    assert cfg.gpt_config() == start.config  # the architecture is the bundle's, not the preset's
+    run = Run(cfg)
+    for (name, p), q in zip(run.model.state_dict().items(), start.model.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert run.step == 0 and torch.equal(run.optimizer.state_dict()["state"].get(0, {}).get("step", torch.tensor(0.)),
+                                         torch.tensor(0.))  # a fresh optimizer
+    run.train()
+
+    first = [r for r in metrics(tmp_path / "c") if "loss" in r][0]
+    from_scratch = [r for r in metrics(short_run) if "loss" in r]
+    # It starts where the bundle's run ended, not near uniform.
+    end = sum(r["loss"] for r in from_scratch[-3:]) / 3
+    assert end < from_scratch[0]["loss"] - 1.0
+    assert first["loss"] < end + 0.3, (first["loss"], end, from_scratch[0]["loss"])
+    s = json.loads((tmp_path / "c" / "training_summary.json").read_text())
+    prior = json.loads((src / "training_summary.json").read_text())
+    assert s["init_from"]["bundle"] == str(src)
+    assert s["init_from"]["weights_sha256"] == start.weights_sha256
+    assert s["init_from"]["tokens_seen"] == prior["tokens_seen"] == 20 * 4 * 32
+    assert s["tokens_seen"] == 6 * 4 * 32 and s["total_tokens_seen"] == (20 + 6) * 4 * 32
+    assert load_bundle(tmp_path / "c" / "bundle").config == start.config
+    from treespec.cli import main as cli_main
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli_main(["model-card", str(tmp_path / "c" / "bundle")]) == 0
+    card = (tmp_path / "c" / "bundle" / "README.md").read_text()
+    assert f"starting from the weights of `{src}` (2,560 tokens of its own training; 3,328 in all)" in card
+
+    # A resumed init_from run takes its weights from the checkpoint and keeps what it started from.
+    more = Run(replace(cfg, max_steps=8), resume=True)
+    assert more.step == 6 and more.init_info == s["init_from"]
+    for (name, p), q in zip(more.model.state_dict().items(), run.model.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_init_from_refuses_model_overrides_and_missing_bundles(short_run, data_dir, tmp_path):
+    with pytest.raises(TrainConfigError, match="--model.. overrides"):
+        tiny_cfg(data_dir, tmp_path / "d", f"--init_from={short_run / 'bundle'}")
+    base = [a for a in TINY if not a.startswith("--model.")]
+    with pytest.raises(TrainConfigError, match="init_from: .*missing file"):
+        build_train_config(None, None, [*base, f"--init_from={tmp_path / 'nowhere'}"])
+    broken = tmp_path / "broken"
+    import shutil
+    shutil.copytree(short_run / "bundle", broken)
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02")
+    cfg = build_train_config(None, None, [*base, f"--init_from={broken}", f"--data_dir={data_dir}",
+                                          f"--out_dir={tmp_path / 'e'}"])
+    with pytest.raises(TrainConfigError, match="checksum mismatch"):
+        Run(cfg)
 
 
 # --- resume ---------------------------------------------------------------------------

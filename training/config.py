@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..model.bundle import BundleError, read_bundle_config
 from ..model.config import GPTConfig, PRESETS
 
 
@@ -27,6 +28,10 @@ class TrainConfig:
     # what to train
     model: str = "cpu-default"  # a model preset from model/config.py
     model_overrides: dict = field(default_factory=dict)  # --model.FIELD=value
+    # A bundle to start from: its GPTConfig and weights, with a fresh optimizer
+    # and schedule (fine-tuning, or more training for a model whose checkpoint
+    # is gone). "" trains from scratch. ``model`` and ``model_overrides`` do not apply.
+    init_from: str = ""
     data_dir: str = "data/default"
     out_dir: str = "runs/default"
     # batch: tokens per optimizer step = batch_size * seq_len * grad_accum * world size
@@ -56,9 +61,12 @@ class TrainConfig:
     ckpt_interval: int = 100
     # hardware
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # bf16 autocast: on CUDA, and on CPUs with AVX-512 BF16 it doubled
-    # training throughput here (bench/train_throughput.py: 544 -> 1071 tokens/s for cpu-default); weights stay fp32
-    autocast_bf16: bool = True
+    # bf16 autocast (weights and optimizer stay fp32). "auto": on CUDA with bf16,
+    # and on CPUs with native bf16 dot products (AVX-512 BF16 or AMX), where it
+    # doubled training throughput (bench/train_throughput.py: 544 -> 1071
+    # tokens/s for cpu-default). Elsewhere, e.g. an AVX2-only CPU, PyTorch's bf16
+    # matmul falls back to a slow reference kernel, so "auto" trains in fp32 there.
+    autocast_bf16: str = "auto"  # auto | on | off
     compile: bool = False  # torch.compile, on CUDA only
     threads: int = 0  # CPU threads (0 = torch's default)
     seed: int = 1337
@@ -76,13 +84,31 @@ class TrainConfig:
                      "log_interval"):
             if getattr(self, name) <= 0:
                 raise TrainConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        words = {"true": "on", "1": "on", "yes": "on", "on": "on", "false": "off", "0": "off", "no": "off",
+                 "off": "off", "auto": "auto"}
+        mode = words.get(str(self.autocast_bf16).lower()) if not isinstance(self.autocast_bf16, bool) \
+            else ("on" if self.autocast_bf16 else "off")
+        if mode is None:
+            raise TrainConfigError(f"autocast_bf16 must be auto, on or off, got {self.autocast_bf16!r}")
+        self.autocast_bf16 = mode
+        if self.lr_schedule == "cosine" and self.min_lr > self.lr:
+            raise TrainConfigError(f"min_lr={self.min_lr} exceeds lr={self.lr}: the cosine would rise, not decay "
+                                   f"(a preset's min_lr may need lowering with its lr)")
         if self.save_dtype not in ("float32", "float16", "bfloat16"):
             raise TrainConfigError(f"save_dtype must be float32, float16 or bfloat16, got {self.save_dtype!r}")
+        if self.init_from and self.model_overrides:
+            raise TrainConfigError(f"init_from={self.init_from!r} takes the model config from that bundle; "
+                                   f"--model.* overrides ({sorted(self.model_overrides)}) cannot change it")
         cfg = self.gpt_config()
         if self.seq_len > cfg.block_size:
             raise TrainConfigError(f"seq_len={self.seq_len} exceeds the model's block_size={cfg.block_size}")
 
     def gpt_config(self) -> GPTConfig:
+        if self.init_from:
+            try:
+                return read_bundle_config(self.init_from)
+            except BundleError as e:
+                raise TrainConfigError(f"init_from: {e}") from None
         return GPTConfig(**{**PRESETS[self.model], **self.model_overrides})
 
     def tokens_per_step(self, world_size: int = 1) -> int:

@@ -71,7 +71,10 @@ def render(bundle, summary: dict, samples: dict[str, tuple[str, str]], history: 
         "",
         f"Trained for {summary['steps']} steps, {summary['tokens_seen']:,} tokens seen, "
         f"{summary['wall_time_s'] / 60:.0f} min of training on {hw.get('gpu') or hw['cpu']} "
-        f"({hw['device']}, {hw['threads']} threads, {summary['tokens_per_s']:.0f} tokens/s).",
+        f"({hw['device']}, {hw['threads']} threads, {summary['tokens_per_s']:.0f} tokens/s)"
+        + (f", starting from the weights of `{summary['init_from']['bundle']}` "
+           f"({summary['init_from'].get('tokens_seen', 0):,} tokens of its own training; "
+           f"{summary['total_tokens_seen']:,} in all)." if summary.get("init_from") else "."),
         "",
         "## Reproduce",
         "",

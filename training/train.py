@@ -1,4 +1,4 @@
-"""``treespec train``: train a multi-exit GPT from scratch, end to end.
+"""``treespec train``: train a multi-exit GPT from scratch (or on from a bundle), end to end.
 
 One process on a CPU or GPU, or several under ``torchrun`` (DistributedDataParallel;
 each rank samples its own batches, rank 0 alone evaluates, logs and saves).
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..model.bundle import _DTYPES, save_bundle
+from ..model.bundle import _DTYPES, BundleError, load_bundle, save_bundle
 from ..model.gpt import GPT
 from .config import TrainConfig, TrainConfigError, build_train_config
 from .data import load_meta, load_split
@@ -161,6 +161,20 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device multiplies bf16 matrices natively (so autocast pays)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # torch.cpu's probes are private: absent ones mean "no"
+        return any(getattr(torch.cpu, probe, lambda: False)()
+                   for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+def use_bf16_autocast(mode: str, device: torch.device) -> bool:
+    return mode == "on" or (mode == "auto" and native_bf16(device))
+
+
 def hardware_summary(device: torch.device, world: int) -> dict:
     d = {"device": str(device), "world_size": world, "torch": torch.__version__,
          "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
@@ -194,9 +208,13 @@ class Run:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
 
+        self.bf16 = use_bf16_autocast(cfg.autocast_bf16, self.device)
         torch.manual_seed(cfg.seed)
         self.gpt_config = cfg.gpt_config()
         self.model = GPT(self.gpt_config).to(self.device)
+        self.init_info: dict | None = None
+        if cfg.init_from and not resume:  # a resumed run's weights come from its checkpoint
+            self.init_info = self._init_from_bundle(cfg.init_from)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.hyper = HypergradientLR(cfg) if cfg.lr_schedule == "hypergradient" else None
         self.meta = load_meta(cfg.data_dir)
@@ -223,6 +241,21 @@ class Run:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.train_model = DDP(self.train_model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
 
+    def _init_from_bundle(self, path: str) -> dict:
+        """Copy a bundle's weights into the fresh model; say what it was."""
+        try:
+            bundle = load_bundle(path)
+        except BundleError as e:
+            raise TrainConfigError(f"init_from: {e}") from None
+        self.model.load_state_dict(bundle.model.state_dict())
+        info = {"bundle": str(path), "weights_sha256": bundle.weights_sha256}
+        summary = Path(path) / "training_summary.json"
+        if summary.is_file():  # so the new summary can say how much training the weights had before
+            prior = json.loads(summary.read_text())
+            info.update({k: prior[k] for k in ("tokens_seen", "steps", "wall_time_s") if k in prior})
+            info["total_tokens_seen"] = prior.get("total_tokens_seen", prior.get("tokens_seen", 0))
+        return info
+
     # --- checkpoints -----------------------------------------------------------
 
     def _checkpoint_state(self) -> dict:
@@ -241,6 +274,7 @@ class Run:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "last_eval": self.last_eval,
+            "init_from": json.dumps(self.init_info),  # a string: weights_only loads plain types only
         }
 
     def save_checkpoint(self) -> None:
@@ -268,6 +302,7 @@ class Run:
             self.hyper.load_state_dict(ck["hyper"])
         self.step, self.tokens_seen, self.wall_time = ck["step"], ck["tokens_seen"], ck["wall_time"]
         self.last_eval = ck["last_eval"]
+        self.init_info = json.loads(ck.get("init_from") or "null")
         if self.world == 1:  # each rank's own streams are only in a single-process checkpoint
             self.batcher.gen.set_state(ck["batcher_rng"])
             self.exit_gen.set_state(ck["exit_rng"])
@@ -298,7 +333,7 @@ class Run:
             sync = contextlib.nullcontext()
             if self.ddp and micro < cfg.grad_accum - 1:
                 sync = self.train_model.no_sync()  # all-reduce once, on the last micro-batch
-            amp = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.autocast_bf16
+            amp = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16
                    else contextlib.nullcontext())
             with sync, amp:
                 out = self.train_model(x, y, exit_sample_frac=cfg.exit_sample_frac, generator=self.exit_gen)
@@ -430,12 +465,15 @@ class Run:
             "steps": self.step,
             "wall_time_s": round(self.wall_time, 1),
             "tokens_per_s": round(self.tokens_seen / max(1e-9, self.wall_time), 1),
-            "hardware": hardware_summary(self.device, self.world),
+            "hardware": {**hardware_summary(self.device, self.world), "bf16_autocast": self.bf16},
             "data": {"sources": self.meta["sources"],
                      "train_tokens": self.meta["splits"]["train"]["tokens"]},
             "final_val_loss": self.last_eval or self.run_eval(),
             "final_test_loss": evaluate(self.model, test_data, self.meta["splits"]["test"], self.cfg, self.device),
         }
+        if self.init_info is not None:
+            summary["init_from"] = self.init_info
+            summary["total_tokens_seen"] = self.init_info.get("total_tokens_seen", 0) + self.tokens_seen
         (bundle_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (self.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_run(self.out)
