@@ -28,8 +28,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from .sampling import (AcceptRule, PositionDraws, accept_greedy, accept_sampled, make_generator, probs_from_logits,
-                       validate_params)
+from .sampling import (AcceptRule, Penalties, PositionDraws, accept_greedy, accept_sampled, make_generator,
+                       probs_from_logits, validate_params)
 from .text import TextStream
 from .types import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Draft, Drafter, ModelFeatures,
                     SamplingParams, SpecStats, StepEvent, extend_costs, fastest_length)
@@ -262,16 +262,19 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
                       prompt_tokens=len(prompt))
     context = list(prompt)  # prompt + generated; the last token has not been through the model yet
     gate = DraftGate.for_drafter(drafter)  # None without a drafter or a cost model
+    penalties = Penalties(prompt, n_vocab, params, device) if params.penalised else None
 
     def choose(logits: torch.Tensor, drafts: list[int], q) -> tuple[list[int], list[float]]:
         """Verify ``drafts`` against logits rows (len(drafts)+1, n_vocab):
         the accepted drafts plus the next token, with their log-probabilities."""
+        if penalties is not None:
+            logits = penalties.apply(logits, drafts)
         if greedy:
             argmax = logits.argmax(dim=-1).tolist()
             n = accept_greedy(argmax, drafts)
             new = drafts[:n] + [argmax[n]]
             rows = logits[:n + 1].float()
-            # Greedy reports the model's own (unscaled) log-probabilities.
+            # Greedy reports the (penalised) logits' log-probabilities, unscaled by temperature.
             lp = rows[torch.arange(n + 1), new] - torch.logsumexp(rows, dim=-1)
         else:
             p = probs_from_logits(logits, params)
@@ -295,6 +298,8 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
             tokens.append(t)
             logprobs.append(lp)
             context.append(t)
+            if penalties is not None:
+                penalties.push(t)
             stats.generated_tokens += 1
             if t == eot:
                 texts.append("")

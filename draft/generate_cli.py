@@ -20,6 +20,12 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 is off")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0 is off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already in the prompt or the output by this (1.0 is off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="minus this per earlier occurrence in the output, -2 to 2 (0 is off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="minus this once a token is in the output, -2 to 2 (0 is off)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     p.add_argument("--drafter", choices=DRAFTERS, default="ngram", help="(default: %(default)s)")
@@ -47,7 +53,8 @@ def run(args) -> int:
         drafter = make_drafter(args.drafter, bundle, calibrate=not args.no_calibrate)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
-                                k_max=args.k_max)
+                                k_max=args.k_max, repetition_penalty=args.repetition_penalty,
+                                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
         ids = bundle.tokenizer.encode(prompt)
         token_ids, texts, event = [], [], None
         t0 = time.perf_counter()

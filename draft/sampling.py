@@ -37,6 +37,57 @@ def validate_params(params: SamplingParams) -> None:
         raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
     if params.k_max is not None and params.k_max < 0:
         raise ValueError(f"k_max must be >= 0, got {params.k_max}")
+    if not params.repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), got {params.repetition_penalty}")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if not -2.0 <= getattr(params, name) <= 2.0:
+            raise ValueError(f"{name} must be in [-2, 2] (0 turns it off), got {getattr(params, name)}")
+
+
+class Penalties:
+    """Penalties on tokens that are already there, applied to the logits
+    before greedy's argmax or sampling's temperature:
+
+    - ``repetition_penalty`` r (CTRL, Keskar et al. 2019; TGI's and
+      Hugging Face's): the logit of every token in the prompt or the
+      generated text is divided by r where positive, multiplied by r where
+      negative;
+    - ``frequency_penalty`` f and ``presence_penalty`` a (OpenAI's): the
+      logit of a token generated c times so far drops by f * c + a * (c > 0).
+      The prompt does not count, as in vLLM.
+
+    A verify step's row j predicts the token after draft j-1, so it is
+    penalised for the context plus ``drafts[:j]``: exactly what vanilla
+    decoding would have seen there. That keeps speculation lossless with
+    penalties on. ``push`` adds each released token to the counts.
+    """
+
+    def __init__(self, prompt: list[int], n_vocab: int, params: SamplingParams, device: torch.device | str = "cpu"):
+        self.params = params
+        self.seen = torch.zeros(n_vocab, dtype=torch.bool, device=device)
+        self.seen[torch.tensor(prompt, dtype=torch.long, device=device)] = True
+        self.count = torch.zeros(n_vocab, dtype=torch.float32, device=device)
+
+    def push(self, token: int) -> None:
+        self.seen[token] = True
+        self.count[token] += 1
+
+    def apply(self, logits: torch.Tensor, drafts: list[int]) -> torch.Tensor:
+        """Penalised copies of ``logits`` rows (len(drafts) + 1, V)."""
+        T = logits.size(0)
+        seen = self.seen.expand(T, -1).clone()
+        count = self.count.expand(T, -1).clone()
+        for j, d in enumerate(drafts[:T - 1], start=1):  # draft j-1 is context for rows j and after
+            seen[j:, d] = True
+            count[j:, d] += 1
+        z = logits.float()
+        r = self.params.repetition_penalty
+        if r != 1.0:
+            z = torch.where(seen, torch.where(z > 0, z / r, z * r), z)
+        f, a = self.params.frequency_penalty, self.params.presence_penalty
+        if f or a:
+            z = z - f * count - a * (count > 0).float()
+        return z
 
 
 def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -26,6 +26,14 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     k_max: int | None = None  # cap on draft length; None: the drafter's own
+    # Penalties on tokens already there (draft.sampling.Penalties); neutral by default.
+    repetition_penalty: float = 1.0  # CTRL's: over prompt + generated; > 1 discourages repeats
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times a token's count in the generated text
+    presence_penalty: float = 0.0  # OpenAI's: minus this once a token has been generated
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -115,7 +123,9 @@ class StepEvent:
     """One verify step's output, as the generator yields it."""
 
     tokens: list[int]  # newly generated tokens (accepted drafts + bonus), after stop handling
-    logprobs: list[float]  # the model's log-probability of each (after temperature/top-k/top-p)
+    # The log-probability of each under the distribution it was chosen from:
+    # penalties applied, then (sampling) temperature, top-k and top-p.
+    logprobs: list[float]
     # Text released with each token: whole UTF-8 only, and text that could
     # still turn into a stop sequence is held back (so often ""). The last
     # event's last entry also carries what was held back and is now final.

@@ -179,6 +179,11 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
         except NotReady as e:
             raise ApiError(503, str(e), "unavailable") from None
 
+    def penalties(p) -> dict:
+        """The request's penalties that are set (None: the neutral default)."""
+        return {k: getattr(p, k) for k in ("repetition_penalty", "frequency_penalty", "presence_penalty")
+                if getattr(p, k) is not None}
+
     async def start_generate(request: Request) -> tuple[P.GenerateRequest, Job]:
         check_auth(request)
         req = await read_body(request, P.GenerateRequest)
@@ -186,7 +191,8 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
         params = SamplingParams(
             max_new_tokens=p.max_new_tokens or settings.default_max_new_tokens,
             temperature=p.sampling_temperature(), top_k=p.top_k or 0,
-            top_p=1.0 if p.top_p is None else p.top_p, seed=p.seed, stop=list(p.stop or []), k_max=p.k_max)
+            top_p=1.0 if p.top_p is None else p.top_p, seed=p.seed, stop=list(p.stop or []), k_max=p.k_max,
+            **penalties(p))
         return req, await start(req.inputs, params, p.drafter, request)
 
     async def start_completion(request: Request) -> tuple[P.CompletionRequest, Job]:
@@ -195,7 +201,8 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
         params = SamplingParams(
             max_new_tokens=req.max_tokens or settings.default_max_new_tokens,
             temperature=req.sampling_temperature(), top_k=req.top_k or 0,
-            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=list(req.stop or []), k_max=req.k_max)
+            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=list(req.stop or []), k_max=req.k_max,
+            **penalties(req))
         return req, await start(req.prompt, params, req.drafter, request)
 
     async def watch_disconnect(request: Request, job: Job) -> None:

@@ -53,10 +53,11 @@ class GenerateParameters(_Strict):
     return_full_text: bool | None = None
     drafter: str | None = None
     k_max: int | None = Field(None, ge=1, le=MAX_K)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # not TGI's; as OpenAI's
     # TGI options that stock clients send; accepted only at their neutral value.
     best_of: int | None = None
-    repetition_penalty: float | None = None
-    frequency_penalty: float | None = None
     typical_p: float | None = None
     top_n_tokens: int | None = None
     watermark: bool | None = None
@@ -71,8 +72,6 @@ class GenerateParameters(_Strict):
     @model_validator(mode="after")
     def _unsupported(self):
         _refuse("best_of", self.best_of, 1)
-        _refuse("repetition_penalty", self.repetition_penalty, 1.0)
-        _refuse("frequency_penalty", self.frequency_penalty, 0.0)
         _refuse("typical_p", self.typical_p, 1.0)
         _refuse("top_n_tokens", self.top_n_tokens, 0)
         _refuse("watermark", self.watermark, False)
@@ -99,7 +98,7 @@ class GenerateRequest(_Strict):
 
 
 class CompletionRequest(_Strict):
-    """OpenAI's legacy completions request, plus treespec's top_k/drafter/k_max."""
+    """OpenAI's legacy completions request, plus treespec's top_k/drafter/k_max and vLLM's repetition_penalty."""
 
     model: str | None = None
     prompt: str | list[str]
@@ -114,8 +113,9 @@ class CompletionRequest(_Strict):
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)  # not OpenAI's; as vLLM's
     drafter: str | None = None
     k_max: int | None = Field(None, ge=1, le=MAX_K)
     user: str | None = None
@@ -142,8 +142,6 @@ class CompletionRequest(_Strict):
         _refuse("echo", self.echo, False)
         _refuse("logprobs", self.logprobs, None)
         _refuse("best_of", self.best_of, 1)
-        _refuse("presence_penalty", self.presence_penalty, 0.0)
-        _refuse("frequency_penalty", self.frequency_penalty, 0.0)
         return self
 
     def sampling_temperature(self) -> float:

@@ -147,6 +147,79 @@ def test_seeded_sampling_gives_vanilla_tokens_with_every_drafter(request, tok, m
     assert guessed > 0
 
 
+# --- penalties ----------------------------------------------------------------
+
+PENALTIES = [dict(repetition_penalty=1.3), dict(frequency_penalty=0.7, presence_penalty=0.4),
+             dict(repetition_penalty=0.8, presence_penalty=-0.5)]
+
+
+def naive_penalised(model, prompt: list[int], n: int, rep: float = 1.0, freq: float = 0.0,
+                    pres: float = 0.0) -> list[int]:
+    """Greedy decoding the slow, obvious way: a full forward over the whole
+    context each step and the penalties written out token by token."""
+    context = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            z = model(torch.tensor([context])).logits[-1][0, -1, :N_VOCAB].double().clone()
+        generated = context[len(prompt):]
+        for t in set(context):
+            z[t] = z[t] / rep if z[t] > 0 else z[t] * rep
+        for t in set(generated):
+            z[t] -= freq * generated.count(t) + pres
+        context.append(int(z.argmax()))
+    return context[len(prompt):]
+
+
+@pytest.mark.parametrize("penalty", PENALTIES)
+def test_penalised_greedy_is_the_penalised_argmax(tok, looping, penalty):
+    changed = 0
+    for prompt in random_prompts(4, seed=7):
+        params = SamplingParams(max_new_tokens=16, **penalty)
+        got = generate_all(looping, prompt, params, tokenizer=tok).token_ids
+        want = naive_penalised(looping, prompt, 16, penalty.get("repetition_penalty", 1.0),
+                               penalty.get("frequency_penalty", 0.0), penalty.get("presence_penalty", 0.0))
+        assert got == want
+        changed += got != generate_all(looping, prompt, SamplingParams(max_new_tokens=16), tokenizer=tok).token_ids
+    assert changed >= 2  # the penalty does change what this repetitive model writes
+
+
+def test_repetition_penalty_breaks_a_loop(tok, looping):
+    prompt = random_prompts(1, seed=3)[0]
+    plain = generate_all(looping, prompt, SamplingParams(max_new_tokens=40), tokenizer=tok).token_ids
+    penal = generate_all(looping, prompt, SamplingParams(max_new_tokens=40, repetition_penalty=1.5),
+                         tokenizer=tok).token_ids
+    assert len(set(penal)) > len(set(plain))
+
+
+@pytest.mark.parametrize("penalty", PENALTIES)
+def test_speculation_is_lossless_with_penalties(tok, looping, wandering, penalty):
+    """Row j of a verify step is penalised for the context plus drafts[:j], so
+    every drafter reproduces penalised vanilla decoding, greedy and seeded."""
+    accepted = 0
+    for model in (looping, wandering):
+        guesser = corpus_guesser(model, tok)
+        for i, prompt in enumerate(random_prompts(3, seed=11)):
+            for params in (SamplingParams(max_new_tokens=20, **penalty),
+                           SamplingParams(max_new_tokens=20, temperature=0.9, top_k=100, seed=i, **penalty)):
+                ref = generate_all(model, prompt, params, tokenizer=tok)
+                for d in (NgramDrafter(k_max=4), guesser, Oracle(ref.token_ids, len(prompt), 4, "partial"),
+                          Oracle(ref.token_ids, len(prompt), 5, "right")):
+                    got = generate_all(model, prompt, params, d, tokenizer=tok)
+                    assert got.token_ids == ref.token_ids, (d.name, params)
+                    torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(ref.logprobs),
+                                               atol=1e-4, rtol=0)
+                    accepted += got.stats.accepted_tokens
+    assert accepted > 0
+
+
+def test_penalties_are_validated(tok, looping):
+    for bad, msg in ((dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+                     (dict(frequency_penalty=2.5), "frequency_penalty must be in"),
+                     (dict(presence_penalty=-3.0), "presence_penalty must be in")):
+        with pytest.raises(ValueError, match=msg):
+            generate(looping, [1, 2], SamplingParams(max_new_tokens=2, **bad), tokenizer=tok)
+
+
 @pytest.mark.parametrize("k,steps", [(1, 6), (3, 4), (4, 3)])
 def test_tau_is_k_plus_1_when_always_right_and_1_when_always_wrong(tok, wandering, k, steps):
     # One token from the prefill, then `steps` verify steps of k + 1 tokens.

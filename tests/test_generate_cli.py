@@ -58,6 +58,25 @@ def test_generate_json(tiny_bundle, capsys):
     assert capsys.readouterr().out == out["text"] + "\n"  # greedy: the same text, streamed
 
 
+def test_generate_passes_the_penalties(tiny_bundle, capsys):
+    from treespec.draft.engine import generate_all
+    from treespec.draft.types import SamplingParams
+    from treespec.model import load_bundle
+
+    b = load_bundle(tiny_bundle)
+    ids = b.tokenizer.encode("Hello there")
+    base = ["generate", "--bundle", str(tiny_bundle), "--prompt", "Hello there", "--max-new-tokens", "16", "--json"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)["token_ids"]
+    assert main([*base, "--repetition-penalty", "1.5", "--frequency-penalty", "0.3", "--presence-penalty", "0.2"]) == 0
+    penal = json.loads(capsys.readouterr().out)["token_ids"]
+    want = generate_all(b.model, ids, SamplingParams(max_new_tokens=16, repetition_penalty=1.5, frequency_penalty=0.3,
+                                                     presence_penalty=0.2), tokenizer=b.tokenizer).token_ids
+    assert penal == want != plain
+    assert main([*base, "--frequency-penalty", "3"]) == 2
+    assert "frequency_penalty must be in [-2, 2]" in capsys.readouterr().err
+
+
 def test_generate_refuses_what_does_not_fit(tiny_bundle, capsys):
     assert main(["generate", "--bundle", str(tiny_bundle), "--prompt", "x", "--max-new-tokens", "999"]) == 2
     assert "exceeds the model's context" in capsys.readouterr().err

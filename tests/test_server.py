@@ -322,6 +322,28 @@ def test_openai_stop_and_seeded_sampling(srv, client):
     assert isinstance(r.json()["details"]["seed"], int)  # the server picked one and says which
 
 
+def test_penalties_reach_the_engine_on_both_apis(srv, client, bundle):
+    """The server's penalised greedy text is the engine's, run here on the same bundle."""
+    from treespec.draft.engine import generate_all
+    from treespec.draft.types import SamplingParams
+    from treespec.model import load_bundle
+
+    b = load_bundle(bundle)
+    ids = b.tokenizer.encode(PROMPT)
+
+    def local(**pen) -> str:
+        return generate_all(b.model, ids, SamplingParams(max_new_tokens=16, **pen), tokenizer=b.tokenizer).text
+
+    plain = generate(client, PROMPT, max_new_tokens=16)["generated_text"]
+    assert plain == local()
+    tgi = generate(client, PROMPT, max_new_tokens=16, repetition_penalty=1.5, frequency_penalty=0.5)
+    assert tgi["generated_text"] == local(repetition_penalty=1.5, frequency_penalty=0.5) != plain
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 16, "temperature": 0,
+                                             "presence_penalty": 1.0, "repetition_penalty": 1.2})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == local(presence_penalty=1.0, repetition_penalty=1.2)
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -356,8 +378,13 @@ BAD_INPUTS = [
     ("wrong type: stop", "/generate", {"inputs": "hi", "parameters": {"stop": "x"}}, 422, "stop"),
     ("wrong type: body", "/generate", b"[1, 2]", 422, "validation"),
     ("missing inputs", "/generate", {"parameters": {}}, 422, "inputs"),
-    ("unsupported option", "/generate", {"inputs": "hi", "parameters": {"repetition_penalty": 1.3}}, 422,
-     "not supported"),
+    ("unsupported option", "/generate", {"inputs": "hi", "parameters": {"typical_p": 0.5}}, 422, "not supported"),
+    ("repetition_penalty zero", "/generate", {"inputs": "hi", "parameters": {"repetition_penalty": 0}}, 422,
+     "repetition_penalty"),
+    ("frequency_penalty above two", "/generate", {"inputs": "hi", "parameters": {"frequency_penalty": 2.5}}, 422,
+     "frequency_penalty"),
+    ("openai: presence_penalty below minus two", "/v1/completions", {"prompt": "hi", "presence_penalty": -2.5}, 422,
+     "presence_penalty"),
     ("invalid UTF-8", "/generate", b'{"inputs": "caf\xc3\x28 \xff"}', 422, "UTF-8"),
     ("lone surrogate", "/generate", b'{"inputs": "a\\ud800b"}', 422, "UTF-8"),
     ("stream: bad input", "/generate_stream", {"inputs": "", "parameters": {}}, 422, "empty"),

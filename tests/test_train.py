@@ -262,7 +262,8 @@ def test_model_card_from_the_training_summary(short_run, tmp_path):
         assert all(f"{v:.3f}" in row for v in losses.values())
     prose = s["final_test_loss"]["exit_2"]["shakespeare"]
     assert f"shakespeare (prose): {prose:.3f}, {prose - 4.2:.2f} nats above the goal" in card
-    assert card.count("greedy (`treespec generate") == 2 and card.count("```") >= 8
+    assert card.count("greedy (`treespec generate") == 2 and card.count("```") >= 12
+    assert card.count("greedy with a repetition penalty (`--repetition-penalty 1.3`)") == 2
 
 
 def test_refuses_to_overwrite_a_run(short_run, data_dir):

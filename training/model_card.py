@@ -21,14 +21,18 @@ SAMPLE_PROMPTS = {
 }
 
 
-def sample_text(bundle, prompt: str, max_new_tokens: int = 80, temperature: float = 0.0) -> str:
+REPETITION_PENALTY = 1.3  # the third sample of each prompt: greedy, with this penalty
+
+
+def sample_text(bundle, prompt: str, max_new_tokens: int = 80, temperature: float = 0.0,
+                repetition_penalty: float = 1.0) -> str:
     from ..draft.engine import generate_all
     from ..draft.types import SamplingParams
 
     ids = bundle.tokenizer.encode(prompt)
     max_new_tokens = sample_length(bundle, prompt, max_new_tokens)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=40 if temperature else 0,
-                            seed=0)
+                            seed=0, repetition_penalty=repetition_penalty)
     res = generate_all(bundle.model, ids, params, None,
                        tokenizer=bundle.tokenizer)
     return res.text
@@ -105,8 +109,9 @@ def render(bundle, summary: dict, samples: dict[str, tuple[str, str]], history: 
     lines += ["", "![loss curves](loss.png)", "", "## Samples", ""]
     for (name, mode), (prompt, text) in samples.items():
         n = sample_length(bundle, prompt)
-        how = (f"greedy (`treespec generate --drafter none --max-new-tokens {n}`)" if mode == "greedy"
-               else "sampled (`--temperature 0.8 --top-k 40 --seed 0`)")
+        how = {"greedy": f"greedy (`treespec generate --drafter none --max-new-tokens {n}`)",
+               "penalised": f"greedy with a repetition penalty (`--repetition-penalty {REPETITION_PENALTY}`)",
+               "sampled": "sampled (`--temperature 0.8 --top-k 40 --seed 0`)"}[mode]
         lines += [f"{name} prompt, {n} new tokens, {how}:", "", "```", prompt + text, "```", ""]
     return "\n".join(lines)
 
@@ -136,6 +141,7 @@ def run(args) -> int:
     samples = {}
     for name, p in SAMPLE_PROMPTS.items():
         samples[(name, "greedy")] = (p, sample_text(bundle, p))
+        samples[(name, "penalised")] = (p, sample_text(bundle, p, repetition_penalty=REPETITION_PENALTY))
         samples[(name, "sampled")] = (p, sample_text(bundle, p, temperature=0.8))
     (Path(args.bundle) / "README.md").write_text(render(bundle, summary, samples, args.history, args.train_command) + "\n")
     print(f"wrote {Path(args.bundle) / 'README.md'}")
