@@ -310,6 +310,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed+i")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 is off (see treespec generate)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="0 is off")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="0 is off")
     p.add_argument("--k-max", type=int, default=None, help="cap on draft length (default: each drafter's)")
     p.add_argument("--data-dir", default="data/default", help="prepared corpus for code/prose (default: %(default)s)")
     p.add_argument("--out", default="bench/results", help="folder for the JSON and PNG (default: %(default)s)")
@@ -355,7 +358,9 @@ def run(args) -> int:
 
         def params_for(i: int, max_new: int | None) -> SamplingParams:
             return SamplingParams(max_new_tokens=max_new or args.max_new_tokens, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed + i, k_max=args.k_max)
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed + i, k_max=args.k_max,
+                                  repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                                  presence_penalty=args.presence_penalty)
 
         runs, costs = run_bench(bundle, prompts, names, params_for, warmup=args.warmup, progress=not args.json,
                                 calibrate=not args.no_calibrate)
@@ -390,6 +395,8 @@ def run(args) -> int:
         "bundle": str(bundle.path), "weights_sha256": bundle.weights_sha256, "suite": args.suite,
         "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "k_max": args.k_max,
+        "repetition_penalty": args.repetition_penalty, "frequency_penalty": args.frequency_penalty,
+        "presence_penalty": args.presence_penalty,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
         "processor": platform.processor(), "cpu_model": cpu_model(), "python": platform.python_version(),
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -401,10 +408,13 @@ def run(args) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{bundle.path.name}-{suite_name}-T{args.temperature:g}"
+    # Penalised runs get their own files (and title), beside the plain ones.
+    penalties = [(tag, v) for tag, v, off in (("rep", args.repetition_penalty, 1.0), ("freq", args.frequency_penalty, 0.0),
+                                               ("pres", args.presence_penalty, 0.0)) if v != off]
+    stem = f"{bundle.path.name}-{suite_name}-T{args.temperature:g}" + "".join(f"-{t}{v:g}" for t, v in penalties)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     title = (f"{bundle.path.name} · {suite_name} · T={args.temperature:g} · {len(prompts)} prompts × "
-             f"{args.max_new_tokens} tokens")
+             f"{args.max_new_tokens} tokens" + "".join(f" · {t} {v:g}" for t, v in penalties))
     plot(summary, title, out / f"{stem}.png")
 
     if args.json:

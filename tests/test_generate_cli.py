@@ -136,6 +136,15 @@ def test_bench_jsonl_suite_and_sampling(tiny_bundle, corpus, tmp_path, capsys):
     assert report["prompts"] == 3 and report["temperature"] == 0.8
     # Sampled outputs are compared too: the same seed gives the same tokens with any drafter.
     assert report["drafters"]["ngram"]["identical"] == 3
+    # With penalties too, into files of their own beside the plain run's.
+    rc = main(bench_args(tiny_bundle, corpus, tmp_path / "res", "--suite", str(suite), "--temperature", "0.8",
+                         "--repetition-penalty", "1.3", "--presence-penalty", "0.5", "--json"))
+    assert rc == 0
+    penal = json.loads(capsys.readouterr().out)
+    assert (penal["repetition_penalty"], penal["presence_penalty"], penal["frequency_penalty"]) == (1.3, 0.5, 0.0)
+    assert penal["drafters"]["ngram"]["identical"] == 3
+    assert sorted(f.name for f in (tmp_path / "res").glob("*.json")) == ["bundle-mine-T0.8-rep1.3-pres0.5.json",
+                                                                         "bundle-mine-T0.8.json"]
 
 
 def test_bench_fails_when_greedy_outputs_differ(tiny_bundle, corpus, tmp_path, capsys, monkeypatch):
