@@ -29,10 +29,10 @@ from typing import Callable, Iterator
 import torch
 
 from .sampling import (AcceptRule, Penalties, PositionDraws, accept_greedy, accept_sampled, make_generator,
-                       probs_from_logits, validate_params)
+                       probs_from_logits, top_logprobs, validate_params)
 from .text import TextStream
 from .types import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Draft, Drafter, ModelFeatures,
-                    SamplingParams, SpecStats, StepEvent, extend_costs, fastest_length)
+                    PromptScores, SamplingParams, SpecStats, StepEvent, extend_costs, fastest_length)
 
 # Draft length for a drafter that declares no k_max of its own.
 DEFAULT_K = 4
@@ -45,6 +45,8 @@ class GenerationResult:
     finish_reason: str
     stats: SpecStats
     logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # with params.top_n
+    prompt: PromptScores | None = None  # with params.prompt_logprobs
 
 
 def _features(out, row: int, n_vocab: int) -> ModelFeatures:
@@ -264,9 +266,10 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
     gate = DraftGate.for_drafter(drafter)  # None without a drafter or a cost model
     penalties = Penalties(prompt, n_vocab, params, device) if params.penalised else None
 
-    def choose(logits: torch.Tensor, drafts: list[int], q) -> tuple[list[int], list[float]]:
+    def choose(logits: torch.Tensor, drafts: list[int], q) -> tuple[list[int], list[float], list]:
         """Verify ``drafts`` against logits rows (len(drafts)+1, n_vocab):
-        the accepted drafts plus the next token, with their log-probabilities."""
+        the accepted drafts plus the next token, with their log-probabilities
+        (and, with params.top_n, each position's most likely alternatives)."""
         if penalties is not None:
             logits = penalties.apply(logits, drafts)
         if greedy:
@@ -275,28 +278,33 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
             new = drafts[:n] + [argmax[n]]
             rows = logits[:n + 1].float()
             # Greedy reports the (penalised) logits' log-probabilities, unscaled by temperature.
+            logp = rows - torch.logsumexp(rows, dim=-1, keepdim=True) if params.top_n else None
             lp = rows[torch.arange(n + 1), new] - torch.logsumexp(rows, dim=-1)
         else:
             p = probs_from_logits(logits, params)
             # stats.generated_tokens: the output position of this step's first token
             n, nxt = accept(p, drafts, q, draws.at(stats.generated_tokens))
             new = drafts[:n] + [nxt]
+            logp = torch.log(p[:n + 1]) if params.top_n else None
             lp = torch.log(p[torch.arange(n + 1), new])
-        return new, lp.tolist()
+        return new, lp.tolist(), top_logprobs(logp, params.top_n) if logp is not None else [[]] * len(new)
 
     t0 = time.perf_counter()
+    scores = _score_prompt(model, prompt, n_vocab, params.top_n) if params.prompt_logprobs else None
     out = model.forward_step(torch.tensor([prompt], device=device), 0, cache, last_only=True)
-    new, lps = choose(out.logits[0, :, :n_vocab], [], None)
+    new, lps, tops = choose(out.logits[0, :, :n_vocab], [], None)
     features = _features(out, 0, n_vocab)
     stats.prefill_time_s = time.perf_counter() - t0
 
     while True:
         # Release the new tokens one by one, exactly as vanilla decoding
         # would, so nothing after end-of-text or a stop string escapes.
-        tokens, texts, logprobs, finish = [], [], [], None
-        for t, lp in zip(new, lps):
+        tokens, texts, logprobs, top, finish = [], [], [], [], None
+        for t, lp, alt in zip(new, lps, tops):
             tokens.append(t)
             logprobs.append(lp)
+            if params.top_n:
+                top.append(alt)
             context.append(t)
             if penalties is not None:
                 penalties.push(t)
@@ -318,7 +326,8 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
             # last token), even when a stop cut an accepted draft short.
             cache.rollback(min(cache.length, len(context) - 1))
         yield StepEvent(tokens=tokens, logprobs=logprobs, texts=texts, finish_reason=finish,
-                        stats=_snapshot(stats))
+                        stats=_snapshot(stats), top_logprobs=top, prompt=scores)
+        scores = None  # the prompt's scores go with the first event only
         if finish is not None:
             return
         if should_stop is not None and should_stop():
@@ -356,7 +365,7 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
         tv = time.perf_counter()
         pos = len(context) - 1
         out = model.forward_step(torch.tensor([[context[-1]] + drafts], device=device), pos, cache)
-        new, lps = choose(out.logits[0, :, :n_vocab], drafts, q)
+        new, lps, tops = choose(out.logits[0, :, :n_vocab], drafts, q)
         n = len(new) - 1  # drafts accepted
         if asked and gate is not None:
             if draft.fallback is not None:
@@ -382,16 +391,33 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
             stats.accepted_per_position[j] += 1
 
 
+def _score_prompt(model, prompt: list[int], n_vocab: int, top_n: int) -> PromptScores:
+    """Each prompt token's log-probability under the model given the tokens
+    before it (raw logits: no penalties, no temperature), from a forward of
+    its own over a scratch cache, so the generation's prefill, and with it
+    every generated token, is exactly what it is without scoring."""
+    scratch = model.new_cache(batch_size=1, max_len=len(prompt))
+    with torch.no_grad():
+        out = model.forward_step(torch.tensor([prompt], device=model.wte.weight.device), 0, scratch)
+    rows = out.logits[0, :-1, :n_vocab].float()
+    logp = rows - torch.logsumexp(rows, dim=-1, keepdim=True)
+    nxt = torch.tensor(prompt[1:], dtype=torch.long, device=rows.device)
+    lps = logp[torch.arange(len(prompt) - 1, device=rows.device), nxt].tolist()
+    return PromptScores(logprobs=[None, *lps], top_logprobs=[[], *top_logprobs(logp, top_n)])
+
+
 def generate_all(model, prompt_ids: list[int], params: SamplingParams, drafter: Drafter | None = None, *,
                  tokenizer, cache=None, should_stop: Callable[[], bool] | None = None,
                  accept: AcceptRule = accept_sampled) -> GenerationResult:
     """Run ``generate`` to the end and collect its events."""
-    token_ids, logprobs, texts = [], [], []
+    token_ids, logprobs, texts, top, prompt = [], [], [], [], None
     event = None
     for event in generate(model, prompt_ids, params, drafter, tokenizer=tokenizer, cache=cache,
                           should_stop=should_stop, accept=accept):
         token_ids += event.tokens
         logprobs += event.logprobs
         texts += event.texts
+        top += event.top_logprobs
+        prompt = prompt or event.prompt
     return GenerationResult(token_ids=token_ids, text="".join(texts), finish_reason=event.finish_reason,
-                            stats=event.stats, logprobs=logprobs)
+                            stats=event.stats, logprobs=logprobs, top_logprobs=top, prompt=prompt)

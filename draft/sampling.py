@@ -39,9 +39,21 @@ def validate_params(params: SamplingParams) -> None:
         raise ValueError(f"k_max must be >= 0, got {params.k_max}")
     if not params.repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), got {params.repetition_penalty}")
+    if params.top_n < 0:
+        raise ValueError(f"top_n must be >= 0, got {params.top_n}")
     for name in ("frequency_penalty", "presence_penalty"):
         if not -2.0 <= getattr(params, name) <= 2.0:
             raise ValueError(f"{name} must be in [-2, 2] (0 turns it off), got {getattr(params, name)}")
+
+
+def top_logprobs(logp: torch.Tensor, n: int) -> list[list[tuple[int, float]]]:
+    """Per row of log-probabilities ``logp`` (R, V), its ``n`` most likely
+    (token id, log-probability) pairs; tokens a top-k/top-p cut removed
+    (log-probability -inf) are left out."""
+    if n <= 0:
+        return [[] for _ in range(logp.size(0))]
+    vals, ids = torch.topk(logp, min(n, logp.size(-1)), dim=-1)
+    return [[(i, v) for i, v in zip(ri, rv) if v != float("-inf")] for ri, rv in zip(ids.tolist(), vals.tolist())]
 
 
 class Penalties:

@@ -30,6 +30,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # CTRL's: over prompt + generated; > 1 discourages repeats
     frequency_penalty: float = 0.0  # OpenAI's: minus this times a token's count in the generated text
     presence_penalty: float = 0.0  # OpenAI's: minus this once a token has been generated
+    # Log-probabilities reported beside the tokens (they never change which tokens come out):
+    top_n: int = 0  # the n most likely tokens at each generated position
+    prompt_logprobs: bool = False  # each prompt token's, given the tokens before it (the model's own)
 
     @property
     def penalised(self) -> bool:
@@ -133,6 +136,19 @@ class StepEvent:
     texts: list[str]
     finish_reason: str | None  # set on the last event only
     stats: SpecStats  # running totals for the request so far
+    # With params.top_n: per token, the top_n (token id, log-probability)
+    # pairs of the distribution it was chosen from, most likely first.
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # With params.prompt_logprobs, on the first event only: per prompt token,
+    # its log-probability under the model given the tokens before it (None
+    # for the first), and its top_n alternatives there.
+    prompt: "PromptScores | None" = None
+
+
+@dataclass
+class PromptScores:
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]]]
 
 
 def extend_costs(verify_ms: Sequence[float], n: int) -> list[float]:

@@ -192,7 +192,7 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
             max_new_tokens=p.max_new_tokens or settings.default_max_new_tokens,
             temperature=p.sampling_temperature(), top_k=p.top_k or 0,
             top_p=1.0 if p.top_p is None else p.top_p, seed=p.seed, stop=list(p.stop or []), k_max=p.k_max,
-            **penalties(p))
+            top_n=p.top_n_tokens or 0, prompt_logprobs=p.decoder_input_details, **penalties(p))
         return req, await start(req.inputs, params, p.drafter, request)
 
     async def start_completion(request: Request) -> tuple[P.CompletionRequest, Job]:
@@ -202,7 +202,7 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
             max_new_tokens=req.max_tokens or settings.default_max_new_tokens,
             temperature=req.sampling_temperature(), top_k=req.top_k or 0,
             top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=list(req.stop or []), k_max=req.k_max,
-            **penalties(req))
+            top_n=req.logprobs or 0, prompt_logprobs=req.echo and req.logprobs is not None, **penalties(req))
         return req, await start(req.prompt, params, req.drafter, request)
 
     async def watch_disconnect(request: Request, job: Job) -> None:
@@ -227,11 +227,13 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
                            counted=False)
         return events, last
 
-    def details(job: Job, last: StepEvent, tokens: list[P.Token] | None) -> P.Details:
+    def details(job: Job, last: StepEvent, tokens: list[P.Token] | None, top_tokens: list[list[P.Token]] = (),
+                prefill: StepEvent | None = None) -> P.Details:
         st = last.stats
         return P.Details(
             finish_reason=last.finish_reason, generated_tokens=st.generated_tokens,
             prompt_tokens=len(job.prepared.prompt_ids), seed=job.prepared.params.seed, tokens=tokens,
+            top_tokens=list(top_tokens), prefill=prefill_of(job, prefill),
             speculative=P.Speculative(
                 drafter=job.drafter, verify_steps=st.verify_steps, draft_tokens=st.draft_tokens,
                 accepted_tokens=st.accepted_tokens, acceptance_rate=st.acceptance_rate,
@@ -241,14 +243,25 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
                 skipped_proposals=st.skipped_proposals, guess_tokens=st.guess_tokens,
                 accepted_guesses=st.accepted_guesses))
 
-    eot = None
-
     def tokens_of(ev: StepEvent) -> list[P.Token]:
-        nonlocal eot
-        if eot is None:
-            eot = engine.bundle.tokenizer.eot_id
+        eot = engine.bundle.tokenizer.eot_id
         return [P.Token(id=t, text=x, logprob=lp, special=(t == eot))
                 for t, x, lp in zip(ev.tokens, ev.texts, ev.logprobs)]
+
+    def token_text(t: int) -> str:
+        """One token on its own: a token that is part of a UTF-8 character shows as U+FFFD."""
+        return engine.bundle.tokenizer.token_bytes(t).decode("utf-8", errors="replace")
+
+    def top_tokens_of(ev: StepEvent) -> list[list[P.Token]]:
+        eot = engine.bundle.tokenizer.eot_id
+        return [[P.Token(id=i, text=token_text(i), logprob=v, special=(i == eot)) for i, v in alt]
+                for alt in ev.top_logprobs]
+
+    def prefill_of(job: Job, first: StepEvent | None) -> list[P.PrefillToken]:
+        if first is None or first.prompt is None:
+            return []
+        return [P.PrefillToken(id=t, text=token_text(t), logprob=lp)
+                for t, lp in zip(job.prepared.prompt_ids, first.prompt.logprobs)]
 
     # ------------------------------------------------------------ routes
 
@@ -280,7 +293,8 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
             text = req.inputs + text
         body = P.GenerateResponse(generated_text=text)
         if req.parameters.details:
-            body.details = details(job, last, [t for ev in events for t in tokens_of(ev)])
+            body.details = details(job, last, [t for ev in events for t in tokens_of(ev)],
+                                   [a for ev in events for a in top_tokens_of(ev)], events[0])
         return JSONResponse(body.model_dump(exclude_none=False))
 
     @app.post("/generate_stream")
@@ -289,10 +303,11 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
         prefix = req.inputs if req.parameters.return_full_text else ""
 
         async def sse():
-            index, text = 0, [prefix]
+            index, text, first = 0, [prefix], None
             try:
                 async for ev in job.events():
-                    toks = tokens_of(ev)
+                    first = first or ev
+                    toks, tops = tokens_of(ev), top_tokens_of(ev)
                     if ev.finish_reason == FINISH_CANCELLED:
                         yield _sse_error("Request cancelled (the server is shutting down)", "cancelled")
                         return
@@ -300,9 +315,9 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
                         index += 1
                         text.append(tok.text)
                         final = ev.finish_reason is not None and i == len(toks) - 1
-                        out = P.StreamResponse(index=index, token=tok,
+                        out = P.StreamResponse(index=index, token=tok, top_tokens=tops[i] if tops else [],
                                                generated_text="".join(text) if final else None,
-                                               details=details(job, ev, None) if final else None)
+                                               details=details(job, ev, None, prefill=first) if final else None)
                         yield "data:" + out.model_dump_json() + "\n\n"
             except GenerationFailed as e:
                 yield _sse_error(str(e), "generation")
@@ -320,28 +335,51 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
             n_in, n_out = len(job.prepared.prompt_ids), last.stats.generated_tokens
             return P.Usage(prompt_tokens=n_in, completion_tokens=n_out, total_tokens=n_in + n_out)
 
+        logprobs = LogprobsBuilder(engine.bundle.tokenizer) if req.logprobs is not None else None
+
+        def choice_logprobs(ev: StepEvent, first: bool) -> P.CompletionLogprobs | None:
+            """The logprobs of this event's tokens (after the prompt's, with echo, on the first)."""
+            if logprobs is None:
+                return None
+            out = P.CompletionLogprobs()
+            if first and req.echo:
+                logprobs.add(out, job.prepared.prompt_ids, ev.prompt.logprobs, ev.prompt.top_logprobs)
+            logprobs.add(out, ev.tokens, ev.logprobs, ev.top_logprobs)
+            return out
+
         if not req.stream:
             events, last = await collect(request, job)
+            text = "".join(x for ev in events for x in ev.texts)
+            lp = None
+            if logprobs is not None:
+                lp = P.CompletionLogprobs()
+                for i, ev in enumerate(events):
+                    part = choice_logprobs(ev, i == 0)
+                    for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                        getattr(lp, k).extend(getattr(part, k))
             body = P.CompletionResponse(
                 id=cid, created=created, model=model, usage=usage(last),
-                choices=[P.CompletionChoice(text="".join(x for ev in events for x in ev.texts),
+                choices=[P.CompletionChoice(text=(req.prompt if req.echo else "") + text, logprobs=lp,
                                             finish_reason=P.OPENAI_FINISH[last.finish_reason])])
             return JSONResponse(body.model_dump())
 
         async def sse():
+            first = True
             try:
                 async for ev in job.events():
                     if ev.finish_reason == FINISH_CANCELLED:
                         yield _sse_error("Request cancelled (the server is shutting down)", "cancelled", " ")
                         return
-                    piece = "".join(ev.texts)
+                    piece = (req.prompt if first and req.echo else "") + "".join(ev.texts)
                     final = ev.finish_reason is not None
-                    if not piece and not final:
+                    if not piece and not final and logprobs is None:
                         continue  # nothing released yet (held back for a possible stop sequence)
                     chunk = P.CompletionResponse(
                         id=cid, created=created, model=model, usage=usage(ev) if final else None,
                         choices=[P.CompletionChoice(
-                            text=piece, finish_reason=P.OPENAI_FINISH[ev.finish_reason] if final else None)])
+                            text=piece, logprobs=choice_logprobs(ev, first),
+                            finish_reason=P.OPENAI_FINISH[ev.finish_reason] if final else None)])
+                    first = False
                     data = chunk.model_dump()
                     if data["usage"] is None:  # OpenAI sends usage on the last chunk only
                         del data["usage"]
@@ -355,6 +393,38 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
         return StreamingResponse(sse(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     return app
+
+
+class LogprobsBuilder:
+    """OpenAI's legacy logprobs for one choice, built event by event: each
+    token as text (``bytes:\\xNN`` for one that is part of a UTF-8
+    character, as OpenAI writes it), its log-probability, the most likely
+    tokens there (the chosen one always among them), and where it starts in
+    the choice's text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.text = b""  # every token so far, to find where the next one starts
+
+    def token_str(self, t: int) -> str:
+        b = self.tokenizer.token_bytes(t)
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{c:02x}" for c in b)
+
+    def add(self, out: "P.CompletionLogprobs", ids: list[int], lps: list[float | None],
+            tops: list[list[tuple[int, float]]]) -> None:
+        for i, (t, lp) in enumerate(zip(ids, lps)):
+            out.tokens.append(self.token_str(t))
+            out.token_logprobs.append(lp)
+            if lp is None:
+                out.top_logprobs.append(None)
+            else:
+                alt = {self.token_str(a): v for a, v in (tops[i] if i < len(tops) else [])}
+                out.top_logprobs.append({**alt, self.token_str(t): lp})
+            out.text_offset.append(len(self.text.decode("utf-8", errors="ignore")))
+            self.text += self.tokenizer.token_bytes(t)
 
 
 def _sse_error(error: str, error_type: str, sep: str = "") -> str:
@@ -392,6 +462,7 @@ def engine_info(engine: Engine, settings: Settings) -> dict:
         "max_total_tokens": cfg.block_size,
         "default_max_new_tokens": settings.default_max_new_tokens,
         "max_stop_sequences": P.MAX_STOP,
+        "max_top_n_tokens": P.MAX_TOP_N,
         "max_k": P.MAX_K,
         "max_running": settings.max_running,
         "max_waiting": settings.max_waiting,

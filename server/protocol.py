@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MAX_STOP = 4
 MAX_K = 64
 MAX_SEED = 2**63 - 1
+MAX_TOP_N = 5  # alternatives per token: TGI's default max_top_n_tokens, OpenAI's logprobs limit
 
 # TGI finish reasons are ours as they are; OpenAI has only "length" and "stop".
 OPENAI_FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
@@ -56,10 +57,11 @@ class GenerateParameters(_Strict):
     repetition_penalty: float | None = Field(None, gt=0.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # not TGI's; as OpenAI's
+    top_n_tokens: int | None = Field(None, ge=0, le=MAX_TOP_N)
+    decoder_input_details: bool = False
     # TGI options that stock clients send; accepted only at their neutral value.
     best_of: int | None = None
     typical_p: float | None = None
-    top_n_tokens: int | None = None
     watermark: bool | None = None
     truncate: int | None = None
     grammar: dict | None = None
@@ -73,7 +75,6 @@ class GenerateParameters(_Strict):
     def _unsupported(self):
         _refuse("best_of", self.best_of, 1)
         _refuse("typical_p", self.typical_p, 1.0)
-        _refuse("top_n_tokens", self.top_n_tokens, 0)
         _refuse("watermark", self.watermark, False)
         _refuse("truncate", self.truncate, None)
         _refuse("grammar", self.grammar, None)
@@ -111,7 +112,7 @@ class CompletionRequest(_Strict):
     stream: bool = False
     n: int = 1
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_N)
     best_of: int | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -139,8 +140,6 @@ class CompletionRequest(_Strict):
     @model_validator(mode="after")
     def _unsupported(self):
         _refuse("n", self.n, 1)
-        _refuse("echo", self.echo, False)
-        _refuse("logprobs", self.logprobs, None)
         _refuse("best_of", self.best_of, 1)
         return self
 
@@ -174,12 +173,20 @@ class Speculative(BaseModel):
     accepted_guesses: int
 
 
+class PrefillToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None  # None for the first prompt token: nothing comes before it
+
+
 class Details(BaseModel):
     finish_reason: str
     generated_tokens: int
     prompt_tokens: int
     seed: int | None
+    prefill: list[PrefillToken] = []  # with decoder_input_details
     tokens: list[Token] | None = None
+    top_tokens: list[list[Token]] = []  # with top_n_tokens: per token, the most likely ones there
     speculative: Speculative
 
 
@@ -191,14 +198,24 @@ class GenerateResponse(BaseModel):
 class StreamResponse(BaseModel):
     index: int
     token: Token
+    top_tokens: list[Token] = []
     generated_text: str | None = None
     details: Details | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: parallel lists, one entry per token."""
+
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []  # None for the first prompt token (with echo)
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []  # where each token starts in the choice's text
 
 
 class CompletionChoice(BaseModel):
     text: str
     index: int = 0
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -8,6 +8,7 @@ the same test.
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -218,6 +219,62 @@ def test_penalties_are_validated(tok, looping):
                      (dict(presence_penalty=-3.0), "presence_penalty must be in")):
         with pytest.raises(ValueError, match=msg):
             generate(looping, [1, 2], SamplingParams(max_new_tokens=2, **bad), tokenizer=tok)
+
+
+# --- reported log-probabilities ----------------------------------------------------
+
+def test_top_logprobs_are_the_models_and_the_same_with_every_drafter(tok, looping):
+    for prompt in random_prompts(3, seed=5):
+        params = SamplingParams(max_new_tokens=12, top_n=4, repetition_penalty=1.2)
+        ref = generate_all(looping, prompt, params, tokenizer=tok)
+        assert len(ref.top_logprobs) == len(ref.token_ids) == 12
+        context = list(prompt)
+        for t, lp, top in zip(ref.token_ids, ref.logprobs, ref.top_logprobs):
+            with torch.no_grad():
+                z = looping(torch.tensor([context])).logits[-1][0, -1, :N_VOCAB].double()
+            for u in set(context):  # the penalty the request asked for, written out
+                z[u] = z[u] / 1.2 if z[u] > 0 else z[u] * 1.2
+            want = torch.log_softmax(z, dim=-1)
+            vals, ids = torch.topk(want, 4)
+            assert [i for i, _ in top] == ids.tolist()
+            assert [v for _, v in top] == pytest.approx(vals.tolist(), abs=1e-4)
+            assert top[0] == (t, pytest.approx(lp, abs=1e-6))  # greedy: the token is the most likely
+            context.append(t)
+        for d in (NgramDrafter(k_max=4), Oracle(ref.token_ids, len(prompt), 4, "partial")):
+            got = generate_all(looping, prompt, params, d, tokenizer=tok)
+            assert got.token_ids == ref.token_ids
+            assert got.stats.accepted_tokens > 0 or d.name == "ngram"  # the oracle's drafts were verified in bulk
+            assert [[i for i, _ in r] for r in got.top_logprobs] == [[i for i, _ in r] for r in ref.top_logprobs]
+            torch.testing.assert_close(torch.tensor([[v for _, v in r] for r in got.top_logprobs]),
+                                       torch.tensor([[v for _, v in r] for r in ref.top_logprobs]), atol=1e-4, rtol=0)
+    assert generate_all(looping, [1, 2], SamplingParams(max_new_tokens=3), tokenizer=tok).top_logprobs == []
+
+
+def test_sampled_top_logprobs_leave_out_what_top_k_cut(tok, looping):
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=3, top_n=5, seed=1)
+    res = generate_all(looping, [5, 6, 7], params, tokenizer=tok)
+    for t, lp, top in zip(res.token_ids, res.logprobs, res.top_logprobs):
+        assert 1 <= len(top) <= 3 and t in [i for i, _ in top]
+        assert math.fsum(math.exp(v) for _, v in top) == pytest.approx(1.0, abs=1e-5)  # top-3 holds all of p
+        assert dict(top)[t] == pytest.approx(lp, abs=1e-6)
+
+
+def test_prompt_logprobs_score_the_prompt_and_change_nothing_else(tok, wandering):
+    prompt = random_prompts(1, seed=8, lo=10, hi=10)[0]
+    plain = generate_all(wandering, prompt, SamplingParams(max_new_tokens=8), tokenizer=tok)
+    scored = generate_all(wandering, prompt, SamplingParams(max_new_tokens=8, prompt_logprobs=True, top_n=2),
+                          NgramDrafter(k_max=3), tokenizer=tok)
+    assert scored.token_ids == plain.token_ids and plain.prompt is None
+    with torch.no_grad():
+        logp = torch.log_softmax(wandering(torch.tensor([prompt])).logits[-1][0, :, :N_VOCAB].double(), dim=-1)
+    want = [logp[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)]
+    assert scored.prompt.logprobs[0] is None and len(scored.prompt.logprobs) == len(prompt)
+    assert scored.prompt.logprobs[1:] == pytest.approx(want, abs=1e-4)
+    assert scored.prompt.top_logprobs[0] == [] and len(scored.prompt.top_logprobs) == len(prompt)
+    for i, top in enumerate(scored.prompt.top_logprobs[1:]):
+        assert [t for t, _ in top] == torch.topk(logp[i], 2).indices.tolist()
+    one = generate_all(wandering, [42], SamplingParams(max_new_tokens=2, prompt_logprobs=True), tokenizer=tok)
+    assert one.prompt.logprobs == [None]
 
 
 @pytest.mark.parametrize("k,steps", [(1, 6), (3, 4), (4, 3)])

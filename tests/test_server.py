@@ -344,6 +344,60 @@ def test_penalties_reach_the_engine_on_both_apis(srv, client, bundle):
     assert r.json()["choices"][0]["text"] == local(presence_penalty=1.0, repetition_penalty=1.2)
 
 
+def test_tgi_top_tokens_and_prefill_details(srv, client, bundle):
+    from treespec.draft.engine import generate_all
+    from treespec.draft.types import SamplingParams
+    from treespec.model import load_bundle
+
+    b = load_bundle(bundle)
+    ids = b.tokenizer.encode(PROMPT)
+    out = generate(client, PROMPT, max_new_tokens=6, top_n_tokens=3, decoder_input_details=True)
+    d = out["details"]
+    assert len(d["top_tokens"]) == len(d["tokens"]) == 6
+    for tok, top in zip(d["tokens"], d["top_tokens"]):
+        assert len(top) == 3 and [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        assert top[0]["id"] == tok["id"] and top[0]["logprob"] == pytest.approx(tok["logprob"], abs=1e-6)  # greedy
+    local = generate_all(b.model, ids, SamplingParams(max_new_tokens=6, prompt_logprobs=True), tokenizer=b.tokenizer)
+    assert [p["id"] for p in d["prefill"]] == ids and d["prefill"][0]["logprob"] is None
+    assert [p["logprob"] for p in d["prefill"][1:]] == pytest.approx(local.prompt.logprobs[1:], abs=1e-5)
+    assert "".join(p["text"] for p in d["prefill"]) == PROMPT
+    plain = generate(client, PROMPT, max_new_tokens=6)["details"]
+    assert plain["top_tokens"] == [] and plain["prefill"] == [] and plain["tokens"] == d["tokens"]
+
+    with client.stream("POST", "/generate_stream", json={"inputs": PROMPT, "parameters": {
+            "max_new_tokens": 6, "top_n_tokens": 3, "decoder_input_details": True}}) as r:
+        events = sse_events(r.iter_lines())
+    assert [e["top_tokens"] for e in events] == d["top_tokens"]
+    assert events[-1]["details"]["prefill"] == d["prefill"]
+
+
+def test_openai_logprobs_and_echo(srv, client):
+    body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logprobs": 2}
+    out = client.post("/v1/completions", json=body).json()
+    choice, n_in = out["choices"][0], out["usage"]["prompt_tokens"]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 5
+    assert "".join(lp["tokens"]) == choice["text"] and lp["text_offset"][0] == 0
+    for t, v, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert top[t] == v and len(top) == 2 and max(top.values()) == v  # greedy: the chosen one is the top one
+
+    echo = client.post("/v1/completions", json={**body, "echo": True}).json()["choices"][0]
+    assert echo["text"] == PROMPT + choice["text"]
+    elp = echo["logprobs"]
+    assert len(elp["tokens"]) == n_in + 5 and "".join(elp["tokens"]) == echo["text"]
+    assert elp["token_logprobs"][0] is None and elp["top_logprobs"][0] is None
+    assert all(v < 0 for v in elp["token_logprobs"][1:])
+    assert elp["token_logprobs"][n_in:] == lp["token_logprobs"] and elp["text_offset"][n_in] == len(PROMPT)
+    assert elp["text_offset"] == sorted(elp["text_offset"])
+    assert client.post("/v1/completions", json={**body, "logprobs": None}).json()["choices"][0]["logprobs"] is None
+
+    with client.stream("POST", "/v1/completions", json={**body, "echo": True, "stream": True}) as r:
+        chunks = [c for c in sse_events(r.iter_lines()) if c != "[DONE]"]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == echo["text"]
+    for k in ("tokens", "token_logprobs", "text_offset"):
+        assert [x for c in chunks for x in c["choices"][0]["logprobs"][k]] == elp[k]
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -391,6 +445,8 @@ BAD_INPUTS = [
     ("openai: empty prompt", "/v1/completions", {"prompt": "  "}, 422, "empty"),
     ("openai: max_tokens zero", "/v1/completions", {"prompt": "hi", "max_tokens": 0}, 422, "max_tokens"),
     ("openai: n=2", "/v1/completions", {"prompt": "hi", "n": 2}, 422, "n=2"),
+    ("openai: logprobs above 5", "/v1/completions", {"prompt": "hi", "logprobs": 6}, 422, "logprobs"),
+    ("top_n_tokens above 5", "/generate", {"inputs": "hi", "parameters": {"top_n_tokens": 6}}, 422, "top_n_tokens"),
     ("openai: two prompts", "/v1/completions", {"prompt": ["a", "b"]}, 422, "exactly one prompt"),
     ("openai: five stops", "/v1/completions", {"prompt": "hi", "stop": list("abcde")}, 422, "at most 4"),
     ("oversized body", "/generate", {"inputs": "x" * (MAX_BODY + 1)}, 413, "larger than"),
