@@ -10,6 +10,7 @@ the output head and for one block's MLP input weight, then for the whole
 for the head only (as ``linear`` does) against doubled for every weight:
 
     python bench/head_matmul.py --bundle models/default --threads 2
+    python bench/head_matmul.py --rows 16 32 64 128 256 512 --products-only   # batched forwards' rows
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def main() -> None:
     ap.add_argument("--bundle", default="models/default")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=21)
+    ap.add_argument("--rows", type=int, nargs="+", default=list(ROWS),
+                    help="row counts to time (a batched server's forwards have more: try 16 32 64 128 256)")
+    ap.add_argument("--products-only", action="store_true", help="only the matrix products, not the forwards")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_bundle(args.bundle).model
@@ -49,13 +53,15 @@ def main() -> None:
     print(f"{args.threads} threads, median of {args.reps} runs, ms")
     for name, W in weights.items():
         print(f"\n{name} {tuple(W.shape)}\n| T | F.linear(h, W) | W @ h.T | gpt.linear |\n| --- | --- | --- | --- |")
-        for T in ROWS:
+        for T in args.rows:
             h = torch.randn(T, W.shape[1])
             a = median_ms(lambda: F.linear(h, W), args.reps)
             b = median_ms(lambda: (W @ h.T).T, args.reps)
             c = median_ms(lambda: gpt.linear(h, W), args.reps)
             print(f"| {T} | {a:.2f} | {b:.2f} | {c:.2f} |")
 
+    if args.products_only:
+        return
     cache = model.new_cache(batch_size=1)
     model.forward_step(torch.randint(0, 50000, (1, 200)), 0, cache)
 
@@ -69,7 +75,7 @@ def main() -> None:
         return median_ms(run, args.reps)
 
     print("\nGPT.forward_step over a 200-token cache\n| T | F.linear everywhere | gpt.linear |\n| --- | --- | --- |")
-    for T in ROWS:
+    for T in args.rows:
         with mock.patch.object(gpt, "FEW_ROWS", 0):  # every product through F.linear
             a = step_ms(T)
         print(f"| {T} | {a:.2f} | {step_ms(T):.2f} |")

@@ -18,6 +18,11 @@ token under greedy decoding (and in distribution under sampling).
 Tokens are released one at a time through TextStream, so end-of-text, stop
 strings and max_new_tokens cut a step's accepted tokens exactly where
 vanilla decoding would have stopped.
+
+The loop (``_decode``) never calls the model itself: it yields a ``Forward``
+and is sent the output back. ``generate`` runs each forward at once;
+the server (``generate_steps``) runs the pending forwards of all its
+requests as one batch.
 """
 
 from __future__ import annotations
@@ -47,6 +52,22 @@ class GenerationResult:
     logprobs: list[float]
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # with params.top_n
     prompt: PromptScores | None = None  # with params.prompt_logprobs
+
+
+@dataclass
+class Forward:
+    """What the decode loop asks of the model: run ``ids`` (1, T) from
+    position ``start`` over ``cache``, and send back the ``StepOutput``.
+    ``generate`` runs each at once; a server may batch the forwards of
+    several requests (``GPT.forward_batch``)."""
+
+    ids: torch.Tensor
+    start: int
+    cache: object  # the request's KVCache
+    last_only: bool = False
+
+    def run(self, model):
+        return model.forward_step(self.ids, self.start, self.cache, last_only=self.last_only)
 
 
 def _features(out, row: int, n_vocab: int) -> ModelFeatures:
@@ -226,6 +247,19 @@ def generate(model, prompt_ids: list[int], params: SamplingParams, drafter: Draf
     returns True the generator yields a last, empty event with finish reason
     "cancelled" (text still held back for a possible stop string is dropped).
     """
+    steps = generate_steps(model, prompt_ids, params, drafter, tokenizer=tokenizer, cache=cache,
+                           should_stop=should_stop, accept=accept)
+    return _run_forwards(model, steps)
+
+
+def generate_steps(model, prompt_ids: list[int], params: SamplingParams, drafter: Drafter | None = None, *,
+                   tokenizer, cache=None, should_stop: Callable[[], bool] | None = None,
+                   accept: AcceptRule = accept_sampled) -> Iterator["StepEvent | Forward"]:
+    """``generate``'s loop, leaving the model's forwards to the caller: it
+    yields a ``Forward`` wherever it needs one, to be answered with
+    ``.send(step_output)``, and the ``StepEvent``s (each answered with
+    ``next``). A server drives many at once and batches their forwards;
+    ``generate`` runs each forward as it comes. Checks as ``generate``."""
     validate_params(params)
     prompt = [int(t) for t in prompt_ids]
     block = model.config.block_size
@@ -245,6 +279,22 @@ def generate(model, prompt_ids: list[int], params: SamplingParams, drafter: Draf
         raise ValueError(f"the KV cache holds {cache.max_len} positions; this request needs "
                          f"{len(prompt) + params.max_new_tokens - 1}")
     return _decode(model, prompt, params, drafter, tokenizer, n_vocab, cache, should_stop, accept)
+
+
+def _run_forwards(model, steps: Iterator["StepEvent | Forward"]) -> Iterator[StepEvent]:
+    """Drive ``steps``: run each Forward on ``model`` at once, pass the events on."""
+    try:
+        item = next(steps)
+        while True:
+            if isinstance(item, Forward):
+                item = steps.send(item.run(model))
+            else:
+                yield item
+                item = next(steps)
+    except StopIteration:
+        return
+    finally:
+        steps.close()
 
 
 def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter | None, tokenizer, n_vocab: int,
@@ -290,8 +340,15 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
         return new, lp.tolist(), top_logprobs(logp, params.top_n) if logp is not None else [[]] * len(new)
 
     t0 = time.perf_counter()
-    scores = _score_prompt(model, prompt, n_vocab, params.top_n) if params.prompt_logprobs else None
-    out = model.forward_step(torch.tensor([prompt], device=device), 0, cache, last_only=True)
+    scores = None
+    if params.prompt_logprobs:
+        # A forward of its own over a scratch cache, so the generation's
+        # prefill, and with it every generated token, is exactly what it is
+        # without scoring.
+        scratch = model.new_cache(batch_size=1, max_len=len(prompt))
+        scored = yield Forward(torch.tensor([prompt], device=device), 0, scratch)
+        scores = _prompt_scores(scored, prompt, n_vocab, params.top_n)
+    out = yield Forward(torch.tensor([prompt], device=device), 0, cache, last_only=True)
     new, lps, tops = choose(out.logits[0, :, :n_vocab], [], None)
     features = _features(out, 0, n_vocab)
     stats.prefill_time_s = time.perf_counter() - t0
@@ -364,7 +421,7 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
 
         tv = time.perf_counter()
         pos = len(context) - 1
-        out = model.forward_step(torch.tensor([[context[-1]] + drafts], device=device), pos, cache)
+        out = yield Forward(torch.tensor([[context[-1]] + drafts], device=device), pos, cache)
         new, lps, tops = choose(out.logits[0, :, :n_vocab], drafts, q)
         n = len(new) - 1  # drafts accepted
         if asked and gate is not None:
@@ -391,14 +448,10 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
             stats.accepted_per_position[j] += 1
 
 
-def _score_prompt(model, prompt: list[int], n_vocab: int, top_n: int) -> PromptScores:
+def _prompt_scores(out, prompt: list[int], n_vocab: int, top_n: int) -> PromptScores:
     """Each prompt token's log-probability under the model given the tokens
-    before it (raw logits: no penalties, no temperature), from a forward of
-    its own over a scratch cache, so the generation's prefill, and with it
-    every generated token, is exactly what it is without scoring."""
-    scratch = model.new_cache(batch_size=1, max_len=len(prompt))
-    with torch.no_grad():
-        out = model.forward_step(torch.tensor([prompt], device=model.wte.weight.device), 0, scratch)
+    before it (raw logits: no penalties, no temperature), from the output
+    of a forward over the whole prompt."""
     rows = out.logits[0, :-1, :n_vocab].float()
     logp = rows - torch.logsumexp(rows, dim=-1, keepdim=True)
     nxt = torch.tensor(prompt[1:], dtype=torch.long, device=rows.device)

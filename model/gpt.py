@@ -45,8 +45,13 @@ LN_EPS = 1e-5
 # trunk's 384-1536-row weights the matrix-vector path is fine, and doubling
 # them made a one-token forward of models/default about 0.5 ms slower (16.0
 # against 15.5 ms on a second AMD EPYC; the last line of bench/head_matmul.py,
-# which interleaves the two). Training and prompt prefill keep F.linear.
-FEW_ROWS = 16
+# which interleaves the two). A batched server's forward has more rows (a
+# few requests' verify steps: 8 x 4 = 32), and on this project's 2-core AMD
+# EPYC W @ h^T still beat F.linear up to 128 rows and lost from 256, copy to
+# row order included (bench/head_matmul.py --rows 16 32 64 128 256 512: the
+# head at 32 rows, F.linear 55 ms against 27 ms for W @ h^T). Training and
+# long prompt prefills keep F.linear.
+FEW_ROWS = 128
 DOUBLE_MIN_OUT = 8192
 
 
@@ -88,13 +93,22 @@ class LayerNorm(nn.Module):
 
 
 @dataclass
-class _CacheStep:
-    """What attention needs to run against the KV cache for one forward."""
+class _Segment:
+    """One sequence's share of a cached forward: its cache, and where its new tokens go."""
 
     cache: KVCache
     pos: torch.Tensor  # (T,) positions of the new tokens
     end: int  # attend over cache positions 0..end-1
     mask: torch.Tensor | None  # (T, end) bool, None when T == 1
+    rows: slice  # its new tokens among the forward's input rows
+
+
+@dataclass
+class _CacheStep:
+    """What attention needs to run against KV caches for one forward: one
+    segment per sequence (several in a batched forward, ``GPT.forward_batch``)."""
+
+    segments: list[_Segment]
 
 
 class CausalSelfAttention(nn.Module):
@@ -115,12 +129,17 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         else:
-            step.cache.write(layer, step.pos, k, v)
-            K, V = step.cache.view(layer, step.end)
-            # One new token may see every cached position; several new tokens
-            # (a prompt chunk, or [last token] + drafts) see the cache plus the
-            # new tokens up to and including themselves.
-            y = F.scaled_dot_product_attention(q, K, V, attn_mask=step.mask)
+            # Each sequence attends over its own cache. One new token may see
+            # every cached position; several new tokens (a prompt chunk, or
+            # [last token] + drafts) see the cache plus the new tokens up to
+            # and including themselves.
+            ys = []
+            for seg in step.segments:
+                qs, ks, vs = (t[:, :, seg.rows] for t in (q, k, v))
+                seg.cache.write(layer, seg.pos, ks, vs)
+                K, V = seg.cache.view(layer, seg.end)
+                ys.append(F.scaled_dot_product_attention(qs, K, V, attn_mask=seg.mask))
+            y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=2)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -333,33 +352,72 @@ class GPT(nn.Module):
         ``last_only`` computes logits for the last new position only, which
         is all a prompt prefill needs.
         """
-        B, T = idx.shape
         start = int(input_pos) if isinstance(input_pos, int) else int(input_pos[0])
-        if start > cache.length:
-            raise ValueError(f"input starts at position {start} but the cache holds only {cache.length}")
-        end = start + T
-        if end > cache.max_len:
-            raise ValueError(f"{end} tokens exceed the KV cache's {cache.max_len} positions "
-                             f"(block_size {self.config.block_size})")
-        pos = torch.arange(start, end, device=idx.device)
-        mask = None
-        if T > 1:
-            mask = torch.arange(end, device=idx.device)[None, :] <= pos[:, None]
-        step = _CacheStep(cache, pos, end, mask)
-        exit_hidden = []
-        n_exits = len(self.config.exit_layers)
-        for e, h in self._trunk(idx, pos, step):
-            if e < n_exits - 1:
-                exit_hidden.append(h)
-            else:
-                hidden = self.exit_ln[e](h)
-        cache.length = end
+        seg = self._segment(cache, start, idx.shape[1], 0, idx.device)
+        hidden, exit_hidden = self._cached_trunk(idx, [seg])
         if last_only:  # every field then describes the same (last) row
             hidden, exit_hidden = hidden[:, -1:], [h[:, -1:] for h in exit_hidden]
         # ``linear``, not the head module: F.linear on a verify step's few
         # rows made every extra draft token as expensive as a whole forward.
         logits = linear(hidden, self.exit_heads[-1].weight)
         return StepOutput(logits=logits, hidden=hidden, exit_hidden=exit_hidden)
+
+    @torch.no_grad()
+    def forward_batch(self, items: list[tuple[torch.Tensor, int, KVCache, bool]]) -> list[StepOutput]:
+        """Several sequences in one forward (continuous batching): item i is
+        ``(idx (1, T_i), start_i, cache_i, last_only_i)``, as ``forward_step``
+        takes them, and comes back as its ``StepOutput``.
+
+        The sequences' new tokens go through the dense layers (QKV, MLP, the
+        head) as one matrix of sum(T_i) rows, which on a memory-bound CPU
+        costs little more than one sequence's; attention runs per sequence
+        over its own cache. A row's result can differ from ``forward_step``'s
+        in the last bits (the matrix has more rows), as in any batched server.
+        """
+        device = self.wte.weight.device
+        segments, off = [], 0
+        for idx, start, cache, _ in items:
+            segments.append(self._segment(cache, int(start), idx.shape[-1], off, device))
+            off += idx.shape[-1]
+        flat = torch.cat([idx.reshape(-1) for idx, *_ in items])[None]
+        hidden, exit_hidden = self._cached_trunk(flat, segments)
+        # The head only for the rows that need it: every row, or the last one.
+        keep = [torch.arange(s.rows.stop - 1 if last else s.rows.start, s.rows.stop, device=device)
+                for s, (*_, last) in zip(segments, items)]
+        rows = torch.cat(keep)
+        logits = linear(hidden[:, rows], self.exit_heads[-1].weight)
+        outs, at = [], 0
+        for r in keep:
+            n = r.numel()
+            outs.append(StepOutput(logits=logits[:, at:at + n], hidden=hidden[:, r],
+                                   exit_hidden=[h[:, r] for h in exit_hidden]))
+            at += n
+        return outs
+
+    def _segment(self, cache: KVCache, start: int, T: int, offset: int, device) -> _Segment:
+        if start > cache.length:
+            raise ValueError(f"input starts at position {start} but the cache holds only {cache.length}")
+        end = start + T
+        if end > cache.max_len:
+            raise ValueError(f"{end} tokens exceed the KV cache's {cache.max_len} positions "
+                             f"(block_size {self.config.block_size})")
+        pos = torch.arange(start, end, device=device)
+        mask = torch.arange(end, device=device)[None, :] <= pos[:, None] if T > 1 else None
+        return _Segment(cache, pos, end, mask, slice(offset, offset + T))
+
+    def _cached_trunk(self, idx: torch.Tensor, segments: list[_Segment]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The trunk over KV caches: the final exit's normalised hidden state
+        and the intermediate exits' residual streams, for every input row."""
+        pos = segments[0].pos if len(segments) == 1 else torch.cat([s.pos for s in segments])
+        exit_hidden, n_exits = [], len(self.config.exit_layers)
+        for e, h in self._trunk(idx, pos, _CacheStep(segments)):
+            if e < n_exits - 1:
+                exit_hidden.append(h)
+            else:
+                hidden = self.exit_ln[e](h)
+        for s in segments:
+            s.cache.length = s.end
+        return hidden, exit_hidden
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         p = self.wte.weight

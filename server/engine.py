@@ -3,10 +3,15 @@ runs generation on one worker thread, off the event loop.
 
 The model is not safe for concurrent forwards, so exactly one thread ever
 touches it. That thread keeps up to ``max_running`` requests alive at once,
-each with its own KV cache and its own generator from
-``treespec.draft.engine.generate``, and advances them round robin, one verify
-step per turn: a long request never blocks a short one behind it, and every
-request's output depends only on its own prompt, parameters and seed.
+each with its own KV cache and its own decode loop from
+``treespec.draft.engine.generate_steps``. Each turn, every running request's
+loop goes on until it needs a forward (its prefill, or a verify step of its
+last token plus drafts), and then those forwards run together as one batch
+(``GPT.forward_batch``: the dense layers see all their rows at once,
+attention runs per request over its own cache). A long request never blocks
+a short one behind it, and a request's output depends only on its own
+prompt, parameters and seed, up to the last bits of a batched matmul
+(``Settings.batching`` off runs the forwards one by one instead).
 Requests beyond ``max_running`` wait in a FIFO of at most ``max_waiting``;
 beyond that, ``submit`` raises ``Overloaded`` at once (the route's 429).
 
@@ -80,7 +85,9 @@ class Job:
     arrival: float = field(default_factory=time.perf_counter)
     cancel: threading.Event = field(default_factory=threading.Event)
     # Worker-side state (only the worker thread touches these).
-    gen: Iterator[StepEvent] | None = None
+    gen: Iterator[Any] | None = None  # generate_steps: StepEvents, and Forwards to run
+    forward: Any = None  # the Forward it waits on
+    output: Any = None  # that forward's output, to send it
     cache: Any = None
     cache_bytes: int = 0
     started: float | None = None
@@ -167,7 +174,7 @@ class Engine:
                  sorted(self.drafters), self.default_drafter)
 
     def _load(self) -> None:
-        from treespec.draft.engine import generate
+        from treespec.draft.engine import generate_steps
         from treespec.draft.registry import DRAFTERS, DrafterUnavailable, make_drafter
         from treespec.model import load_bundle
 
@@ -191,7 +198,7 @@ class Engine:
         else:
             why = self.unavailable.get(s.default_drafter, f"choose one of auto, {', '.join(DRAFTERS)}")
             raise ValueError(f"default_drafter {s.default_drafter!r} is not available: {why}")
-        self._generate = generate
+        self._generate = generate_steps
         self.drafter_names = tuple(DRAFTERS)
         tree = self.drafters.get("tree")
         if getattr(tree, "calibration", None):
@@ -288,9 +295,11 @@ class Engine:
                 turn = list(self._running)
             for job in started:
                 self._start(job)
-            for job in turn:
-                if not job.done:
-                    self._step(job)
+            # Every running request goes on to its next forward, then all of
+            # those forwards run (as one batch, with batching on).
+            pending = [job for job in turn if not job.done and self._advance(job)]
+            if pending:
+                self._run_forwards(pending)
 
     def _start(self, job: Job) -> None:
         m, d = self.metrics, job.drafter
@@ -316,27 +325,64 @@ class Engine:
         except Exception as e:
             self._fail(job, e)
 
-    def _step(self, job: Job) -> None:
+    def _advance(self, job: Job) -> bool:
+        """Run the request's loop up to its next forward, delivering the events
+        it yields on the way. True: it waits on ``job.forward``; False: it has
+        finished or failed."""
         prompt = job.prepared.prompt
         try:
+            with torch.inference_mode():
+                return self._advance_inner(job, prompt)
+        except StopIteration:
+            self._fail(job, RuntimeError("generation ended without a finish reason"))
+        except Exception as e:
+            self._fail(job, e)
+        return False
+
+    def _advance_inner(self, job: Job, prompt: str) -> bool:
+        item = job.gen.send(job.output) if job.forward is not None else next(job.gen)
+        job.forward = job.output = None
+        while isinstance(item, StepEvent):
             if self.settings.debug_faults:
                 if prompt.startswith(SLOW_PREFIX):
                     time.sleep(SLOW_STEP_S)
                 if prompt.startswith(FAIL_PREFIX) and job.steps >= 1:
                     raise RuntimeError("injected fault (debug_faults is on and the prompt starts with [[fail]])")
-            with torch.inference_mode():
-                ev = next(job.gen)
-        except StopIteration:
-            self._fail(job, RuntimeError("generation ended without a finish reason"))
-            return
-        except Exception as e:
-            self._fail(job, e)
-            return
-        job.steps += 1
-        self._observe_step(job, ev)
-        job._put(ev)
-        if ev.finish_reason is not None:
-            self._finish(job, ev.finish_reason, ev.stats)
+            job.steps += 1
+            self._observe_step(job, item)
+            job._put(item)
+            if item.finish_reason is not None:
+                self._finish(job, item.finish_reason, item.stats)
+                return False
+            item = next(job.gen)
+        job.forward = item
+        return True
+
+    def _run_forwards(self, jobs: list[Job]) -> None:
+        """Run the forwards ``jobs`` wait on: as one batch with batching on
+        and more than one of them, else one by one. A forward that raises
+        fails the requests it was for, and only them."""
+        model = self.bundle.model
+        if self.settings.batching and len(jobs) > 1:
+            groups = [jobs]
+        else:
+            groups = [[job] for job in jobs]
+        for group in groups:
+            self.metrics.batch_size.observe(len(group))
+            self.metrics.batch_tokens.observe(sum(job.forward.ids.shape[-1] for job in group))
+            try:
+                with torch.inference_mode():
+                    if len(group) == 1:
+                        outs = [group[0].forward.run(model)]
+                    else:
+                        outs = model.forward_batch([(j.forward.ids, j.forward.start, j.forward.cache,
+                                                     j.forward.last_only) for j in group])
+            except Exception as e:
+                for job in group:
+                    self._fail(job, e)
+                continue
+            for job, out in zip(group, outs):
+                job.output = out
 
     def _observe_step(self, job: Job, ev: StepEvent) -> None:
         m, d = self.metrics, job.drafter

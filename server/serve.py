@@ -22,6 +22,7 @@ HELP = {
     "api_key": "require 'Authorization: Bearer KEY' on the generate routes",
     "max_running": "requests that take turns on the model at once",
     "max_waiting": "requests admitted to wait for a turn; beyond both, 429",
+    "batching": "run the running requests' forwards as one batch (off: one at a time, each bit for bit a solo run)",
     "max_body_bytes": "larger request bodies get 413",
     "default_max_new_tokens": "max_new_tokens / max_tokens when a request leaves it out",
     "default_drafter": "auto (the bundle's tree drafter if it has one, else ngram), tree, ngram or none",

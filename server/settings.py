@@ -34,6 +34,10 @@ class Settings:
     # Beyond both, a request gets 429 at once.
     max_running: int = 4
     max_waiting: int = 16
+    # Run the running requests' forwards as one batch (GPT.forward_batch): on
+    # a memory-bound CPU, four one-token rows cost about what one does. Off:
+    # one forward at a time, so each output is bit for bit a solo run's.
+    batching: bool = True
     # Request bodies above this many bytes get 413 before they are parsed.
     max_body_bytes: int = 1 << 20
     # max_new_tokens when a request leaves it out (TGI / OpenAI routes alike).

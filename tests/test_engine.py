@@ -15,11 +15,11 @@ import torch
 from scipy.stats import chi2
 
 from treespec.draft.corpus import CorpusBigram
-from treespec.draft.engine import generate, generate_all
+from treespec.draft.engine import generate, generate_all, generate_steps
 from treespec.draft.ngram import NgramDrafter
 from treespec.draft.sampling import accept_sampled, probs_from_logits, sample
 from treespec.draft.types import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Draft,
-                                  SamplingParams)
+                                  SamplingParams, StepEvent)
 from treespec.model import Tokenizer
 
 from conftest import tiny_model
@@ -314,6 +314,45 @@ def test_events_prefill_first_then_one_per_verify_step(tok, looping):
     assert sum(len(e.tokens) for e in events) == last.generated_tokens == 20
     assert last.verify_time_s > 0 and last.drafter_time_s > 0 and last.drafter == "ngram"
     assert last.accepted_tokens + last.verify_steps + 1 == 20  # the loop accepts whole drafts
+
+
+def drive_batched(model, requests, tok) -> list[list[int]]:
+    """Run several requests' loops (generate_steps) the way the server does:
+    each goes on to its next Forward, then all of those run as one forward_batch."""
+    steps = [generate_steps(model, p, params, d, tokenizer=tok) for p, params, d in requests]
+    tokens, pending, outputs = [[] for _ in steps], [None] * len(steps), [None] * len(steps)
+    live = set(range(len(steps)))
+    while live:
+        for i in sorted(live):
+            try:
+                item = steps[i].send(outputs[i]) if pending[i] is not None else next(steps[i])
+                while isinstance(item, StepEvent):
+                    tokens[i] += item.tokens
+                    item = next(steps[i])
+                pending[i] = item
+            except StopIteration:
+                live.discard(i)
+        batch = sorted(i for i in live)
+        if batch:
+            outs = model.forward_batch([(pending[i].ids, pending[i].start, pending[i].cache, pending[i].last_only)
+                                        for i in batch])
+            for i, o in zip(batch, outs):
+                outputs[i] = o
+    return tokens
+
+
+@pytest.mark.parametrize("model_name", ["looping", "wandering"])
+def test_requests_batched_together_give_their_solo_tokens(request, tok, model_name):
+    model = request.getfixturevalue(model_name)
+    prompts = random_prompts(4, seed=31)
+    guesser = corpus_guesser(model, tok)
+    requests = [(prompts[0], SamplingParams(max_new_tokens=20), NgramDrafter(k_max=4)),
+                (prompts[1], SamplingParams(max_new_tokens=12, temperature=0.9, top_k=100, seed=3), guesser),
+                (prompts[2], SamplingParams(max_new_tokens=16, prompt_logprobs=True, repetition_penalty=1.2), None),
+                (prompts[3], SamplingParams(max_new_tokens=9, temperature=0.8, seed=5), NgramDrafter(k_max=2))]
+    solo = [generate_all(model, p, params, d, tokenizer=tok).token_ids for p, params, d in requests]
+    assert drive_batched(model, requests, tok) == solo
+    assert [len(t) for t in solo] == [20, 12, 16, 9]
 
 
 # --- KV rollback and the drafter's features ----------------------------------

@@ -49,6 +49,45 @@ def test_cached_chunks_match_full_forward(kw, chunks):
     torch.testing.assert_close(torch.cat(out, dim=1), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kw", DWA_VARIANTS)
+def test_a_batched_forward_is_each_sequences_own(kw):
+    """forward_batch: sequences at different lengths, some prefilling, some
+    verifying several tokens, one wanting the last row only, each over its
+    own cache: every output and every cache is what forward_step gives."""
+    model = tiny_model(**kw)
+    randomise_dwa(model)
+    g = torch.Generator().manual_seed(4)
+    prefixes = [torch.randint(0, 50257, (1, n), generator=g) for n in (5, 0, 17, 9)]
+    new = [torch.randint(0, 50257, (1, n), generator=g) for n in (1, 6, 4, 1)]
+    last_only = [False, True, False, False]
+    solo, batched = [], []
+    for pre in prefixes:
+        caches = [model.new_cache(max_len=32) for _ in range(2)]
+        for c in caches:
+            if pre.shape[1]:
+                model.forward_step(pre, 0, c)
+        solo.append(caches[0])
+        batched.append(caches[1])
+    want = [model.forward_step(x, p.shape[1], c, last_only=lo) for x, p, c, lo in zip(new, prefixes, solo, last_only)]
+    got = model.forward_batch([(x, p.shape[1], c, lo) for x, p, c, lo in zip(new, prefixes, batched, last_only)])
+    for w, o, cs, cb in zip(want, got, solo, batched):
+        assert o.logits.shape == w.logits.shape and o.hidden.shape == w.hidden.shape
+        torch.testing.assert_close(o.logits, w.logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(o.hidden, w.hidden, atol=1e-5, rtol=1e-4)
+        for a, b in zip(o.exit_hidden, w.exit_hidden):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        assert cb.length == cs.length
+        for layer in range(model.config.n_layer):
+            torch.testing.assert_close(cb.view(layer, cb.length)[0], cs.view(layer, cs.length)[0], atol=1e-5, rtol=1e-4)
+    # One sequence alone is exactly forward_step: the same matrices, the same bits.
+    c1, c2 = model.new_cache(max_len=32), model.new_cache(max_len=32)
+    a = model.forward_step(new[1], 0, c1)
+    b = model.forward_batch([(new[1], 0, c2, False)])[0]
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.hidden, b.hidden)
+    with pytest.raises(ValueError, match="cache holds only"):
+        model.forward_batch([(new[0], 0, model.new_cache(max_len=32), False), (new[0], 3, model.new_cache(), False)])
+
+
 @pytest.mark.parametrize("kw", DWA_VARIANTS[:2])
 def test_rollback_then_new_tokens_matches_fresh_forward(kw):
     model = tiny_model(**kw)

@@ -538,15 +538,53 @@ def test_concurrent_seeded_requests_match_their_solo_runs(srv, client):
         {"inputs": "hello hello hello", "parameters": {"max_new_tokens": 16}},
     ]
     assert len(reqs) <= MAX_RUNNING + MAX_WAITING  # all admitted at once: no 429 here
-    solo = [client.post("/generate", json=r).json()["generated_text"] for r in reqs]
+    for r in reqs:
+        r["parameters"]["details"] = True
+
+    def forwards(outs) -> int:  # each request's prefill and verify steps
+        return sum(o["details"]["speculative"]["verify_steps"] + 1 for o in outs)
+
+    before = srv.wait_idle()
+    solo = [client.post("/generate", json=r).json() for r in reqs]
+    mid = srv.wait_idle()
+    # Alone, every forward is a batch of one.
+    assert delta(before, mid, "treespec_batch_size_count") == delta(before, mid, "treespec_batch_size_sum") \
+        == forwards(solo)
 
     async def together():
         async with httpx.AsyncClient(base_url=srv.url, headers=AUTH, timeout=120) as c:
             return await asyncio.gather(*(c.post("/generate", json=r) for r in reqs))
 
     rs = asyncio.run(together())
+    after = srv.wait_idle()
     assert [r.status_code for r in rs] == [200] * len(reqs), [r.text for r in rs]
-    assert [r.json()["generated_text"] for r in rs] == solo
+    assert [r.json()["generated_text"] for r in rs] == [o["generated_text"] for o in solo]
+    # Together, their forwards ran in batches (up to max_running of them), and every one was run once.
+    assert delta(mid, after, "treespec_batch_size_sum") == forwards([r.json() for r in rs])
+    assert delta(mid, after, "treespec_batch_size_count") < delta(mid, after, "treespec_batch_size_sum")
+    assert delta(mid, after, "treespec_batch_size_bucket", le="1.0") < delta(mid, after, "treespec_batch_size_count")
+
+
+def test_without_batching_every_forward_runs_alone(bundle):
+    server = start_server(bundle, "--max-running", "3", "--no-batching", env={"TREESPEC_THREADS": "1"})
+    try:
+        reqs = [{"inputs": p, "parameters": {"max_new_tokens": 12, "details": True, "drafter": d}}
+                for p, d in ((PROMPT, "ngram"), ("hello hello hello", "none"), ("the cat sat", "ngram"))]
+        with server.client() as c:
+            solo = [c.post("/generate", json=r).json() for r in reqs]
+
+        async def together():
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+                return await asyncio.gather(*(c.post("/generate", json=r) for r in reqs))
+
+        before = server.wait_idle()
+        rs = [r.json() for r in asyncio.run(together())]
+        after = server.wait_idle()
+        assert [r["generated_text"] for r in rs] == [o["generated_text"] for o in solo]
+        n = sum(r["details"]["speculative"]["verify_steps"] + 1 for r in rs)
+        assert delta(before, after, "treespec_batch_size_count") == delta(before, after, "treespec_batch_size_sum") == n
+    finally:
+        stop_server(server)
 
 
 def _generated(srv) -> float:
