@@ -359,7 +359,7 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
                         getattr(lp, k).extend(getattr(part, k))
             body = P.CompletionResponse(
                 id=cid, created=created, model=model, usage=usage(last),
-                choices=[P.CompletionChoice(text=(req.prompt if req.echo else "") + text, logprobs=lp,
+                choices=[P.CompletionChoice(text=(job.prepared.prompt if req.echo else "") + text, logprobs=lp,
                                             finish_reason=P.OPENAI_FINISH[last.finish_reason])])
             return JSONResponse(body.model_dump())
 
@@ -370,7 +370,7 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
                     if ev.finish_reason == FINISH_CANCELLED:
                         yield _sse_error("Request cancelled (the server is shutting down)", "cancelled", " ")
                         return
-                    piece = (req.prompt if first and req.echo else "") + "".join(ev.texts)
+                    piece = (job.prepared.prompt if first and req.echo else "") + "".join(ev.texts)
                     final = ev.finish_reason is not None
                     if not piece and not final and logprobs is None:
                         continue  # nothing released yet (held back for a possible stop sequence)

@@ -220,8 +220,9 @@ class Engine:
 
     # ------------------------------------------------------------ admission
 
-    def prepare(self, prompt: str, params: SamplingParams, drafter: str | None) -> Prepared:
-        """Validate what needs the tokenizer and the model's limits."""
+    def prepare(self, prompt: str | list[int], params: SamplingParams, drafter: str | None) -> Prepared:
+        """Validate what needs the tokenizer and the model's limits. ``prompt``
+        is text, or token ids (then ``Prepared.prompt`` is their text)."""
         self._require_ready()
         cfg = self.bundle.config
         name = drafter or self.default_drafter
@@ -231,15 +232,26 @@ class Engine:
         if name not in self.drafters:
             raise InvalidRequest(f"Input validation error: drafter {name!r} is not available for this "
                                  f"bundle: {self.unavailable.get(name, 'not loaded')}")
-        if not prompt.strip():
-            raise InvalidRequest("Input validation error: inputs must not be empty or whitespace only")
-        _strict_utf8("inputs", prompt)
+        tok = self.bundle.tokenizer
+        if isinstance(prompt, list):  # token ids (OpenAI's completions take them)
+            if not prompt:
+                raise InvalidRequest("Input validation error: the prompt's token list is empty")
+            n_vocab = min(tok.n_vocab, cfg.vocab_size)
+            if not all(0 <= t < n_vocab for t in prompt):
+                raise InvalidRequest(f"Input validation error: prompt token ids must be in [0, {n_vocab})")
+            ids, prompt = list(prompt), tok.decode(prompt)
+        else:
+            if not prompt.strip():
+                raise InvalidRequest("Input validation error: inputs must not be empty or whitespace only")
+            _strict_utf8("inputs", prompt)
+            ids = None
         for s in params.stop:
             _strict_utf8("stop", s)
         if params.max_new_tokens > cfg.block_size - 1:
             raise InvalidRequest(f"Input validation error: max_new_tokens must be <= {cfg.block_size - 1} "
                                  f"(the context is {cfg.block_size} tokens); got {params.max_new_tokens}")
-        ids = self.bundle.tokenizer.encode(prompt)
+        if ids is None:
+            ids = tok.encode(prompt)
         if len(ids) + params.max_new_tokens > cfg.block_size:
             raise InvalidRequest(
                 f"Input validation error: inputs tokens + max_new_tokens must be <= {cfg.block_size}. "

@@ -102,7 +102,7 @@ class CompletionRequest(_Strict):
     """OpenAI's legacy completions request, plus treespec's top_k/drafter/k_max and vLLM's repetition_penalty."""
 
     model: str | None = None
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text or token ids; one prompt
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=100.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -124,6 +124,8 @@ class CompletionRequest(_Strict):
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, v):
+        if isinstance(v, list) and v and all(isinstance(t, int) for t in v):
+            return v  # one prompt, as token ids
         if isinstance(v, list):
             if len(v) != 1:
                 raise ValueError(f"exactly one prompt is supported, got a list of {len(v)}")

@@ -344,6 +344,19 @@ def test_penalties_reach_the_engine_on_both_apis(srv, client, bundle):
     assert r.json()["choices"][0]["text"] == local(presence_penalty=1.0, repetition_penalty=1.2)
 
 
+def test_openai_prompt_as_token_ids(srv, client, bundle):
+    from treespec.model import load_bundle
+
+    ids = load_bundle(bundle).tokenizer.encode(PROMPT)
+    body = {"max_tokens": 6, "temperature": 0, "echo": True, "logprobs": 0}
+    as_text = client.post("/v1/completions", json={"prompt": PROMPT, **body}).json()
+    for prompt in (ids, [ids]):
+        r = client.post("/v1/completions", json={"prompt": prompt, **body})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["choices"] == as_text["choices"] and out["usage"] == as_text["usage"]
+
+
 def test_tgi_top_tokens_and_prefill_details(srv, client, bundle):
     from treespec.draft.engine import generate_all
     from treespec.draft.types import SamplingParams
@@ -448,6 +461,8 @@ BAD_INPUTS = [
     ("openai: logprobs above 5", "/v1/completions", {"prompt": "hi", "logprobs": 6}, 422, "logprobs"),
     ("top_n_tokens above 5", "/generate", {"inputs": "hi", "parameters": {"top_n_tokens": 6}}, 422, "top_n_tokens"),
     ("openai: two prompts", "/v1/completions", {"prompt": ["a", "b"]}, 422, "exactly one prompt"),
+    ("openai: token id past the vocabulary", "/v1/completions", {"prompt": [5, 50300]}, 422, "token ids must be in"),
+    ("openai: empty token list", "/v1/completions", {"prompt": [[]]}, 422, "token list is empty"),
     ("openai: five stops", "/v1/completions", {"prompt": "hi", "stop": list("abcde")}, 422, "at most 4"),
     ("oversized body", "/generate", {"inputs": "x" * (MAX_BODY + 1)}, 413, "larger than"),
 ]
