@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..model.kv_cache import KVCache
 from .sampling import (AcceptRule, Penalties, PositionDraws, accept_greedy, accept_sampled, make_generator,
                        probs_from_logits, top_logprobs, validate_params)
 from .text import TextStream
@@ -63,7 +64,7 @@ class Forward:
 
     ids: torch.Tensor
     start: int
-    cache: object  # the request's KVCache
+    cache: KVCache  # the request's own
     last_only: bool = False
 
     def run(self, model):
@@ -298,8 +299,9 @@ def _run_forwards(model, steps: Iterator["StepEvent | Forward"]) -> Iterator[Ste
 
 
 def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter | None, tokenizer, n_vocab: int,
-            cache, should_stop: Callable[[], bool] | None, accept: AcceptRule) -> Iterator[StepEvent]:
-    """The loop itself (``generate`` has checked the request)."""
+            cache, should_stop: Callable[[], bool] | None, accept: AcceptRule) -> Iterator["StepEvent | Forward"]:
+    """The loop itself (``generate_steps`` has checked the request): it
+    yields each Forward it needs and each StepEvent."""
     cache.reset()
     eot = tokenizer.eot_id
     greedy = params.greedy
@@ -328,8 +330,9 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
             new = drafts[:n] + [argmax[n]]
             rows = logits[:n + 1].float()
             # Greedy reports the (penalised) logits' log-probabilities, unscaled by temperature.
-            logp = rows - torch.logsumexp(rows, dim=-1, keepdim=True) if params.top_n else None
-            lp = rows[torch.arange(n + 1), new] - torch.logsumexp(rows, dim=-1)
+            logz = torch.logsumexp(rows, dim=-1, keepdim=True)
+            logp = rows - logz if params.top_n else None
+            lp = rows[torch.arange(n + 1), new] - logz[:, 0]
         else:
             p = probs_from_logits(logits, params)
             # stats.generated_tokens: the output position of this step's first token
