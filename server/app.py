@@ -195,37 +195,55 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
             top_n=p.top_n_tokens or 0, prompt_logprobs=p.decoder_input_details, **penalties(p))
         return req, await start(req.inputs, params, p.drafter, request)
 
-    async def start_completion(request: Request) -> tuple[P.CompletionRequest, Job]:
+    async def start_completion(request: Request) -> tuple[P.CompletionRequest, list[Job]]:
+        """The request's ``n`` completions, each its own job (so they batch
+        together); choice i samples with seed + i when a seed is given."""
         check_auth(request)
         req = await read_body(request, P.CompletionRequest)
-        params = SamplingParams(
-            max_new_tokens=req.max_tokens or settings.default_max_new_tokens,
-            temperature=req.sampling_temperature(), top_k=req.top_k or 0,
-            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=list(req.stop or []), k_max=req.k_max,
-            top_n=req.logprobs or 0, prompt_logprobs=req.echo and req.logprobs is not None, **penalties(req))
-        return req, await start(req.prompt, params, req.drafter, request)
+        jobs = []
+        try:
+            for i in range(req.n):
+                params = SamplingParams(
+                    max_new_tokens=req.max_tokens or settings.default_max_new_tokens,
+                    temperature=req.sampling_temperature(), top_k=req.top_k or 0,
+                    top_p=1.0 if req.top_p is None else req.top_p, seed=None if req.seed is None else req.seed + i,
+                    stop=list(req.stop or []), k_max=req.k_max, top_n=req.logprobs or 0,
+                    prompt_logprobs=req.echo and req.logprobs is not None, **penalties(req))
+                jobs.append(await start(req.prompt, params, req.drafter, request))
+        except ApiError:
+            for job in jobs:  # all n or none: the ones already admitted give their slots back
+                job.abort()
+            raise
+        return req, jobs
 
-    async def watch_disconnect(request: Request, job: Job) -> None:
-        """For non-streaming routes: cancel the job if the client goes away."""
+    async def watch_disconnect(request: Request, jobs: list[Job]) -> None:
+        """For non-streaming routes: cancel the jobs if the client goes away."""
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
-                job.abort()
+                for job in jobs:
+                    job.abort()
                 return
 
-    async def collect(request: Request, job: Job) -> tuple[list[StepEvent], StepEvent]:
-        watcher = asyncio.create_task(watch_disconnect(request, job))
+    async def collect(request: Request, *jobs: Job) -> list[tuple[list[StepEvent], StepEvent]]:
+        """Each job's events and its last one, once all have finished."""
+        watcher = asyncio.create_task(watch_disconnect(request, list(jobs)))
+
+        async def events_of(job: Job) -> list[StepEvent]:
+            return [ev async for ev in job.events()]
+
         try:
-            events = [ev async for ev in job.events()]
+            all_events = await asyncio.gather(*(events_of(job) for job in jobs))
         except GenerationFailed as e:
             raise ApiError(500, str(e), "generation", counted=False) from None
         finally:
             watcher.cancel()
-        last = events[-1]
-        if last.finish_reason == FINISH_CANCELLED:
+            for job in jobs:  # one failed: the others stop too
+                job.abort()
+        if any(events[-1].finish_reason == FINISH_CANCELLED for events in all_events):
             raise ApiError(503, "Request cancelled (the server is shutting down or the client left)", "cancelled",
                            counted=False)
-        return events, last
+        return [(events, events[-1]) for events in all_events]
 
     def details(job: Job, last: StepEvent, tokens: list[P.Token] | None, top_tokens: list[list[P.Token]] = (),
                 prefill: StepEvent | None = None) -> P.Details:
@@ -287,7 +305,7 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
     @app.post("/generate", response_model=P.GenerateResponse)
     async def generate(request: Request):
         req, job = await start_generate(request)
-        events, last = await collect(request, job)
+        [(events, last)] = await collect(request, job)
         text = "".join(x for ev in events for x in ev.texts)
         if req.parameters.return_full_text:
             text = req.inputs + text
@@ -328,40 +346,47 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req, job = await start_completion(request)
+        req, jobs = await start_completion(request)
         cid, created, model = "cmpl-" + uuid.uuid4().hex, int(time.time()), engine.model_name
+        job = jobs[0]  # what every choice shares: the prompt
 
-        def usage(last: StepEvent) -> P.Usage:
-            n_in, n_out = len(job.prepared.prompt_ids), last.stats.generated_tokens
+        def usage(*lasts: StepEvent) -> P.Usage:
+            n_in, n_out = len(job.prepared.prompt_ids), sum(last.stats.generated_tokens for last in lasts)
             return P.Usage(prompt_tokens=n_in, completion_tokens=n_out, total_tokens=n_in + n_out)
 
-        logprobs = LogprobsBuilder(engine.bundle.tokenizer) if req.logprobs is not None else None
-
-        def choice_logprobs(ev: StepEvent, first: bool) -> P.CompletionLogprobs | None:
+        def choice_logprobs(builder: "LogprobsBuilder | None", ev: StepEvent, first: bool) -> P.CompletionLogprobs | None:
             """The logprobs of this event's tokens (after the prompt's, with echo, on the first)."""
-            if logprobs is None:
+            if builder is None:
                 return None
             out = P.CompletionLogprobs()
             if first and req.echo:
-                logprobs.add(out, job.prepared.prompt_ids, ev.prompt.logprobs, ev.prompt.top_logprobs)
-            logprobs.add(out, ev.tokens, ev.logprobs, ev.top_logprobs)
+                builder.add(out, job.prepared.prompt_ids, ev.prompt.logprobs, ev.prompt.top_logprobs)
+            builder.add(out, ev.tokens, ev.logprobs, ev.top_logprobs)
             return out
 
+        def builder() -> "LogprobsBuilder | None":
+            return LogprobsBuilder(engine.bundle.tokenizer) if req.logprobs is not None else None
+
         if not req.stream:
-            events, last = await collect(request, job)
-            text = "".join(x for ev in events for x in ev.texts)
-            lp = None
-            if logprobs is not None:
-                lp = P.CompletionLogprobs()
-                for i, ev in enumerate(events):
-                    part = choice_logprobs(ev, i == 0)
-                    for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-                        getattr(lp, k).extend(getattr(part, k))
-            body = P.CompletionResponse(
-                id=cid, created=created, model=model, usage=usage(last),
-                choices=[P.CompletionChoice(text=(job.prepared.prompt if req.echo else "") + text, logprobs=lp,
-                                            finish_reason=P.OPENAI_FINISH[last.finish_reason])])
+            results = await collect(request, *jobs)
+            choices = []
+            for index, (events, last) in enumerate(results):
+                lp, b = None, builder()
+                if b is not None:
+                    lp = P.CompletionLogprobs()
+                    for i, ev in enumerate(events):
+                        part = choice_logprobs(b, ev, i == 0)
+                        for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                            getattr(lp, k).extend(getattr(part, k))
+                text = "".join(x for ev in events for x in ev.texts)
+                choices.append(P.CompletionChoice(text=(job.prepared.prompt if req.echo else "") + text,
+                                                  index=index, logprobs=lp,
+                                                  finish_reason=P.OPENAI_FINISH[last.finish_reason]))
+            body = P.CompletionResponse(id=cid, created=created, model=model,
+                                        usage=usage(*(last for _, last in results)), choices=choices)
             return JSONResponse(body.model_dump())
+
+        logprobs = builder()
 
         async def sse():
             first = True
@@ -377,7 +402,7 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
                     chunk = P.CompletionResponse(
                         id=cid, created=created, model=model, usage=usage(ev) if final else None,
                         choices=[P.CompletionChoice(
-                            text=piece, logprobs=choice_logprobs(ev, first),
+                            text=piece, logprobs=choice_logprobs(logprobs, ev, first),
                             finish_reason=P.OPENAI_FINISH[ev.finish_reason] if final else None)])
                     first = False
                     data = chunk.model_dump()

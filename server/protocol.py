@@ -19,6 +19,7 @@ MAX_STOP = 4
 MAX_K = 64
 MAX_SEED = 2**63 - 1
 MAX_TOP_N = 5  # alternatives per token: TGI's default max_top_n_tokens, OpenAI's logprobs limit
+MAX_N = 16  # completions per request (OpenAI's n)
 
 # TGI finish reasons are ours as they are; OpenAI has only "length" and "stop".
 OPENAI_FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
@@ -110,7 +111,7 @@ class CompletionRequest(_Strict):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_N)
     best_of: int | None = None
@@ -141,7 +142,8 @@ class CompletionRequest(_Strict):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        _refuse("n", self.n, 1)
+        if self.n > 1 and self.stream:
+            raise ValueError(f"n={self.n} is not supported with stream (stream one completion per request)")
         _refuse("best_of", self.best_of, 1)
         return self
 

@@ -344,6 +344,27 @@ def test_penalties_reach_the_engine_on_both_apis(srv, client, bundle):
     assert r.json()["choices"][0]["text"] == local(presence_penalty=1.0, repetition_penalty=1.2)
 
 
+def test_openai_n_completions_are_seeded_choices_run_together(srv, client):
+    body = {"prompt": PROMPT, "max_tokens": 10, "temperature": 0.9, "seed": 40, "logprobs": 1}
+    before = srv.wait_idle()
+    r = client.post("/v1/completions", json={**body, "n": 3})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    after = srv.wait_idle()
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    for i, c in enumerate(out["choices"]):  # choice i is the request with seed + i
+        alone = client.post("/v1/completions", json={**body, "seed": 40 + i}).json()["choices"][0]
+        assert c["text"] == alone["text"] and c["logprobs"]["tokens"] == alone["logprobs"]["tokens"]
+    assert len({c["text"] for c in out["choices"]}) > 1
+    one = client.post("/v1/completions", json=body).json()["usage"]
+    assert out["usage"] == {"prompt_tokens": one["prompt_tokens"], "completion_tokens": 30,
+                            "total_tokens": one["prompt_tokens"] + 30}  # the prompt once, every choice's tokens
+    # The three ran side by side: some forwards held more than one of them.
+    assert delta(before, after, "treespec_batch_size_count") < delta(before, after, "treespec_batch_size_sum")
+    greedy = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "n": 2}).json()
+    assert greedy["choices"][0]["text"] == greedy["choices"][1]["text"]
+
+
 def test_openai_prompt_as_token_ids(srv, client, bundle):
     from treespec.model import load_bundle
 
@@ -457,7 +478,8 @@ BAD_INPUTS = [
     ("stream: bad input", "/generate_stream", {"inputs": "", "parameters": {}}, 422, "empty"),
     ("openai: empty prompt", "/v1/completions", {"prompt": "  "}, 422, "empty"),
     ("openai: max_tokens zero", "/v1/completions", {"prompt": "hi", "max_tokens": 0}, 422, "max_tokens"),
-    ("openai: n=2", "/v1/completions", {"prompt": "hi", "n": 2}, 422, "n=2"),
+    ("openai: n=2 streamed", "/v1/completions", {"prompt": "hi", "n": 2, "stream": True}, 422, "n=2 is not supported"),
+    ("openai: n above 16", "/v1/completions", {"prompt": "hi", "n": 17}, 422, "n"),
     ("openai: logprobs above 5", "/v1/completions", {"prompt": "hi", "logprobs": 6}, 422, "logprobs"),
     ("top_n_tokens above 5", "/generate", {"inputs": "hi", "parameters": {"top_n_tokens": 6}}, 422, "top_n_tokens"),
     ("openai: two prompts", "/v1/completions", {"prompt": ["a", "b"]}, 422, "exactly one prompt"),
