@@ -351,6 +351,11 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
         scratch = model.new_cache(batch_size=1, max_len=len(prompt))
         scored = yield Forward(torch.tensor([prompt], device=device), 0, scratch)
         scores = _prompt_scores(scored, prompt, n_vocab, params.top_n)
+        if params.max_new_tokens == 0:  # scoring only: no prefill, nothing generated
+            stats.prefill_time_s = time.perf_counter() - t0
+            yield StepEvent(tokens=[], logprobs=[], texts=[], finish_reason=FINISH_LENGTH, stats=_snapshot(stats),
+                            prompt=scores)
+            return
     out = yield Forward(torch.tensor([prompt], device=device), 0, cache, last_only=True)
     new, lps, tops = choose(out.logits[0, :, :n_vocab], [], None)
     features = _features(out, 0, n_vocab)

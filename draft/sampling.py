@@ -33,8 +33,8 @@ def validate_params(params: SamplingParams) -> None:
         raise ValueError(f"top_k must be >= 0 (0 turns it off), got {params.top_k}")
     if not 0.0 < params.top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
-    if params.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+    if params.max_new_tokens < (0 if params.prompt_logprobs else 1):
+        raise ValueError(f"max_new_tokens must be >= 1 (0 only to score the prompt), got {params.max_new_tokens}")
     if params.k_max is not None and params.k_max < 0:
         raise ValueError(f"k_max must be >= 0, got {params.k_max}")
     if not params.repetition_penalty > 0:

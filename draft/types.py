@@ -32,7 +32,8 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: minus this once a token has been generated
     # Log-probabilities reported beside the tokens (they never change which tokens come out):
     top_n: int = 0  # the n most likely tokens at each generated position
-    prompt_logprobs: bool = False  # each prompt token's, given the tokens before it (the model's own)
+    prompt_logprobs: bool = False  # each prompt token's, given the tokens before it (the model's own);
+    # with it, max_new_tokens may be 0: score the prompt, generate nothing
 
     @property
     def penalised(self) -> bool:

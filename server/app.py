@@ -204,7 +204,7 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
         try:
             for i in range(req.n):
                 params = SamplingParams(
-                    max_new_tokens=req.max_tokens or settings.default_max_new_tokens,
+                    max_new_tokens=settings.default_max_new_tokens if req.max_tokens is None else req.max_tokens,
                     temperature=req.sampling_temperature(), top_k=req.top_k or 0,
                     top_p=1.0 if req.top_p is None else req.top_p, seed=None if req.seed is None else req.seed + i,
                     stop=list(req.stop or []), k_max=req.k_max, top_n=req.logprobs or 0,

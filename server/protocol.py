@@ -104,7 +104,7 @@ class CompletionRequest(_Strict):
 
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]]  # text or token ids; one prompt
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (with echo and logprobs)
     temperature: float | None = Field(None, ge=0.0, le=100.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
@@ -142,6 +142,8 @@ class CompletionRequest(_Strict):
 
     @model_validator(mode="after")
     def _unsupported(self):
+        if self.max_tokens == 0 and not (self.echo and self.logprobs is not None):
+            raise ValueError("max_tokens=0 only scores the prompt: it needs echo=true and logprobs")
         if self.n > 1 and self.stream:
             raise ValueError(f"n={self.n} is not supported with stream (stream one completion per request)")
         _refuse("best_of", self.best_of, 1)

@@ -275,6 +275,13 @@ def test_prompt_logprobs_score_the_prompt_and_change_nothing_else(tok, wandering
         assert [t for t, _ in top] == torch.topk(logp[i], 2).indices.tolist()
     one = generate_all(wandering, [42], SamplingParams(max_new_tokens=2, prompt_logprobs=True), tokenizer=tok)
     assert one.prompt.logprobs == [None]
+    # max_new_tokens 0: the prompt's scores and nothing else; without scoring it is refused.
+    only = generate_all(wandering, prompt, SamplingParams(max_new_tokens=0, prompt_logprobs=True, top_n=2),
+                        tokenizer=tok)
+    assert only.token_ids == [] and only.text == "" and only.finish_reason == FINISH_LENGTH
+    assert only.prompt.logprobs == scored.prompt.logprobs and only.stats.verify_steps == 0
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        generate(wandering, prompt, SamplingParams(max_new_tokens=0), tokenizer=tok)
 
 
 @pytest.mark.parametrize("k,steps", [(1, 6), (3, 4), (4, 3)])

@@ -424,6 +424,12 @@ def test_openai_logprobs_and_echo(srv, client):
     assert elp["token_logprobs"][n_in:] == lp["token_logprobs"] and elp["text_offset"][n_in] == len(PROMPT)
     assert elp["text_offset"] == sorted(elp["text_offset"])
     assert client.post("/v1/completions", json={**body, "logprobs": None}).json()["choices"][0]["logprobs"] is None
+    # max_tokens 0 scores the prompt alone, as evaluation harnesses ask.
+    score = client.post("/v1/completions", json={**body, "echo": True, "max_tokens": 0}).json()
+    sc = score["choices"][0]
+    assert sc["text"] == PROMPT and sc["finish_reason"] == "length"
+    assert sc["logprobs"]["token_logprobs"] == elp["token_logprobs"][:n_in]
+    assert score["usage"] == {"prompt_tokens": n_in, "completion_tokens": 0, "total_tokens": n_in}
 
     with client.stream("POST", "/v1/completions", json={**body, "echo": True, "stream": True}) as r:
         chunks = [c for c in sse_events(r.iter_lines()) if c != "[DONE]"]
@@ -477,7 +483,8 @@ BAD_INPUTS = [
     ("lone surrogate", "/generate", b'{"inputs": "a\\ud800b"}', 422, "UTF-8"),
     ("stream: bad input", "/generate_stream", {"inputs": "", "parameters": {}}, 422, "empty"),
     ("openai: empty prompt", "/v1/completions", {"prompt": "  "}, 422, "empty"),
-    ("openai: max_tokens zero", "/v1/completions", {"prompt": "hi", "max_tokens": 0}, 422, "max_tokens"),
+    ("openai: max_tokens zero without echo", "/v1/completions", {"prompt": "hi", "max_tokens": 0}, 422,
+     "max_tokens=0 only scores the prompt"),
     ("openai: n=2 streamed", "/v1/completions", {"prompt": "hi", "n": 2, "stream": True}, 422, "n=2 is not supported"),
     ("openai: n above 16", "/v1/completions", {"prompt": "hi", "n": 17}, 422, "n"),
     ("openai: logprobs above 5", "/v1/completions", {"prompt": "hi", "logprobs": 6}, 422, "logprobs"),
