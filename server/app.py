@@ -354,11 +354,13 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
             n_in, n_out = len(job.prepared.prompt_ids), sum(last.stats.generated_tokens for last in lasts)
             return P.Usage(prompt_tokens=n_in, completion_tokens=n_out, total_tokens=n_in + n_out)
 
-        def choice_logprobs(builder: "LogprobsBuilder | None", ev: StepEvent, first: bool) -> P.CompletionLogprobs | None:
-            """The logprobs of this event's tokens (after the prompt's, with echo, on the first)."""
+        def choice_logprobs(builder: "LogprobsBuilder | None", ev: StepEvent, first: bool,
+                            out: P.CompletionLogprobs | None = None) -> P.CompletionLogprobs | None:
+            """The logprobs of this event's tokens (after the prompt's, with echo, on the first),
+            added to ``out`` (a new one by default)."""
             if builder is None:
                 return None
-            out = P.CompletionLogprobs()
+            out = out if out is not None else P.CompletionLogprobs()
             if first and req.echo:
                 builder.add(out, job.prepared.prompt_ids, ev.prompt.logprobs, ev.prompt.top_logprobs)
             builder.add(out, ev.tokens, ev.logprobs, ev.top_logprobs)
@@ -375,9 +377,7 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
                 if b is not None:
                     lp = P.CompletionLogprobs()
                     for i, ev in enumerate(events):
-                        part = choice_logprobs(b, ev, i == 0)
-                        for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-                            getattr(lp, k).extend(getattr(part, k))
+                        choice_logprobs(b, ev, i == 0, lp)
                 text = "".join(x for ev in events for x in ev.texts)
                 choices.append(P.CompletionChoice(text=(job.prepared.prompt if req.echo else "") + text,
                                                   index=index, logprobs=lp,
