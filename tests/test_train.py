@@ -164,6 +164,9 @@ def test_config_file_precedence_and_checks(tmp_path):
     # A run's own train_config.json is a valid config file: it reproduces the run.
     f.write_text(json.dumps(cfg.to_dict()))
     assert build_train_config(None, str(f), []) == cfg
+    # Runs from before autocast_bf16 took auto/on/off wrote it as a bool; those files still load.
+    f.write_text(json.dumps({**cfg.to_dict(), "autocast_bf16": False}))
+    assert build_train_config(None, str(f), []).autocast_bf16 == "off"
 
     for content, msg in [({"lr": "fast"}, "lr='fast' should be float"),
                          ({"batch_size": 2.5}, "batch_size=2.5 should be int"),

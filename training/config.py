@@ -86,8 +86,7 @@ class TrainConfig:
                 raise TrainConfigError(f"{name} must be positive, got {getattr(self, name)}")
         words = {"true": "on", "1": "on", "yes": "on", "on": "on", "false": "off", "0": "off", "no": "off",
                  "off": "off", "auto": "auto"}
-        mode = words.get(str(self.autocast_bf16).lower()) if not isinstance(self.autocast_bf16, bool) \
-            else ("on" if self.autocast_bf16 else "off")
+        mode = words.get(str(self.autocast_bf16).lower())  # TrainConfig(autocast_bf16=True) reads as "true"
         if mode is None:
             raise TrainConfigError(f"autocast_bf16 must be auto, on or off, got {self.autocast_bf16!r}")
         self.autocast_bf16 = mode
@@ -192,6 +191,8 @@ def build_train_config(preset: str | None = None, config_file: str | None = None
         unknown = sorted(set(from_file) - known)
         if unknown:
             raise TrainConfigError(f"config file {config_file}: unknown training option(s) {unknown}")
+        if isinstance(from_file.get("autocast_bf16"), bool):  # train_config.json of runs before "auto"
+            from_file["autocast_bf16"] = "on" if from_file["autocast_bf16"] else "off"
         values.update({k: _check_file_value(k, hints[k], v) for k, v in from_file.items()})
     model_overrides = dict(values.pop("model_overrides", {}))
     bad = sorted(set(model_overrides) - set(model_types))
