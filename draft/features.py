@@ -44,7 +44,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..model.gpt import LN_EPS
 from .ngram import ngram_candidate
 
 FEATURE_VERSION = 2  # 2: top-A and the softmax computed in NumPy
@@ -238,7 +237,7 @@ def _exit_scores(model, e: int, h: torch.Tensor, top: torch.Tensor) -> np.ndarra
     ln, head = model.exit_ln[e], model.exit_heads[e].weight
     x = h.detach().float().cpu().numpy().astype(np.float64)
     d = x - x.mean(axis=1, keepdims=True)
-    z = d / np.sqrt((d * d).mean(axis=1, keepdims=True) + LN_EPS) * ln.weight.detach().cpu().numpy()
+    z = d / np.sqrt((d * d).mean(axis=1, keepdims=True) + ln.eps) * ln.weight.detach().cpu().numpy()
     if ln.bias is not None:
         z = z + ln.bias.detach().cpu().numpy()
     w = head.detach()[top].float().cpu().numpy().reshape(N, -1, x.shape[1])

@@ -17,6 +17,9 @@ from typing import Any
 SEED_EXIT_FRACTIONS = (8 / 12, 10 / 12, 12 / 12)
 SEED_EXIT_WEIGHTS = (0.05, 0.15, 0.8)
 
+# activation name -> the ``approximate`` argument of torch's GELU.
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
+
 GPT2_VOCAB = 50257
 PADDED_VOCAB = 50304  # 50257 rounded up to a multiple of 64: faster matmuls
 
@@ -65,6 +68,11 @@ class GPTConfig:
     dwa_dilation: int = 1  # k: average only over every k-th earlier block
     dwa_period: int = 1  # p: a DWA module only after every p-th block
     tie_embeddings: bool = True
+    # The MLP's nonlinearity: "gelu" is the exact erf GELU (nanoGPT's),
+    # "gelu_tanh" the tanh approximation GPT-2 was trained with (Hugging
+    # Face's "gelu_new"); an imported model must compute what it computed.
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.exit_layers is None:
@@ -103,6 +111,10 @@ class GPTConfig:
              f"exit_loss_weights must sum to 1, got {list(w)} (sum {sum(w):.6g})")
         need(self.dwa_dilation >= 1, f"dwa_dilation must be >= 1, got {self.dwa_dilation}")
         need(self.dwa_period >= 1, f"dwa_period must be >= 1, got {self.dwa_period}")
+        need(self.activation in ACTIVATIONS,
+             f"activation must be one of {list(ACTIVATIONS)}, got {self.activation!r}")
+        need(isinstance(self.layer_norm_eps, (int, float)) and 0 < self.layer_norm_eps < 1,
+             f"layer_norm_eps must be in (0, 1), got {self.layer_norm_eps!r}")
 
     @property
     def head_dim(self) -> int:
@@ -148,5 +160,5 @@ def preset(name: str, **overrides: Any) -> GPTConfig:
     return GPTConfig(**{**PRESETS[name], **overrides})
 
 
-__all__ = ["GPTConfig", "ConfigError", "PRESETS", "preset", "seed_exit_layers",
+__all__ = ["GPTConfig", "ConfigError", "ACTIVATIONS", "PRESETS", "preset", "seed_exit_layers",
            "default_exit_weights", "SEED_EXIT_WEIGHTS"]

@@ -28,11 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import GPTConfig
+from .config import ACTIVATIONS, GPTConfig
 from .kv_cache import KVCache
-
-
-LN_EPS = 1e-5
 
 
 # Decoding multiplies a weight by very few rows (1 for vanilla decoding, 1 +
@@ -83,13 +80,14 @@ class Linear(nn.Linear):
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's cannot drop just the bias)."""
 
-    def __init__(self, ndim: int, bias: bool):
+    def __init__(self, ndim: int, bias: bool, eps: float = 1e-5):
         super().__init__()
+        self.eps = eps
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, LN_EPS)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 @dataclass
@@ -150,17 +148,18 @@ class MLP(nn.Module):
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.approximate = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, layer: int, step: _CacheStep | None = None) -> torch.Tensor:
@@ -220,7 +219,8 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.exit_ln = nn.ModuleList([LayerNorm(config.n_embd, config.bias) for _ in config.exit_layers])
+        self.exit_ln = nn.ModuleList([LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
+                                     for _ in config.exit_layers])
         self.exit_heads = nn.ModuleList(
             [nn.Linear(config.n_embd, config.vocab_size, bias=False) for _ in config.exit_layers])
         # Map block index (1-based) -> exit index, for the forward loops.

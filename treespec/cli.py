@@ -24,6 +24,8 @@ COMMANDS = {
     "serve": "treespec.server.serve",
     "loadtest": "treespec.server.loadtest",
     "draft-fit": "treespec.draft.fit",
+    "import": "treespec.model.convert_cli",
+    "export": "treespec.model.convert_cli",
 }
 
 
