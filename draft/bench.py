@@ -35,6 +35,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..model.kernels import DTYPE_CHOICES
 from .costs import measure_verify_ms
 from .registry import DRAFTERS
 from .types import extend_costs
@@ -321,13 +322,16 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--no-calibrate", action="store_true",
                    help="keep the tree's fitted costs instead of timing them on this machine first")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="weight precision of the matrix products (default: %(default)s; docs/performance.md)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import torch
 
-    from ..model import BundleError, load_bundle
+    from ..model import BundleError
+    from ..model.kernels import load_for_inference
     from .registry import DrafterUnavailable
     from .types import SamplingParams
 
@@ -342,7 +346,7 @@ def run(args) -> int:
         return 2
     names = ["none"] + [n for n in dict.fromkeys(names) if n != "none"]
     try:
-        bundle = load_bundle(args.bundle)
+        bundle, kernels = load_for_inference(args.bundle, args.dtype)
         max_prompt = min(PROMPT_MAX, bundle.config.block_size - args.max_new_tokens)
         if max_prompt < 1:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
@@ -401,6 +405,7 @@ def run(args) -> int:
         "processor": platform.processor(), "cpu_model": cpu_model(), "python": platform.python_version(),
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv,
+        "kernels": kernels.to_dict(),
         "calibrated_costs": costs,
         "modelled_verify_ms": curve,
         "drafters": summary,
@@ -412,8 +417,10 @@ def run(args) -> int:
     penalties = [(tag, v) for tag, v, off in (("rep", args.repetition_penalty, 1.0), ("freq", args.frequency_penalty, 0.0),
                                                ("pres", args.presence_penalty, 0.0)) if v != off]
     stem = f"{bundle.path.name}-{suite_name}-T{args.temperature:g}" + "".join(f"-{t}{v:g}" for t, v in penalties)
+    if kernels.precision != "float32":
+        stem += f"-{kernels.precision}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    title = (f"{bundle.path.name} · {suite_name} · T={args.temperature:g} · {len(prompts)} prompts × "
+    title = (f"{bundle.path.name} · {kernels.precision} · {suite_name} · T={args.temperature:g} · {len(prompts)} prompts × "
              f"{args.max_new_tokens} tokens" + "".join(f" · {t} {v:g}" for t, v in penalties))
     plot(summary, title, out / f"{stem}.png")
 

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 
+from ..model.kernels import DTYPE_CHOICES
 from .registry import DRAFTERS
 
 
@@ -31,6 +32,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--drafter", choices=DRAFTERS, default="ngram", help="(default: %(default)s)")
     p.add_argument("--k-max", type=int, default=None, help="cap on draft length (default: the drafter's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="weight precision of the matrix products; auto: the fastest of float32 and "
+                        "bfloat16 timed on this CPU (default: %(default)s; docs/performance.md)")
     p.add_argument("--no-calibrate", action="store_true",
                    help="keep the tree's fitted costs instead of timing them on this machine first (about 2 s)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of the text")
@@ -40,7 +44,8 @@ def add_parser(sub, name: str) -> None:
 def run(args) -> int:
     import torch
 
-    from ..model import BundleError, load_bundle
+    from ..model import BundleError
+    from ..model.kernels import load_for_inference
     from .engine import generate
     from .registry import DrafterUnavailable, make_drafter
     from .types import SamplingParams
@@ -49,7 +54,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:
-        bundle = load_bundle(args.bundle)
+        bundle, kernels = load_for_inference(args.bundle, args.dtype)
         drafter = make_drafter(args.drafter, bundle, calibrate=not args.no_calibrate)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
@@ -73,9 +78,10 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({"text": "".join(texts), "token_ids": token_ids, "finish_reason": event.finish_reason,
                           "drafter": args.drafter, "stats": stats.to_dict(), "wall_s": wall,
+                          "kernels": kernels.to_dict(),
                           "tokens_per_s": tps}, indent=2))
     else:
         sys.stdout.write("\n")
-        print(f"[{stats.generated_tokens} tokens, {tps:.1f} tok/s, drafter {args.drafter}, "
+        print(f"[{stats.generated_tokens} tokens, {tps:.1f} tok/s, drafter {args.drafter}, {kernels.precision}, "
               f"tau {stats.mean_accepted_length:.2f}, finish {event.finish_reason}]", file=sys.stderr)
     return 0

@@ -32,49 +32,17 @@ from .config import ACTIVATIONS, GPTConfig
 from .kv_cache import KVCache
 
 
-# Decoding multiplies a weight by very few rows (1 for vanilla decoding, 1 +
-# drafts for a verify step), where F.linear's BLAS path is slow on the CPUs we
-# measured (AMD EPYC, MKL): a 50304 x 384 head took 5.2 ms for 1 row as a
-# matrix-vector product against 1.6 ms for 2 rows as W @ h^T, and F.linear
-# on 2 rows took 9.5 ms (bench/head_matmul.py). So up to FEW_ROWS rows on the
-# CPU, without autograd, the product runs as W @ h^T. A single row is doubled
-# only for a weight with at least DOUBLE_MIN_OUT outputs (the head): for the
-# trunk's 384-1536-row weights the matrix-vector path is fine, and doubling
-# them made a one-token forward of models/default about 0.5 ms slower (16.0
-# against 15.5 ms on a second AMD EPYC; the last line of bench/head_matmul.py,
-# which interleaves the two). A batched server's forward has more rows (a
-# few requests' verify steps: 8 x 4 = 32), and on this project's 2-core AMD
-# EPYC W @ h^T still beat F.linear up to 128 rows and lost from 256, copy to
-# row order included (bench/head_matmul.py --rows 16 32 64 128 256 512: the
-# head at 32 rows, F.linear 55 ms against 27 ms for W @ h^T). Training and
-# long prompt prefills keep F.linear.
-FEW_ROWS = 128
-DOUBLE_MIN_OUT = 8192
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), faster for the few rows of a decode step."""
-    rows = x.numel() // x.shape[-1]
-    if (rows > FEW_ROWS or x.device.type != "cpu"
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        return F.linear(x, weight, bias)
-    h = x.reshape(rows, x.shape[-1])
-    if rows == 1 and weight.shape[0] >= DOUBLE_MIN_OUT:
-        h = h.repeat(2, 1)
-    y = (weight @ h.T)[:, :rows].T
-    if bias is not None:
-        y = y + bias
-    # (W @ h^T)^T is (vocab, T) in memory; the copy pays for itself: the
-    # verify step's argmax/logsumexp/softmax over each row ran about 2x
-    # slower on the strided view.
-    return y.contiguous().reshape(*x.shape[:-1], weight.shape[0])
-
-
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state dict) through ``linear``."""
+    """nn.Linear (same parameters, same state dict) that runs an inference
+    kernel when one is installed (``model.kernels.plan``: chosen per machine,
+    for the few rows of a decode step) and nothing needs gradients."""
+
+    kernel = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        if self.kernel is not None and not torch.is_grad_enabled():
+            return self.kernel(x)
+        return F.linear(x, self.weight, self.bias)
 
 
 class LayerNorm(nn.Module):
@@ -235,6 +203,7 @@ class GPT(nn.Module):
                     self.dwa_blocks.append(block)
                     self.dwa_weights.append(nn.Parameter(torch.zeros(len(dwa_sources(block, config.dwa_dilation)))))
         self._dwa_index = {b: i for i, b in enumerate(self.dwa_blocks)}
+        self.head_kernel = None  # set by set_kernels
 
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the
@@ -357,9 +326,7 @@ class GPT(nn.Module):
         hidden, exit_hidden = self._cached_trunk(idx, [seg])
         if last_only:  # every field then describes the same (last) row
             hidden, exit_hidden = hidden[:, -1:], [h[:, -1:] for h in exit_hidden]
-        # ``linear``, not the head module: F.linear on a verify step's few
-        # rows made every extra draft token as expensive as a whole forward.
-        logits = linear(hidden, self.exit_heads[-1].weight)
+        logits = self._head(hidden)
         return StepOutput(logits=logits, hidden=hidden, exit_hidden=exit_hidden)
 
     @torch.no_grad()
@@ -385,7 +352,7 @@ class GPT(nn.Module):
         keep = [torch.arange(s.rows.stop - 1 if last else s.rows.start, s.rows.stop, device=device)
                 for s, (*_, last) in zip(segments, items)]
         rows = torch.cat(keep)
-        logits = linear(hidden[:, rows], self.exit_heads[-1].weight)
+        logits = self._head(hidden[:, rows])
         outs, at = [], 0
         for r in keep:
             n = r.numel()
@@ -393,6 +360,27 @@ class GPT(nn.Module):
                                    exit_hidden=[h[:, r] for h in exit_hidden]))
             at += n
         return outs
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final exit's logits: the installed kernel, or F.linear."""
+        if self.head_kernel is not None:
+            return self.head_kernel(hidden)
+        return F.linear(hidden, self.exit_heads[-1].weight)
+
+    def set_kernels(self, kernels: dict | None) -> None:
+        """Install inference kernels (``model.kernels.plan`` builds them): a
+        ``LinearKernel`` per trunk ``Linear`` module, and one for "head".
+        ``None`` removes them. They hold their own (possibly rounded) copies
+        of the weights: plan again after changing the weights."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.kernel = None
+        self.head_kernel = None
+        for key, k in (kernels or {}).items():
+            if key == "head":
+                self.head_kernel = k
+            else:
+                key.kernel = k
 
     def _segment(self, cache: KVCache, start: int, T: int, offset: int, device) -> _Segment:
         if start > cache.length:

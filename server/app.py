@@ -477,7 +477,8 @@ def engine_info(engine: Engine, settings: Settings) -> dict:
     return {
         "model_id": engine.model_name,
         "model_sha": b.weights_sha256,
-        "model_dtype": settings.dtype,
+        "model_dtype": engine.kernels.precision,
+        "kernels": engine.kernels.to_dict(),
         "model_device_type": settings.device,
         "model_config": cfg.to_dict(),
         "parameters": b.model.num_params(non_embedding=False),

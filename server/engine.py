@@ -43,7 +43,6 @@ from .settings import Settings
 
 log = logging.getLogger("treespec.server")
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Test-only fault injection (Settings.debug_faults).
 FAIL_PREFIX = "[[fail]]"
 SLOW_PREFIX = "[[slow]]"
@@ -176,13 +175,14 @@ class Engine:
     def _load(self) -> None:
         from treespec.draft.engine import generate_steps
         from treespec.draft.registry import DRAFTERS, DrafterUnavailable, make_drafter
-        from treespec.model import load_bundle
+        from treespec.model.kernels import load_for_inference
 
         s = self.settings
         if s.threads:
             torch.set_num_threads(s.threads)
         t0 = time.perf_counter()
-        self.bundle = load_bundle(s.bundle, device=s.device, dtype=_DTYPES[s.dtype])
+        # Kernels first: the tree drafter then times its verify costs on them.
+        self.bundle, self.kernels = load_for_inference(s.bundle, s.dtype, s.device, log=log.info)
         for name in DRAFTERS:
             try:
                 self.drafters[name] = make_drafter(name, self.bundle, calibrate=s.calibrate_drafter)

@@ -52,7 +52,9 @@ class Settings:
     # Name reported as the OpenAI "model" and TGI "model_id"; default: the bundle directory name.
     model_name: str | None = None
     device: str = "cpu"
-    dtype: str = "float32"
+    # Weight precision of the matrix products: auto (the fastest of float32 and
+    # bfloat16 timed at startup), float32, bfloat16 or int8 (docs/performance.md).
+    dtype: str = "auto"
     # torch intra-op threads for the model; 0 keeps torch's default.
     threads: int = 0
     # Seconds that shutdown waits for in-flight requests before cancelling them.
@@ -75,8 +77,8 @@ class Settings:
         need(self.default_max_new_tokens >= 1,
              f"default_max_new_tokens must be >= 1, got {self.default_max_new_tokens}")
         need(self.graceful_timeout_s >= 0, f"graceful_timeout_s must be >= 0, got {self.graceful_timeout_s}")
-        need(self.dtype in ("float32", "float16", "bfloat16"),
-             f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        need(self.dtype in ("auto", "float32", "bfloat16", "int8"),
+             f"dtype must be auto, float32, bfloat16 or int8, got {self.dtype!r}")
         need(self.api_key is None or len(self.api_key) > 0, "api_key must not be empty")
         return self
 

@@ -250,32 +250,3 @@ def test_presets():
     assert (g2.n_layer, g2.n_embd, g2.exit_layers) == (12, 768, (8, 10, 12))
     with pytest.raises(ConfigError, match="unknown model preset"):
         preset("huge")
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_few_row_linear_equals_f_linear(bias):
-    """model.gpt.linear's W @ h^T path (a decode step's few rows) computes
-    F.linear, for every row count around its switch-over; training (autograd
-    on) and many rows go through F.linear itself, gradients included."""
-    from treespec.model import gpt
-
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for out in (300, gpt.DOUBLE_MIN_OUT):  # a trunk-sized weight, and a head-sized one (one row doubled)
-            W = torch.randn(out, 48, generator=g)
-            b = torch.randn(out, generator=g) if bias else None
-            for rows in (1, 2, 3, 7, gpt.FEW_ROWS, gpt.FEW_ROWS + 1):
-                x = torch.randn(1, rows, 48, generator=g)
-                y = gpt.linear(x, W, b)
-                assert y.shape == (1, rows, out) and y.is_contiguous()
-                torch.testing.assert_close(y, F.linear(x, W, b), rtol=1e-5, atol=1e-5)
-    W = torch.randn(300, 48, generator=g)
-    b = torch.randn(300, generator=g) if bias else None
-    Wg = W.clone().requires_grad_()
-    x = torch.randn(2, 48, generator=g)
-    gpt.linear(x, Wg, b).sum().backward()
-    torch.testing.assert_close(Wg.grad, torch.ones(300, 1) * x.sum(0)[None])
-    # The layers use it, and keep nn.Linear's parameters and state-dict keys.
-    m = tiny_model()
-    assert isinstance(m.blocks[0].mlp.c_fc, gpt.Linear) and isinstance(m.blocks[0].mlp.c_fc, torch.nn.Linear)
-    assert "blocks.0.mlp.c_fc.weight" in m.state_dict()

@@ -34,7 +34,7 @@ def test_defaults_are_safe():
     ({"TREESPEC_PORT": "eighty"}, "TREESPEC_PORT"),
     ({"TREESPEC_DEBUG_FAULTS": "maybe"}, "TREESPEC_DEBUG_FAULTS"),
     ({"TREESPEC_MAX_RUNNING": "0"}, "max_running"),
-    ({"TREESPEC_DTYPE": "int8"}, "dtype"),
+    ({"TREESPEC_DTYPE": "float16"}, "dtype"),
 ])
 def test_bad_settings_are_refused_by_name(env, words):
     with pytest.raises(SettingsError, match=words):

@@ -1,0 +1,420 @@
+"""Hardware-dependent choices for inference, in one place: in which precision
+a decode step's matrix products run, with which kernel, on how many threads.
+
+Nothing here is a constant tuned on one machine. A threshold that was right on
+an AMD EPYC (run up to 128 rows as ``W @ h^T``) made an Intel Xeon's forward
+1.85x slower. So ``plan()`` times the candidates on the machine that serves,
+at load, for the row counts a decode step has (1 for vanilla decoding, a few
+for a verify step or a batch), and installs the fastest for each; ``/info``,
+the startup log and ``treespec bench`` say what it chose and why
+(bench/results/kernels-*.json hold the timings of the CPUs we measured).
+
+Candidates, each y = x W^T (+ b) for x of R rows:
+
+* ``torch``: ``F.linear`` (MKL/oneDNN); in bfloat16 oneDNN's bf16 GEMM, which
+  uses AVX-512 BF16/AMX where the CPU has them; in int8 PyTorch's
+  ``_weight_int8pack_mm``.
+* ``torch_wt``: ``W @ h^T``, one row doubled: on some CPUs MKL's GEMM on 2
+  rows reads a large W much faster than its matrix-vector path on 1.
+* ``skinny``: csrc/skinny.c, built here with ``-O3 -march=native``: each
+  weight row read once and dotted with all R rows. fp32, bf16 or int8 weights
+  (one scale per output row), fp32 activations and sums, so a bf16 or int8
+  model loses only its weights' rounding.
+
+Precisions: ``float32``; ``bfloat16`` (weights rounded to bf16); ``int8``
+(weight-only, symmetric, one scale per output channel). ``auto`` takes the
+fastest measured precision among those whose quality cost on the held-out
+data stays within bounds (docs/performance.md): bf16 where it is faster.
+int8 is opt-in.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+PRECISIONS = ("float32", "bfloat16", "int8")
+# Row counts a decode step has: vanilla (1), verify steps (2-10), a batch of
+# several requests' verify steps (up to tens). Beyond the last bucket torch's
+# GEMM is used: that is a prefill, compute-bound, where BLAS is at home.
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+SKINNY_SOURCE = Path(__file__).with_name("csrc") / "skinny.c"
+
+
+# --- what the CPU has -------------------------------------------------------
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_summary() -> dict:
+    flags = cpu_flags()
+    keep = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+    return {"model": cpu_model(), "cores": os.cpu_count(), "flags": [f for f in keep if f in flags]}
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether this device multiplies bf16 natively (AVX-512 BF16 or AMX on a CPU).
+    Without it, torch's bf16 GEMM falls back to a reference kernel that ran
+    0.03x fp32 on an AVX2-only EPYC (the trainer's autocast test)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        flags = cpu_flags()
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+    return False
+
+
+# --- the compiled kernel ----------------------------------------------------------
+
+class _Skinny:
+    """csrc/skinny.c, compiled once per source and CPU into a cache directory."""
+
+    def __init__(self):
+        self.lib = None
+        self.error: str | None = None
+
+    def load(self) -> bool:
+        if self.lib is not None or self.error is not None:
+            return self.lib is not None
+        try:
+            self.lib = self._build()
+        except (OSError, subprocess.SubprocessError) as e:
+            self.error = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            warnings.warn(f"treespec: the skinny matmul kernel could not be built ({self.error}); "
+                          "decoding uses torch's kernels only", RuntimeWarning, stacklevel=3)
+            return False
+        P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+        self.lib.skinny_f32.argtypes = [P, P, P, P, L, L, L, I]
+        self.lib.skinny_bf16.argtypes = [P, P, P, P, L, L, L, I]
+        self.lib.skinny_int8.argtypes = [P, P, P, P, P, L, L, L, I]
+        for f in (self.lib.skinny_f32, self.lib.skinny_bf16, self.lib.skinny_int8):
+            f.restype = None
+        return True
+
+    @staticmethod
+    def _build():
+        src = SKINNY_SOURCE.read_bytes()
+        cc = os.environ.get("CC", "cc")
+        flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+        key = hashlib.sha256(src + " ".join([cc, *flags, cpu_model(), *sorted(cpu_flags())]).encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("TREESPEC_KERNEL_CACHE", Path.home() / ".cache" / "treespec" / "kernels"))
+        so = cache / f"skinny-{key}.so"
+        if not so.is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+            os.close(fd)
+            try:
+                subprocess.run([cc, *flags, "-o", tmp, str(SKINNY_SOURCE)], check=True, capture_output=True,
+                               text=True, timeout=120)
+                os.replace(tmp, so)
+            except subprocess.CalledProcessError as e:
+                raise OSError(f"{cc} failed: {e.stderr.strip()[-300:]}") from None
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        # torch is imported, so its libgomp.so.1 is loaded: ours resolves to the
+        # same runtime by soname, and both share one thread pool.
+        return ctypes.CDLL(str(so))
+
+
+SKINNY = _Skinny()
+_NATIVE_BF16 = native_bf16()
+
+
+# --- packed weights and the candidates ----------------------------------------------
+
+@dataclass
+class Packed:
+    """One weight in the precision it is served in."""
+
+    precision: str
+    weight: torch.Tensor  # fp32 or bf16 (N, K); int8 (N, K)
+    bias: torch.Tensor | None  # fp32 (N,)
+    scale: torch.Tensor | None = None  # int8: fp32 (N,), weight = int8 * scale
+    _full: torch.Tensor | None = None  # fp32 copy of the rounded weight, made on first need
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None, precision: str) -> "Packed":
+        w = weight.detach().float().contiguous()
+        b = None if bias is None else bias.detach().float().contiguous()
+        if precision == "float32":
+            return cls(precision, w, b)
+        if precision == "bfloat16":
+            return cls(precision, w.to(torch.bfloat16).contiguous(), b)
+        if precision == "int8":
+            scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+            q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            return cls(precision, q, b, scale.contiguous())
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 matrix this packing computes with: the weight after its rounding."""
+        if self._full is None:
+            self._full = (self.weight.float() * self.scale[:, None] if self.precision == "int8"
+                          else self.weight.float()).contiguous()
+        return self._full
+
+
+def _add_bias(y: torch.Tensor, p: Packed) -> torch.Tensor:
+    return y if p.bias is None else y + p.bias
+
+
+def _torch(x: torch.Tensor, p: Packed) -> torch.Tensor:
+    """torch's GEMM. bf16 runs oneDNN's bf16 kernel only where the CPU has native
+    bf16 (elsewhere it is a reference loop, 0.03x fp32); otherwise, and for int8
+    (PyTorch's _weight_int8pack_mm took 11-140 ms for the head on the CPUs we
+    tried), it multiplies the rounded weights in fp32: the same model, at fp32's
+    speed, which is right for a prefill's many rows."""
+    if p.precision == "bfloat16" and _NATIVE_BF16:
+        return _add_bias(F.linear(x.to(torch.bfloat16), p.weight).float(), p)
+    if p.precision == "float32":
+        return F.linear(x, p.weight, p.bias)
+    return F.linear(x, p.dequantized(), p.bias)
+
+
+def _torch_wt(x: torch.Tensor, p: Packed) -> torch.Tensor:
+    rows = x.shape[0]
+    w = p.weight if p.precision == "float32" or _NATIVE_BF16 else p.dequantized()
+    h = x.to(w.dtype)
+    if rows == 1:
+        h = h.repeat(2, 1)
+    return _add_bias((w @ h.T)[:, :rows].T.float().contiguous(), p)
+
+
+def _skinny(x: torch.Tensor, p: Packed) -> torch.Tensor:
+    x = x.contiguous()
+    R, K = x.shape
+    N = p.weight.shape[0]
+    y = torch.empty(R, N, dtype=torch.float32)
+    b = None if p.bias is None else p.bias.data_ptr()
+    th = torch.get_num_threads()
+    if p.precision == "float32":
+        SKINNY.lib.skinny_f32(x.data_ptr(), p.weight.data_ptr(), b, y.data_ptr(), R, N, K, th)
+    elif p.precision == "bfloat16":
+        SKINNY.lib.skinny_bf16(x.data_ptr(), p.weight.data_ptr(), b, y.data_ptr(), R, N, K, th)
+    else:
+        SKINNY.lib.skinny_int8(x.data_ptr(), p.weight.data_ptr(), p.scale.data_ptr(), b, y.data_ptr(), R, N, K, th)
+    return y
+
+
+CANDIDATES: dict[str, Callable[[torch.Tensor, Packed], torch.Tensor]] = {
+    "torch": _torch, "torch_wt": _torch_wt, "skinny": _skinny}
+
+
+def available(precision: str) -> list[str]:
+    names = ["torch"]
+    if precision != "int8":
+        names.append("torch_wt")
+    if SKINNY.load():
+        names.append("skinny")
+    return names
+
+
+class LinearKernel:
+    """One weight, packed once, with the kernel chosen for each row bucket."""
+
+    def __init__(self, packed: Packed, table: dict[int, str]):
+        self.packed = packed
+        self.table = table
+        self._by_rows = [CANDIDATES[table[b]] for b in ROW_BUCKETS]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        h = x.reshape(rows, x.shape[-1])
+        if h.dtype != torch.float32:
+            h = h.float()
+        if rows > ROW_BUCKETS[-1]:
+            y = _torch(h, self.packed)
+        else:
+            i = 0
+            while ROW_BUCKETS[i] < rows:
+                i += 1
+            y = self._by_rows[i](h, self.packed)
+        return y.reshape(*x.shape[:-1], self.packed.shape[0])
+
+
+# --- the plan -------------------------------------------------------------------------
+
+@dataclass
+class KernelPlan:
+    """What ``plan()`` chose, and the timings it chose by."""
+
+    precision: str
+    threads: int
+    cpu: dict
+    # group ("trunk" or "head") -> row bucket -> chosen candidate
+    choices: dict[str, dict[int, str]]
+    # group -> row bucket -> candidate -> median ms (one pass over the group's weights)
+    timings: dict[str, dict[int, dict[str, float]]]
+    skinny: str  # "ok" or why it is unavailable
+    seconds: float
+    reason: str = ""
+    precision_ms: dict[str, float] = field(default_factory=dict)  # with auto: one-row pass per precision
+
+    def describe(self) -> str:
+        one = {g: self.choices[g][1] for g in self.choices}
+        many = {g: self.choices[g][8] for g in self.choices}
+        return (f"kernels: {self.precision} on {self.threads} thread(s) of {self.cpu['model']} "
+                f"({', '.join(self.cpu['flags']) or 'no AVX'}); 1 row: {one}, 8 rows: {many}; "
+                f"chosen by timing in {self.seconds:.1f} s" + (f"; {self.reason}" if self.reason else ""))
+
+    def to_dict(self) -> dict:
+        return {"precision": self.precision, "threads": self.threads, "cpu": self.cpu,
+                "choices": {g: {str(b): c for b, c in t.items()} for g, t in self.choices.items()},
+                "timings_ms": {g: {str(b): t for b, t in bt.items()} for g, bt in self.timings.items()},
+                "skinny": self.skinny, "seconds": round(self.seconds, 2), "reason": self.reason,
+                "precision_ms": self.precision_ms}
+
+
+Measure = Callable[[str, int, str, list[Packed]], float]
+
+
+def time_pass(group: str, rows: int, candidate: str, weights: list[Packed], reps: int = 7) -> float:
+    """Median ms of one pass of ``candidate`` over ``weights`` (in forward order,
+    so each weight comes from memory as in a real forward) with ``rows`` rows."""
+    fn = CANDIDATES[candidate]
+    xs = {K: torch.randn(rows, K) for K in {p.shape[1] for p in weights}}
+    for p in weights:  # warm-up: page in, build caches
+        fn(xs[p.shape[1]], p)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for p in weights:
+            fn(xs[p.shape[1]], p)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
+def _groups(model) -> dict[str, list[tuple[torch.nn.Module | None, torch.Tensor, torch.Tensor | None]]]:
+    from .gpt import Linear
+
+    trunk = [(m, m.weight, m.bias) for m in model.blocks.modules() if isinstance(m, Linear)]
+    head = [(None, model.exit_heads[-1].weight, None)]
+    return {"trunk": trunk, "head": head}
+
+
+def _choose(groups_packed: dict[str, list[Packed]], precision: str, measure: Measure):
+    names = available(precision)
+    choices, timings = {}, {}
+    for g, packed in groups_packed.items():
+        choices[g], timings[g] = {}, {}
+        for b in ROW_BUCKETS:
+            t = {c: measure(g, b, c, packed) for c in names}
+            timings[g][b] = {c: round(v, 4) for c, v in t.items()}
+            choices[g][b] = min(t, key=t.get)
+    return choices, timings
+
+
+def plan(model, precision: str = "auto", *, measure: Measure | None = None, log: Callable[[str], None] | None = None
+         ) -> KernelPlan:
+    """Choose and install the inference kernels of ``model`` on this machine.
+
+    ``precision``: float32, bfloat16, int8, or auto (bfloat16 where the CPU
+    multiplies bf16 natively and it measured faster than float32 here).
+    ``measure`` replaces the timer (tests use a stub). Works on the CPU only;
+    on other devices the model keeps torch's kernels and the plan says so.
+    """
+    if precision not in (*PRECISIONS, "auto"):
+        raise ValueError(f"precision must be auto or one of {PRECISIONS}, got {precision!r}")
+    t0 = time.perf_counter()
+    device = model.wte.weight.device
+    measure = measure or time_pass
+    reason = ""
+    if device.type != "cpu":
+        model.set_kernels(None)
+        p = "float32" if precision == "auto" else precision
+        return KernelPlan(p, torch.get_num_threads(), cpu_summary(), {}, {}, "cpu only", 0.0,
+                          reason=f"on {device.type} the model runs torch's kernels in its own dtype")
+    groups = _groups(model)
+    if precision == "bfloat16" and not native_bf16():
+        warnings.warn("treespec: this CPU has no native bf16 dot products (AVX-512 BF16 or AMX); bfloat16 "
+                      "weights are served through fp32 arithmetic, which saves memory traffic but may be "
+                      "slower than float32 here: compare with --dtype float32", RuntimeWarning, stacklevel=2)
+    precision_ms: dict[str, float] = {}
+    if precision == "auto":
+        tried = ["float32"] + (["bfloat16"] if native_bf16() else [])
+        results = {}
+        for p in tried:
+            packed = {g: [Packed.of(w, b, p) for _, w, b in items] for g, items in groups.items()}
+            results[p] = (packed, *_choose(packed, p, measure))
+            precision_ms[p] = round(sum(results[p][2][g][1][results[p][1][g][1]] for g in groups), 4)
+        precision = min(precision_ms, key=precision_ms.get)
+        reason = ("auto: " + ", ".join(f"{p} {ms:.2f} ms" for p, ms in precision_ms.items())
+                  + " for a one-row pass; int8 is opt-in (--dtype int8)"
+                  + ("" if native_bf16() else "; no native bf16 on this CPU"))
+        packed, choices, timings = results[precision]
+    else:
+        packed = {g: [Packed.of(w, b, precision) for _, w, b in items] for g, items in groups.items()}
+        choices, timings = _choose(packed, precision, measure)
+    kernels = {}
+    for g, items in groups.items():
+        for (module, _, _), p in zip(items, packed[g]):
+            kernels[module if module is not None else "head"] = LinearKernel(p, choices[g])
+    model.set_kernels(kernels)
+    result = KernelPlan(precision, torch.get_num_threads(), cpu_summary(), choices, timings,
+                        "ok" if SKINNY.lib is not None else (SKINNY.error or "not built"),
+                        time.perf_counter() - t0, reason, precision_ms)
+    if log:
+        log(result.describe())
+    return result
+
+
+DTYPE_CHOICES = ("auto", *PRECISIONS)
+_CUDA_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_for_inference(path, dtype: str = "auto", device: str = "cpu", log: Callable[[str], None] | None = None):
+    """Load a bundle to serve it: verified weights, then kernels planned for
+    this machine in ``dtype`` (auto, float32, bfloat16 or int8). Returns
+    (bundle, KernelPlan). On CUDA the model is cast to ``dtype`` instead
+    (int8 has no CUDA kernel here and is refused)."""
+    from .bundle import load_bundle
+
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+    if torch.device(device).type != "cpu":
+        if dtype not in _CUDA_DTYPES:
+            raise ValueError(f"dtype {dtype} has no kernel on {device}; use float32 or bfloat16 there")
+        bundle = load_bundle(path, device=device, dtype=_CUDA_DTYPES[dtype])
+        return bundle, plan(bundle.model, dtype, log=log)
+    bundle = load_bundle(path)
+    return bundle, plan(bundle.model, dtype, log=log)
+
+
+__all__ = ["DTYPE_CHOICES", "load_for_inference", "PRECISIONS", "ROW_BUCKETS", "KernelPlan", "LinearKernel", "Packed", "plan", "native_bf16",
+           "cpu_summary", "cpu_model", "available", "time_pass", "SKINNY"]

@@ -1,0 +1,198 @@
+"""model/kernels.py: the inference kernels, the per-machine chooser, and the precisions."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from treespec.draft.engine import generate_all
+from treespec.draft.ngram import NgramDrafter
+from treespec.draft.types import SamplingParams
+from treespec.model import Tokenizer, gpt, kernels
+from treespec.model.kernels import CANDIDATES, ROW_BUCKETS, SKINNY, LinearKernel, Packed, available, plan
+
+from conftest import tiny_model
+
+# One-step error of a product with K=48: fp32 is exact to rounding; bf16 weights keep
+# 8 bits of mantissa, int8 weights 7 bits of the row's largest value.
+TOL = {"float32": 1e-5, "bfloat16": 2e-2, "int8": 3e-2}
+
+
+def test_the_compiled_kernel_builds():
+    """CI must not silently lose the fast path: the C kernel builds on this machine."""
+    assert SKINNY.load(), SKINNY.error
+    assert set(available("float32")) == {"torch", "torch_wt", "skinny"}
+    assert set(available("int8")) == {"torch", "skinny"}
+
+
+@pytest.mark.parametrize("precision", kernels.PRECISIONS)
+@pytest.mark.parametrize("layout", ["rows", "transposed"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_candidate_equals_f_linear(precision, layout, bias):
+    """Each candidate computes F.linear with the packed (rounded) weight, for 1..N rows and
+    beyond the last bucket; a weight stored transposed (HF's Conv1D layout, a view) packs the same."""
+    g = torch.Generator().manual_seed(0)
+    for out in (300, 9000):  # a trunk-sized weight and a head-sized one
+        W = torch.randn(out, 48, generator=g) * 0.1
+        if layout == "transposed":
+            W = W.t().contiguous().t()  # same values, column-major storage
+            assert not W.is_contiguous()
+        b = torch.randn(out, generator=g) if bias else None
+        p = Packed.of(W, b, precision)
+        ref_w = p.dequantized()
+        assert (ref_w - W).abs().max() <= TOL[precision] * W.abs().max()
+        for name in available(precision):
+            for rows in (1, 2, 3, 4, 5, 7, 8, 9, 16, 33):
+                x = torch.randn(rows, 48, generator=g)
+                y = CANDIDATES[name](x, p)
+                assert y.shape == (rows, out) and y.dtype == torch.float32 and y.is_contiguous()
+                # bf16 GEMM rounds the activations too (oneDNN); others keep them fp32
+                tol = 1e-4 if precision != "bfloat16" or name == "skinny" else 5e-2
+                torch.testing.assert_close(y, F.linear(x, ref_w, b), rtol=tol, atol=tol)
+        k = LinearKernel(p, {bk: "skinny" for bk in ROW_BUCKETS})
+        x = torch.randn(1, 100, 48, generator=g)  # past the last bucket: torch's GEMM
+        tol = 5e-2 if precision == "bfloat16" else 1e-4
+        torch.testing.assert_close(k(x), F.linear(x, ref_w, b), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("precision", kernels.PRECISIONS)
+def test_skinny_rows_do_not_depend_on_the_batch(precision):
+    """A row's result is bit-identical whether it comes alone or among others: a verify
+    step's rows equal the one-token forwards' (no rounding differences to flip a token)."""
+    g = torch.Generator().manual_seed(1)
+    p = Packed.of(torch.randn(700, 384, generator=g) * 0.05, torch.randn(700, generator=g), precision)
+    x = torch.randn(9, 384, generator=g)
+    full = CANDIDATES["skinny"](x, p)
+    for i in range(9):
+        assert torch.equal(CANDIDATES["skinny"](x[i:i + 1], p)[0], full[i])
+    assert torch.equal(CANDIDATES["skinny"](x[:5], p), full[:5])
+
+
+def test_chooser_picks_the_fastest_on_a_stub_timing():
+    """No thresholds: whatever the timer says is fastest for a group and row count is installed."""
+    m = tiny_model()
+    fake = {"torch": 3.0, "torch_wt": 2.0, "skinny": 1.0}
+
+    def measure(group, rows, cand, weights):
+        assert weights and all(isinstance(w, Packed) for w in weights)
+        if group == "head" and rows >= 8:
+            return {"torch": 0.5}.get(cand, 9.0)
+        if group == "trunk" and rows == 2:
+            return {"torch_wt": 0.1}.get(cand, 9.0)
+        return fake[cand]
+
+    kp = plan(m, "float32", measure=measure)
+    assert kp.choices["head"] == {1: "skinny", 2: "skinny", 4: "skinny", 8: "torch", 16: "torch", 32: "torch",
+                                  64: "torch"}
+    assert kp.choices["trunk"] == {1: "skinny", 2: "torch_wt", 4: "skinny", 8: "skinny", 16: "skinny",
+                                   32: "skinny", 64: "skinny"}
+    assert kp.timings["trunk"][2] == {"torch": 9.0, "torch_wt": 0.1, "skinny": 9.0}
+    assert m.blocks[0].mlp.c_fc.kernel.table == kp.choices["trunk"]
+    assert m.head_kernel.table == kp.choices["head"]
+    # The trunk group is every Linear of every block, in forward order.
+    n_linear = sum(isinstance(x, gpt.Linear) for x in m.blocks.modules())
+    assert n_linear == 4 * m.config.n_layer
+    assert "1 row: {'trunk': 'skinny', 'head': 'skinny'}" in kp.describe()
+
+
+def test_auto_takes_the_faster_precision_on_a_stub_timing(monkeypatch):
+    m = tiny_model()
+    monkeypatch.setattr(kernels, "native_bf16", lambda device="cpu": True)
+    kp = plan(m, "auto", measure=lambda g, r, c, w: 1.0 if w[0].precision == "bfloat16" else 2.0)
+    assert kp.precision == "bfloat16" and kp.precision_ms == {"float32": 4.0, "bfloat16": 2.0}
+    assert m.head_kernel.packed.precision == "bfloat16"
+    kp = plan(m, "auto", measure=lambda g, r, c, w: 3.0 if w[0].precision == "bfloat16" else 2.0)
+    assert kp.precision == "float32"
+    # Without native bf16, auto does not even try it, and an explicit bfloat16 warns.
+    monkeypatch.setattr(kernels, "native_bf16", lambda device="cpu": False)
+    kp = plan(m, "auto", measure=lambda g, r, c, w: 1.0 if w[0].precision == "bfloat16" else 2.0)
+    assert kp.precision == "float32" and set(kp.precision_ms) == {"float32"}
+    assert "no native bf16" in kp.reason
+    with pytest.warns(RuntimeWarning, match="no native bf16"):
+        plan(m, "bfloat16", measure=lambda g, r, c, w: 1.0)
+    with pytest.raises(ValueError, match="precision must be auto or one of"):
+        plan(m, "float16")
+
+
+@pytest.mark.parametrize("precision", kernels.PRECISIONS)
+def test_forward_at_each_precision_agrees_with_fp32(precision):
+    """A tiny model's logits under the kernels: equal to torch's fp32 within the precision's
+    tolerance, and equal to a model whose weights were rounded the same way, run by torch."""
+    m = tiny_model(seed=3)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ids = torch.randint(0, 50257, (1, 20), generator=torch.Generator().manual_seed(0))
+    ref = m.forward_step(ids, 0, m.new_cache()).logits
+    plan(m, precision)
+    got = m.forward_step(ids, 0, m.new_cache()).logits
+    scale = ref.abs().max().item()
+    assert (got - ref).abs().max().item() <= {"float32": 1e-5, "bfloat16": 0.02, "int8": 0.04}[precision] * scale
+    # The same rounding applied to the weights, then torch's own kernels: the same logits
+    # (bf16: oneDNN's bf16 GEMM, which the chooser may take for a prompt's rows, rounds the
+    # activations too).
+    rounded = tiny_model(seed=3)
+    rounded.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        for mod in rounded.blocks.modules():
+            if isinstance(mod, gpt.Linear):
+                mod.weight.copy_(Packed.of(mod.weight, None, precision).dequantized())
+        head = Packed.of(rounded.exit_heads[-1].weight, None, precision).dequantized()
+    rounded.exit_heads[-1].weight = torch.nn.Parameter(head)
+    want = rounded.forward_step(ids, 0, rounded.new_cache()).logits
+    tol = 2e-2 if precision == "bfloat16" else 1e-4
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
+    # Training ignores the kernels: gradients flow through F.linear on the fp32 weights.
+    m.train()
+    out = m(ids, targets=ids)
+    out.loss.backward()
+    assert m.blocks[0].mlp.c_fc.weight.grad is not None
+
+
+@pytest.mark.parametrize("precision", kernels.PRECISIONS)
+def test_speculation_is_lossless_at_each_precision(precision):
+    """Greedy output with a drafter equals vanilla decoding at the same precision (an oracle
+    that is right for a varying number of positions, then wrong, forces multi-row verify
+    steps and rollbacks), and a seeded sampled request gives the same tokens with a drafter."""
+    from test_engine import Oracle
+
+    tok = Tokenizer()
+    m = tiny_model(seed=5)
+    plan(m, precision)
+    prompt = tok.encode("the cat sat on the mat. the cat sat on the mat. the cat")
+    greedy = SamplingParams(max_new_tokens=24)
+    ref = generate_all(m, prompt, greedy, None, tokenizer=tok)
+    oracle = Oracle(ref.token_ids, len(prompt), 4, "partial")
+    spec = generate_all(m, prompt, greedy, oracle, tokenizer=tok)
+    assert spec.token_ids == ref.token_ids
+    assert spec.stats.accepted_tokens > 0 and spec.stats.accepted_tokens < spec.stats.draft_tokens
+    sampled = SamplingParams(max_new_tokens=24, temperature=0.9, top_k=50, seed=11)
+    ref = generate_all(m, prompt, sampled, None, tokenizer=tok)
+    spec = generate_all(m, prompt, sampled, NgramDrafter(k_max=4), tokenizer=tok)
+    assert spec.token_ids == ref.token_ids and spec.stats.draft_tokens > 0
+
+
+def test_set_kernels_none_restores_torch():
+    m = tiny_model()
+    ids = torch.randint(0, 50257, (1, 5), generator=torch.Generator().manual_seed(0))
+    ref = m.forward_step(ids, 0, m.new_cache()).logits
+    plan(m, "int8")
+    assert not torch.equal(m.forward_step(ids, 0, m.new_cache()).logits, ref)
+    m.set_kernels(None)
+    assert m.head_kernel is None and m.blocks[0].attn.c_attn.kernel is None
+    assert torch.equal(m.forward_step(ids, 0, m.new_cache()).logits, ref)
+
+
+def test_load_for_inference_refuses_what_it_cannot_run(tiny_bundle):
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, int8"):
+        kernels.load_for_inference(tiny_bundle, "float16")
+    with pytest.raises(ValueError, match="int8 has no kernel on cuda"):
+        kernels.load_for_inference(tiny_bundle, "int8", device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle, kp = kernels.load_for_inference(tiny_bundle, "int8")
+    assert kp.precision == "int8" and bundle.model.head_kernel.packed.precision == "int8"
+    assert kp.to_dict()["choices"]["head"]["1"] in ("torch", "skinny")
