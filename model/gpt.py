@@ -130,7 +130,12 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
         self.mlp = MLP(config)
 
+    fused = None  # a kernels.FusedBlock, installed by GPT.set_kernels
+
     def forward(self, x: torch.Tensor, layer: int, step: _CacheStep | None = None) -> torch.Tensor:
+        if (step is not None and self.fused is not None and not torch.is_grad_enabled()
+                and self.fused.handles(x.shape[1], step.segments)):
+            return self.fused(x, layer, step.segments)
         x = x + self.attn(self.ln_1(x), layer, step)
         return x + self.mlp(self.ln_2(x))
 
@@ -367,14 +372,17 @@ class GPT(nn.Module):
             return self.head_kernel(hidden)
         return F.linear(hidden, self.exit_heads[-1].weight)
 
-    def set_kernels(self, kernels: dict | None) -> None:
+    def set_kernels(self, kernels: dict | None, fused: dict | None = None) -> None:
         """Install inference kernels (``model.kernels.plan`` builds them): a
-        ``LinearKernel`` per trunk ``Linear`` module, and one for "head".
-        ``None`` removes them. They hold their own (possibly rounded) copies
-        of the weights: plan again after changing the weights."""
+        ``LinearKernel`` per trunk ``Linear`` module, one for "head", and
+        optionally a ``FusedBlock`` per block. ``None`` removes them. They
+        hold their own (possibly rounded) copies of the weights: plan again
+        after changing the weights."""
         for m in self.modules():
             if isinstance(m, Linear):
                 m.kernel = None
+        for b in self.blocks:
+            b.fused = (fused or {}).get(b)
         self.head_kernel = None
         for key, k in (kernels or {}).items():
             if key == "head":

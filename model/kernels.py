@@ -52,6 +52,8 @@ PRECISIONS = ("float32", "bfloat16", "int8")
 # GEMM is used: that is a prefill, compute-bound, where BLAS is at home.
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 SKINNY_SOURCE = Path(__file__).with_name("csrc") / "skinny.c"
+# The most rows one sequence's decode step has: [last token] + up to 15 drafts.
+DECODE_ROWS = 16
 
 
 # --- what the CPU has -------------------------------------------------------
@@ -97,10 +99,17 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
 
 # --- the compiled kernel ----------------------------------------------------------
 
+class _Weight(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
 class _Skinny:
     """csrc/skinny.c, compiled once per source and CPU into a cache directory."""
 
-    def __init__(self):
+    def __init__(self, march: str | None = None):
+        # -march: the serving CPU's own by default; TREESPEC_KERNEL_MARCH (e.g.
+        # x86-64-v3 for AVX2 only) builds for an older one.
+        self.march = march or os.environ.get("TREESPEC_KERNEL_MARCH", "native")
         self.lib = None
         self.error: str | None = None
 
@@ -118,15 +127,16 @@ class _Skinny:
         self.lib.skinny_f32.argtypes = [P, P, P, P, L, L, L, I]
         self.lib.skinny_bf16.argtypes = [P, P, P, P, L, L, L, I]
         self.lib.skinny_int8.argtypes = [P, P, P, P, P, L, L, L, I]
-        for f in (self.lib.skinny_f32, self.lib.skinny_bf16, self.lib.skinny_int8):
+        F_, Wp = ctypes.c_float, ctypes.POINTER(_Weight)
+        self.lib.gpt_block.argtypes = [P, L, L, L, I, F_, I, P, P, P, P, Wp, Wp, Wp, Wp, P, P, P, L, P, I]
+        for f in (self.lib.skinny_f32, self.lib.skinny_bf16, self.lib.skinny_int8, self.lib.gpt_block):
             f.restype = None
         return True
 
-    @staticmethod
-    def _build():
+    def _build(self):
         src = SKINNY_SOURCE.read_bytes()
         cc = os.environ.get("CC", "cc")
-        flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+        flags = ["-O3", f"-march={self.march}", "-fopenmp", "-fPIC", "-shared"]
         key = hashlib.sha256(src + " ".join([cc, *flags, cpu_model(), *sorted(cpu_flags())]).encode()).hexdigest()[:16]
         cache = Path(os.environ.get("TREESPEC_KERNEL_CACHE", Path.home() / ".cache" / "treespec" / "kernels"))
         so = cache / f"skinny-{key}.so"
@@ -135,7 +145,7 @@ class _Skinny:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
             os.close(fd)
             try:
-                subprocess.run([cc, *flags, "-o", tmp, str(SKINNY_SOURCE)], check=True, capture_output=True,
+                subprocess.run([cc, *flags, "-o", tmp, str(SKINNY_SOURCE), "-lm"], check=True, capture_output=True,
                                text=True, timeout=120)
                 os.replace(tmp, so)
             except subprocess.CalledProcessError as e:
@@ -268,6 +278,60 @@ class LinearKernel:
         return y.reshape(*x.shape[:-1], self.packed.shape[0])
 
 
+_WTYPE = {"float32": 0, "bfloat16": 1, "int8": 2}
+
+
+class FusedBlock:
+    """A whole transformer block of a decode step in one call (csrc/skinny.c's
+    ``gpt_block``): LayerNorms, the four products with the skinny kernel,
+    the cache writes, attention and GELU, without ~25 torch ops' overhead.
+    Installed where the plan chose the skinny kernel for the trunk; rows
+    in a bucket where it did not go through the module path instead."""
+
+    def __init__(self, block, kernels: dict, config):
+        self.C, self.H = config.n_embd, config.n_head
+        self.eps, self.tanh = float(config.layer_norm_eps), int(config.activation == "gelu_tanh")
+        mods = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
+        self.packed = [kernels[m].packed for m in mods]
+        self.wtype = _WTYPE[self.packed[0].precision]
+        self.weights = [_Weight(p.weight.data_ptr(), None if p.scale is None else p.scale.data_ptr(),
+                                None if p.bias is None else p.bias.data_ptr()) for p in self.packed]
+        self.ln = [t.detach().float().contiguous() if t is not None else None
+                   for t in (block.ln_1.weight, block.ln_1.bias, block.ln_2.weight, block.ln_2.bias)]
+        self.ln_ptr = [None if t is None else t.data_ptr() for t in self.ln]
+        self.rows = {b for b, c in kernels[mods[0]].table.items() if c == "skinny"}
+        self.max_rows = max(self.rows, default=0)
+        self._work: torch.Tensor | None = None
+
+    def handles(self, rows: int, segments) -> bool:
+        if rows > self.max_rows or next(b for b in ROW_BUCKETS if b >= rows) not in self.rows:
+            return False
+        return all(s.cache.max_len == segments[0].cache.max_len for s in segments)
+
+    def __call__(self, x: torch.Tensor, layer: int, segments) -> torch.Tensor:
+        B, T, C = x.shape
+        y = x.reshape(T, C).float().clone()
+        need = T * 8 * C + 8
+        if self._work is None or self._work.numel() < need:
+            self._work = torch.empty(need)
+        kc, vc, pos = [], [], []
+        for s in segments:
+            k, v = s.cache.k[layer], s.cache.v[layer]
+            if k.dtype != torch.float32 or k.shape[0] != 1:
+                raise ValueError("the fused block needs fp32 caches of one sequence each")
+            n = s.rows.stop - s.rows.start
+            kc += [k.data_ptr()] * n
+            vc += [v.data_ptr()] * n
+            pos += s.pos.tolist()
+        max_len = segments[0].cache.max_len
+        P = ctypes.c_void_p * T
+        SKINNY.lib.gpt_block(
+            y.data_ptr(), T, C, self.H, self.wtype, self.eps, self.tanh, *self.ln_ptr,
+            *[ctypes.byref(w) for w in self.weights], P(*kc), P(*vc), (ctypes.c_long * T)(*pos), max_len,
+            self._work.data_ptr(), torch.get_num_threads())
+        return y.reshape(B, T, C)
+
+
 # --- the plan -------------------------------------------------------------------------
 
 @dataclass
@@ -329,14 +393,28 @@ def _groups(model) -> dict[str, list[tuple[torch.nn.Module | None, torch.Tensor,
 
 
 def _choose(groups_packed: dict[str, list[Packed]], precision: str, measure: Measure):
+    """Per group, the kernel for each row bucket. The buckets of one sequence's
+    decode steps (1 row, or a verify step's up to DECODE_ROWS) share one kernel
+    that gives a row the same result whatever rows come with it: otherwise a
+    verify step could round differently from the one-token forwards and flip
+    a token, and speculation would no longer be lossless (with bf16 weights on
+    a random tiny model it did). The skinny kernel has that property by
+    construction (csrc/skinny.c), so it takes those buckets wherever it
+    builds; without it, the candidate fastest over those buckets together.
+    Larger buckets (batched forwards of several requests, prompt chunks) take
+    whichever is fastest for each."""
     names = available(precision)
     choices, timings = {}, {}
+    decode = [b for b in ROW_BUCKETS if b <= DECODE_ROWS]
     for g, packed in groups_packed.items():
         choices[g], timings[g] = {}, {}
         for b in ROW_BUCKETS:
             t = {c: measure(g, b, c, packed) for c in names}
             timings[g][b] = {c: round(v, 4) for c, v in t.items()}
             choices[g][b] = min(t, key=t.get)
+        one = "skinny" if "skinny" in names else min(names, key=lambda c: sum(timings[g][b][c] for b in decode))
+        for b in decode:
+            choices[g][b] = one
     return choices, timings
 
 
@@ -385,7 +463,10 @@ def plan(model, precision: str = "auto", *, measure: Measure | None = None, log:
     for g, items in groups.items():
         for (module, _, _), p in zip(items, packed[g]):
             kernels[module if module is not None else "head"] = LinearKernel(p, choices[g])
-    model.set_kernels(kernels)
+    fused = {}
+    if SKINNY.lib is not None and "skinny" in choices["trunk"].values():
+        fused = {block: FusedBlock(block, kernels, model.config) for block in model.blocks}
+    model.set_kernels(kernels, fused)
     result = KernelPlan(precision, torch.get_num_threads(), cpu_summary(), choices, timings,
                         "ok" if SKINNY.lib is not None else (SKINNY.error or "not built"),
                         time.perf_counter() - t0, reason, precision_ms)

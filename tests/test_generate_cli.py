@@ -56,16 +56,24 @@ def test_generate_json(tiny_bundle, capsys):
                "--drafter", "none"])
     assert rc == 0
     assert capsys.readouterr().out == out["text"] + "\n"  # greedy: the same text, streamed
+    # --dtype chooses the kernels' precision; the JSON says what ran
+    rc = main(["generate", "--bundle", str(tiny_bundle), "--prompt", "Hello there", "--max-new-tokens", "12",
+               "--drafter", "ngram", "--json", "--dtype", "int8"])
+    assert rc == 0
+    q = json.loads(capsys.readouterr().out)
+    assert q["kernels"]["precision"] == "int8" and set(q["kernels"]["choices"]) == {"trunk", "head"}
+    assert len(q["token_ids"]) == 12
 
 
 def test_generate_passes_the_penalties(tiny_bundle, capsys):
     from treespec.draft.engine import generate_all
     from treespec.draft.types import SamplingParams
-    from treespec.model import load_bundle
+    from treespec.model.kernels import load_for_inference
 
-    b = load_bundle(tiny_bundle)
+    b, _ = load_for_inference(tiny_bundle, "float32")  # the model as the CLI serves it
     ids = b.tokenizer.encode("Hello there")
-    base = ["generate", "--bundle", str(tiny_bundle), "--prompt", "Hello there", "--max-new-tokens", "16", "--json"]
+    base = ["generate", "--bundle", str(tiny_bundle), "--prompt", "Hello there", "--max-new-tokens", "16", "--json",
+            "--dtype", "float32"]
     assert main(base) == 0
     plain = json.loads(capsys.readouterr().out)["token_ids"]
     assert main([*base, "--repetition-penalty", "1.5", "--frequency-penalty", "0.3", "--presence-penalty", "0.2"]) == 0
@@ -92,16 +100,18 @@ def long_bundle(tmp_path, ranks_path):
 
 def bench_args(bundle, corpus, out, *extra):
     return ["bench", "--bundle", str(bundle), "--drafters", "ngram", "--n", "3", "--max-new-tokens", "16",
-            "--data-dir", str(corpus), "--out", str(out), "--warmup", "0", *extra]
+            "--data-dir", str(corpus), "--out", str(out), "--warmup", "0", "--dtype", "float32", *extra]
 
 
 @pytest.mark.parametrize("suite", ["code", "prose"])
 def test_bench_writes_report_and_plot(long_bundle, corpus, tmp_path, capsys, suite):
+    # bench_args says --dtype float32: the same precision on every CPU (auto picks bf16 where native)
     rc = main(bench_args(long_bundle, corpus, tmp_path / "res", "--suite", suite))
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "speedup" in stdout and "3/3" in stdout
     report = json.loads((tmp_path / "res" / f"bundle-{suite}-T0.json").read_text())
+    assert report["kernels"]["precision"] == "float32" and report["kernels"]["threads"] >= 1
     assert (tmp_path / "res" / f"bundle-{suite}-T0.png").stat().st_size > 0
     assert list(report["drafters"]) == ["none", "ngram"]  # vanilla always runs, first
     ng = report["drafters"]["ngram"]
@@ -121,7 +131,9 @@ def test_bench_writes_report_and_plot(long_bundle, corpus, tmp_path, capsys, sui
         assert set(ids) == {"play.txt"}
     assert all(64 <= r["prompt_tokens"] <= 128 for r in report["runs"]["none"])
     # the same suite every time
-    rc = main(bench_args(long_bundle, corpus, tmp_path / "res2", "--suite", suite, "--json"))
+    rc = main(bench_args(long_bundle, corpus, tmp_path / "res2", "--suite", suite, "--json", "--dtype", "int8"))
+    assert rc == 0
+    assert (tmp_path / "res2" / f"bundle-{suite}-T0-int8.json").is_file()
     again = json.loads(capsys.readouterr().out)
     assert [r["id"] for r in again["runs"]["none"]] == [r["id"] for r in report["runs"]["none"]]
 

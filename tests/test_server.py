@@ -143,7 +143,7 @@ def srv(bundle):
     server = start_server(bundle, "--max-running", str(MAX_RUNNING), "--cors-origins", ORIGIN,
                           env={"TREESPEC_API_KEY": API_KEY, "TREESPEC_MAX_WAITING": str(MAX_WAITING),
                                "TREESPEC_MAX_BODY_BYTES": str(MAX_BODY), "TREESPEC_DEBUG_FAULTS": "1",
-                               "TREESPEC_THREADS": "1"})
+                               "TREESPEC_THREADS": "1", "TREESPEC_DTYPE": "float32"})
     yield server
     stop_server(server)
 
@@ -180,6 +180,10 @@ def test_health_info_and_metrics_are_open_without_the_key(srv):
     info = httpx.get(srv.url + "/info").json()
     assert info["model_config"]["block_size"] == BLOCK
     assert info["max_total_tokens"] == BLOCK and info["max_running"] == MAX_RUNNING
+    # What the kernels plan chose on this machine, and why (model/kernels.py)
+    assert info["model_dtype"] == "float32" and info["kernels"]["precision"] == "float32"
+    assert info["kernels"]["choices"]["head"]["1"] in ("torch", "torch_wt", "skinny")
+    assert info["kernels"]["threads"] == 1 and info["kernels"]["cpu"]["model"]
     # A bundle without a tree drafter defaults to ngram and says why tree is missing.
     assert info["drafters"]["default"] == "ngram"
     assert set(info["drafters"]["available"]) == {"none", "ngram"}
@@ -326,9 +330,9 @@ def test_penalties_reach_the_engine_on_both_apis(srv, client, bundle):
     """The server's penalised greedy text is the engine's, run here on the same bundle."""
     from treespec.draft.engine import generate_all
     from treespec.draft.types import SamplingParams
-    from treespec.model import load_bundle
+    from treespec.model.kernels import load_for_inference
 
-    b = load_bundle(bundle)
+    b, _ = load_for_inference(bundle, "float32")  # the model as the server runs it
     ids = b.tokenizer.encode(PROMPT)
 
     def local(**pen) -> str:
@@ -381,9 +385,9 @@ def test_openai_prompt_as_token_ids(srv, client, bundle):
 def test_tgi_top_tokens_and_prefill_details(srv, client, bundle):
     from treespec.draft.engine import generate_all
     from treespec.draft.types import SamplingParams
-    from treespec.model import load_bundle
+    from treespec.model.kernels import load_for_inference
 
-    b = load_bundle(bundle)
+    b, _ = load_for_inference(bundle, "float32")  # the model as the server runs it
     ids = b.tokenizer.encode(PROMPT)
     out = generate(client, PROMPT, max_new_tokens=6, top_n_tokens=3, decoder_input_details=True)
     d = out["details"]
