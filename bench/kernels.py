@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     torch.set_flush_denormal(True)
 
     from treespec.model import load_bundle
-    from treespec.model.kernels import PRECISIONS, cpu_summary, plan
+    from treespec.model.kernels import PRECISIONS, cpu_slug, cpu_summary, plan
 
     model = load_bundle(args.bundle).model
     report = {"bundle": args.bundle, "cpu": cpu_summary(), "threads": args.threads, "precisions": {},
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
               + f"; {kp.describe()}")
     print("torch's own kernels (no plan): " + ", ".join(f"T={T} {v:.2f} ms"
                                                        for T, v in report["torch_forward_ms"].items()))
-    slug = "intel" if "Intel" in report["cpu"]["model"] else "amd" if "AMD" in report["cpu"]["model"] else "cpu"
+    slug = cpu_slug()
     out = Path(args.out) / f"kernels-{Path(args.bundle).name}-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

@@ -200,6 +200,17 @@ def copy_bandwidth_gbs(threads: int) -> float:
     return 2 * a.numel() * 4 / min(ts) / 1e9
 
 
+def weights_read_mb(model) -> dict[str, float]:
+    """MB of weights one decode step reads at each precision: every matrix of the
+    blocks and the head (the embedding is one row, the norms and biases stay fp32)."""
+    from treespec.model.gpt import Linear
+
+    mats = [m.weight.numel() for m in model.blocks.modules() if isinstance(m, Linear)]
+    n = sum(mats) + model.exit_heads[-1].weight.numel()
+    small = sum(p.numel() for name, p in model.blocks.named_parameters() if p.ndim == 1)
+    return {p: round((n * b + small * 4) / 1e6, 1) for p, b in (("float32", 4), ("bfloat16", 2), ("int8", 1))}
+
+
 def export_models(bundle: str, cache: Path, needed: set[str]) -> dict:
     from treespec.model import load_bundle
     from treespec.model.gguf_export import export_gguf
@@ -237,11 +248,22 @@ def main(argv=None) -> int:
     ap.add_argument("--forward-ctx", type=int, default=256, help="context of the one-token forward timing")
     ap.add_argument("--cache", default=str(REPO / ".cache" / "peers"), help="where the exports are kept")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--summarize", metavar="JSON", help="print the table and targets of an earlier run's JSON")
+    ap.add_argument("--markdown", action="store_true", help="with --summarize: the tables as docs/performance.md has them")
     args = ap.parse_args(argv)
+    if args.summarize:
+        report = json.loads(Path(args.summarize).read_text())
+        if "weights_read_mb" not in report:
+            from treespec.model import load_bundle
+            report["weights_read_mb"] = weights_read_mb(load_bundle(report["bundle"]).model)
+        report["targets"] = targets(report)
+        Path(args.summarize).write_text(json.dumps(report, indent=1) + "\n")
+        print(markdown(report) if args.markdown else table(report))
+        return 0
 
     from treespec.draft.bench import corpus_suite
     from treespec.model import load_bundle
-    from treespec.model.kernels import cpu_summary
+    from treespec.model.kernels import cpu_slug, cpu_summary
 
     bundle = load_bundle(args.bundle)
     has_tree = (bundle.draft_dir / "meta.json").is_file()
@@ -340,17 +362,60 @@ def main(argv=None) -> int:
         "prompt_tokens": [min(len(p) for *_, p in items), max(len(p) for *_, p in items)],
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "reps": args.reps,
         "forward_ctx": len(fwd_ctx), "engines": report_engines, "failed": failed,
+        "weights_read_mb": weights_read_mb(bundle.model),
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv,
     }
+    report["targets"] = targets(report)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = "intel" if "Intel" in report["cpu"]["model"] else "amd" if "AMD" in report["cpu"]["model"] else "cpu"
+    slug = cpu_slug()
+    # not Path.with_suffix: "T0.8" would lose its ".8"
     stem = out / f"peers-{Path(args.bundle).name}-{slug}-T{args.temperature:g}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, stem.with_suffix(".png"))
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, Path(f"{stem}.png"))
     print(table(report))
     print(f"wrote {stem}.json and {stem}.png")
     return 0
+
+
+PAIRS = (("float32", "f32"), ("bfloat16", "f16"), ("int8", "q8_0"))
+
+
+def targets(report: dict) -> dict:
+    """The issue's targets, per precision class, from one run: treespec's one-token forward
+    against llama.cpp's and the memory bound; vanilla against llama.cpp plain and HF; the tree
+    against llama.cpp's best mode (plain or prompt lookup), geometric mean over code and prose."""
+    import math
+
+    E = report["engines"]
+
+    def tps(e, suite=None):
+        return E[e]["tokens_per_s"] if suite is None else E[e]["by_suite"][suite]["tokens_per_s"]
+
+    out = {}
+    bytes_per_weight = {"float32": 4, "bfloat16": 2, "int8": 1}
+    for p, q in PAIRS:
+        mine, theirs = f"treespec:none:{p}", f"llama:{q}:plain"
+        if mine not in E or theirs not in E:
+            continue
+        t = {"forward_ms": E[mine]["forward_ms"], "llama_forward_ms": E[theirs]["forward_ms"],
+             "forward_vs_llama": E[mine]["forward_ms"] / E[theirs]["forward_ms"],
+             "vanilla_vs_llama_plain": tps(mine) / tps(theirs)}
+        if "weights_read_mb" in report:
+            mb = report["weights_read_mb"][p]
+            bound = mb / report["copy_bandwidth_gbs"]  # ms: MB over GB/s of a copy (bytes read + written)
+            t["memory_bound_ms"] = bound
+            t["forward_vs_bound"] = E[mine]["forward_ms"] / bound
+        modes = [e for e in (f"llama:{q}:plain", f"llama:{q}:pld") if e in E]
+        tree = f"treespec:tree:{p}"
+        if tree in E and modes:
+            best = max(modes, key=tps)
+            t["tree_vs_best_llama"] = {"llama": best, "geomean_code_prose": math.sqrt(
+                tps(tree, "code") / tps(best, "code") * tps(tree, "prose") / tps(best, "prose"))}
+        out[p] = t
+    if "treespec:none:float32" in E and "hf:plain" in E:
+        out["vanilla_float32_vs_hf_plain"] = tps("treespec:none:float32") / tps("hf:plain")
+    return out
 
 
 def table(report: dict) -> str:
@@ -364,7 +429,44 @@ def table(report: dict) -> str:
     c = report["cpu"]
     lines.append(f"{c['model']} ({', '.join(c['flags'])}), {report['threads']} threads, "
                  f"copy {report['copy_bandwidth_gbs']} GB/s; T={report['temperature']:g}")
+    for p, t in report.get("targets", {}).items():
+        if not isinstance(t, dict):
+            lines.append(f"{p}: {t:.2f}x")
+            continue
+        bits = [f"forward {t['forward_ms']:.2f} ms = {t['forward_vs_llama']:.2f}x llama.cpp's"]
+        if "memory_bound_ms" in t:
+            bits.append(f"{t['forward_vs_bound']:.2f}x the memory bound ({t['memory_bound_ms']:.2f} ms)")
+        bits.append(f"vanilla {t['vanilla_vs_llama_plain']:.2f}x llama.cpp plain")
+        if "tree_vs_best_llama" in t:
+            bits.append(f"tree {t['tree_vs_best_llama']['geomean_code_prose']:.2f}x {t['tree_vs_best_llama']['llama']}")
+        lines.append(f"{p}: " + "; ".join(bits))
     return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    rows = ["| engine | tokens/s | range | code | prose | one-token forward | tokens/forward | greedy = treespec fp32 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for e, s in sorted(report["engines"].items(), key=lambda kv: -kv[1]["tokens_per_s"]):
+        lo, hi = s["tokens_per_s_range"]
+        tpf = f"{s['tokens_per_forward']:.2f}" if s["tokens_per_forward"] else ""
+        rows.append(f"| {e} | {s['tokens_per_s']:.0f} | {lo:.0f}-{hi:.0f} | {s['by_suite']['code']['tokens_per_s']:.0f} | "
+                    f"{s['by_suite']['prose']['tokens_per_s']:.0f} | {s['forward_ms']:.2f} ms | {tpf} | "
+                    f"{s.get('greedy_identical_prompts', '')} |")
+    rows += ["", "| precision class | forward vs llama.cpp | forward vs memory bound | vanilla vs llama.cpp plain | "
+                 "tree vs llama.cpp's best mode (geomean code, prose) |", "| --- | --- | --- | --- | --- |"]
+    for (p, q) in PAIRS:
+        t = report["targets"].get(p)
+        if not t:
+            continue
+        tree = t.get("tree_vs_best_llama")
+        rows.append(f"| {p} / {q} | {t['forward_vs_llama']:.2f}× ({t['forward_ms']:.2f} / {t['llama_forward_ms']:.2f} ms) | "
+                    f"{t['forward_vs_bound']:.2f}× ({t['memory_bound_ms']:.2f} ms) | {t['vanilla_vs_llama_plain']:.2f}× | "
+                    + (f"{tree['geomean_code_prose']:.2f}× ({tree['llama'].split(':')[-1]}) |" if tree else "|"))
+    if "vanilla_float32_vs_hf_plain" in report["targets"]:
+        rows.append(f"\nVanilla fp32 vs HF transformers fp32: {report['targets']['vanilla_float32_vs_hf_plain']:.2f}×; "
+                    f"copy bandwidth {report['copy_bandwidth_gbs']} GB/s; weights read per token "
+                    + ", ".join(f"{k} {v} MB" for k, v in report["weights_read_mb"].items()))
+    return "\n".join(rows)
 
 
 def plot(report: dict, path: Path) -> None:

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     torch.set_flush_denormal(True)
 
     from treespec.model import load_bundle
-    from treespec.model.kernels import PRECISIONS, cpu_summary, plan
+    from treespec.model.kernels import PRECISIONS, cpu_slug, cpu_summary, plan
 
     bundle = load_bundle(args.bundle)
     wins = windows(args.data_dir, args.windows, args.length)
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
               "tokens_per_domain": args.windows * args.length, "loss": losses, "delta_vs_float32": delta,
               "bounds": BOUNDS, "within_bounds": within, "kernel_choices": plans,
               "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv}
-    slug = "intel" if "Intel" in report["cpu"]["model"] else "amd" if "AMD" in report["cpu"]["model"] else "cpu"
+    slug = cpu_slug()
     out = Path(args.out) / f"precision-quality-{Path(args.bundle).name}-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

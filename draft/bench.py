@@ -35,7 +35,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..model.kernels import DTYPE_CHOICES
+from ..model.kernels import DTYPE_CHOICES, cpu_model
 from .costs import measure_verify_ms
 from .registry import DRAFTERS
 from .types import extend_costs
@@ -229,18 +229,6 @@ def run_bench(bundle, prompts: list[dict], drafter_names: list[str], params_for,
 
 
 # --- reporting -------------------------------------------------------------------
-
-def cpu_model() -> str | None:
-    """The CPU's marketing name where Linux tells it (platform.processor()
-    is often empty there). Speeds are only comparable on the same CPU."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
 
 def format_table(summary: dict[str, dict], positions: int = 5) -> str:
     head = (f"{'drafter':<9} {'tok/s':>8} {'speedup':>8} {'95% CI':>13} {'tau':>6} {'draft':>6} "

@@ -78,6 +78,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_slug() -> str:
+    """"intel", "amd" or "cpu": the suffix of a benchmark's result files, one per CPU kind."""
+    m = cpu_model()
+    return "intel" if "Intel" in m else "amd" if "AMD" in m else "cpu"
+
+
 def cpu_summary() -> dict:
     flags = cpu_flags()
     keep = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
@@ -498,4 +504,4 @@ def load_for_inference(path, dtype: str = "auto", device: str = "cpu", log: Call
 
 
 __all__ = ["DTYPE_CHOICES", "load_for_inference", "PRECISIONS", "ROW_BUCKETS", "KernelPlan", "LinearKernel", "Packed", "plan", "native_bf16",
-           "cpu_summary", "cpu_model", "available", "time_pass", "SKINNY"]
+           "cpu_summary", "cpu_model", "cpu_slug", "available", "time_pass", "SKINNY"]
