@@ -393,7 +393,6 @@ def targets(report: dict) -> dict:
         return E[e]["tokens_per_s"] if suite is None else E[e]["by_suite"][suite]["tokens_per_s"]
 
     out = {}
-    bytes_per_weight = {"float32": 4, "bfloat16": 2, "int8": 1}
     for p, q in PAIRS:
         mine, theirs = f"treespec:none:{p}", f"llama:{q}:plain"
         if mine not in E or theirs not in E:
