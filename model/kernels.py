@@ -302,6 +302,7 @@ class FusedBlock:
         self.wtype = _WTYPE[self.packed[0].precision]
         self.weights = [_Weight(p.weight.data_ptr(), None if p.scale is None else p.scale.data_ptr(),
                                 None if p.bias is None else p.bias.data_ptr()) for p in self.packed]
+        self._weight_refs = [ctypes.byref(w) for w in self.weights]  # built once, not per call
         self.ln = [t.detach().float().contiguous() if t is not None else None
                    for t in (block.ln_1.weight, block.ln_1.bias, block.ln_2.weight, block.ln_2.bias)]
         self.ln_ptr = [None if t is None else t.data_ptr() for t in self.ln]
@@ -333,7 +334,7 @@ class FusedBlock:
         P = ctypes.c_void_p * T
         SKINNY.lib.gpt_block(
             y.data_ptr(), T, C, self.H, self.wtype, self.eps, self.tanh, *self.ln_ptr,
-            *[ctypes.byref(w) for w in self.weights], P(*kc), P(*vc), (ctypes.c_long * T)(*pos), max_len,
+            *self._weight_refs, P(*kc), P(*vc), (ctypes.c_long * T)(*pos), max_len,
             self._work.data_ptr(), torch.get_num_threads())
         return y.reshape(B, T, C)
 
