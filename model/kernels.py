@@ -17,15 +17,17 @@ Candidates, each y = x W^T (+ b) for x of R rows:
 * ``torch_wt``: ``W @ h^T``, one row doubled: on some CPUs MKL's GEMM on 2
   rows reads a large W much faster than its matrix-vector path on 1.
 * ``skinny``: csrc/skinny.c, built here with ``-O3 -march=native``: each
-  weight row read once and dotted with all R rows. fp32, bf16 or int8 weights
+  weight row read once and dotted with all R rows, in register tiles with
+  AVX-512 or AVX2 (a portable loop elsewhere). fp32, bf16 or int8 weights
   (one scale per output row), fp32 activations and sums, so a bf16 or int8
   model loses only its weights' rounding.
 
 Precisions: ``float32``; ``bfloat16`` (weights rounded to bf16); ``int8``
 (weight-only, symmetric, one scale per output channel). ``auto`` takes the
-fastest measured precision among those whose quality cost on the held-out
-data stays within bounds (docs/performance.md): bf16 where it is faster.
-int8 is opt-in.
+fastest measured precision whose quality cost stays within QUALITY_BOUNDS,
+checked at load on this model: its loss on two short texts (code and prose)
+against float32's (``quality_cost``). bench/precision_quality.py measures the
+same on held-out data.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 SKINNY_SOURCE = Path(__file__).with_name("csrc") / "skinny.c"
 # The most rows one sequence's decode step has: [last token] + up to 15 drafts.
 DECODE_ROWS = 16
+# The most a precision may cost in loss against float32 (nats/token, on every
+# domain) for ``auto`` to take it; bench/precision_quality.py reports the same.
+QUALITY_BOUNDS = {"bfloat16": 0.005, "int8": 0.02}
 
 
 # --- what the CPU has -------------------------------------------------------
@@ -79,9 +84,12 @@ def cpu_model() -> str:
 
 
 def cpu_slug() -> str:
-    """"intel", "amd" or "cpu": the suffix of a benchmark's result files, one per CPU kind."""
-    m = cpu_model()
-    return "intel" if "Intel" in m else "amd" if "AMD" in m else "cpu"
+    """The suffix of a benchmark's result files, one per CPU kind: the vendor
+    and the widest vector ISA, e.g. "amd-avx2", "amd-avx512", "intel-avx512"
+    (two AMD EPYCs we ran on differ in exactly that, and it decides the kernels)."""
+    m, flags = cpu_model(), cpu_flags()
+    vendor = "intel" if "Intel" in m else "amd" if "AMD" in m else "cpu"
+    return f"{vendor}-" + ("avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "base")
 
 
 def cpu_summary() -> dict:
@@ -137,7 +145,13 @@ class _Skinny:
         self.lib.gpt_block.argtypes = [P, L, L, L, I, F_, I, P, P, P, P, Wp, Wp, Wp, Wp, P, P, P, L, P, I]
         for f in (self.lib.skinny_f32, self.lib.skinny_bf16, self.lib.skinny_int8, self.lib.gpt_block):
             f.restype = None
+        self.lib.skinny_vector_bits.restype = ctypes.c_int
         return True
+
+    def path(self) -> str:
+        """Which of the kernel's paths this build runs (csrc/skinny.c)."""
+        bits = self.lib.skinny_vector_bits()
+        return {512: "AVX-512 tiles", 256: "AVX2 tiles"}.get(bits, "portable loop")
 
     def _build(self):
         src = SKINNY_SOURCE.read_bytes()
@@ -352,7 +366,7 @@ class KernelPlan:
     choices: dict[str, dict[int, str]]
     # group -> row bucket -> candidate -> median ms (one pass over the group's weights)
     timings: dict[str, dict[int, dict[str, float]]]
-    skinny: str  # "ok" or why it is unavailable
+    skinny: str  # "ok: <path>" or why it is unavailable
     seconds: float
     reason: str = ""
     precision_ms: dict[str, float] = field(default_factory=dict)  # with auto: one-row pass per precision
@@ -425,14 +439,52 @@ def _choose(groups_packed: dict[str, list[Packed]], precision: str, measure: Mea
     return choices, timings
 
 
-def plan(model, precision: str = "auto", *, measure: Measure | None = None, log: Callable[[str], None] | None = None
-         ) -> KernelPlan:
+# Plain English prose for the load-time quality check (written for it).
+_PROSE = (
+    "The river was high that spring, and the ferry ran only in the mornings. People from the farms "
+    "came down early with their carts and waited on the bank, talking about the weather, the price "
+    "of seed and the new school that was to open in the autumn. Nobody was in a hurry. When the boat "
+    "came back across the water, the ferryman tied it to the old post, counted the passengers with a "
+    "nod, and took the coins without a word. On the far side the road climbed between hedges to the "
+    "market town, where the bell in the square had struck eight long before the first of them arrived. "
+    "It was, everyone agreed, a slow way to travel, but it was the only way they had, and most of them "
+    "would not have changed it for anything.")
+
+
+def quality_samples(tokenizer, max_tokens: int = 256) -> dict[str, list[int]]:
+    """Two short texts to check a precision's quality at load without the
+    training data: code (the start of the standard library's textwrap.py,
+    which every Python carries) and the prose paragraph above."""
+    import inspect
+    import textwrap
+
+    texts = {"code": inspect.getsource(textwrap), "prose": _PROSE}
+    return {d: tokenizer.encode(t)[:max_tokens] for d, t in texts.items()}
+
+
+@torch.no_grad()
+def sample_loss(model, samples: dict[str, list[int]]) -> dict[str, float]:
+    """Mean next-token loss on each sample, through the kernels installed."""
+    out = {}
+    for domain, ids in samples.items():
+        x = torch.tensor([ids], device=model.wte.weight.device)
+        logits = model.forward_step(x[:, :-1], 0, model.new_cache(max_len=len(ids))).logits[0].float()
+        out[domain] = F.cross_entropy(logits[:, :model.config.vocab_size], x[0, 1:]).item()
+    return out
+
+
+def plan(model, precision: str = "auto", *, measure: Measure | None = None, samples: dict[str, list[int]] | None = None,
+         log: Callable[[str], None] | None = None) -> KernelPlan:
     """Choose and install the inference kernels of ``model`` on this machine.
 
-    ``precision``: float32, bfloat16, int8, or auto (bfloat16 where the CPU
-    multiplies bf16 natively and it measured faster than float32 here).
-    ``measure`` replaces the timer (tests use a stub). Works on the CPU only;
-    on other devices the model keeps torch's kernels and the plan says so.
+    ``precision``: float32, bfloat16, int8, or auto: the fastest one-row pass
+    measured here among the precisions whose loss on ``samples`` (token ids
+    per domain, ``quality_samples``) is within QUALITY_BOUNDS of float32's.
+    Without samples auto chooses between float32 and bfloat16 by speed alone
+    where bfloat16 is native, as its cost is far inside the bound on every
+    model we measured. ``measure`` replaces the timer (tests use a stub).
+    Works on the CPU only; on other devices the model keeps torch's kernels
+    and the plan says so.
     """
     if precision not in (*PRECISIONS, "auto"):
         raise ValueError(f"precision must be auto or one of {PRECISIONS}, got {precision!r}")
@@ -446,26 +498,59 @@ def plan(model, precision: str = "auto", *, measure: Measure | None = None, log:
         return KernelPlan(p, torch.get_num_threads(), cpu_summary(), {}, {}, "cpu only", 0.0,
                           reason=f"on {device.type} the model runs torch's kernels in its own dtype")
     groups = _groups(model)
-    if precision == "bfloat16" and not native_bf16():
-        warnings.warn("treespec: this CPU has no native bf16 dot products (AVX-512 BF16 or AMX); bfloat16 "
-                      "weights are served through fp32 arithmetic, which saves memory traffic but may be "
-                      "slower than float32 here: compare with --dtype float32", RuntimeWarning, stacklevel=2)
+    if precision == "bfloat16" and not native_bf16() and not SKINNY.load():
+        warnings.warn("treespec: this CPU has no native bf16 dot products (AVX-512 BF16 or AMX) and the "
+                      "skinny kernel did not build: bfloat16 weights run through fp32 arithmetic here, "
+                      "no faster than --dtype float32", RuntimeWarning, stacklevel=2)
     precision_ms: dict[str, float] = {}
     if precision == "auto":
-        tried = ["float32"] + (["bfloat16"] if native_bf16() else [])
+        # bf16 and int8 weights pay where something reads them without
+        # widening them first in memory: the skinny kernel, or native bf16.
+        skinny = SKINNY.load()
+        tried = ["float32"] + (["bfloat16"] if skinny or native_bf16() else []) + (
+            ["int8"] if skinny and samples else [])
         results = {}
         for p in tried:
             packed = {g: [Packed.of(w, b, p) for _, w, b in items] for g, items in groups.items()}
             results[p] = (packed, *_choose(packed, p, measure))
             precision_ms[p] = round(sum(results[p][2][g][1][results[p][1][g][1]] for g in groups), 4)
-        precision = min(precision_ms, key=precision_ms.get)
-        reason = ("auto: " + ", ".join(f"{p} {ms:.2f} ms" for p, ms in precision_ms.items())
-                  + " for a one-row pass; int8 is opt-in (--dtype int8)"
-                  + ("" if native_bf16() else "; no native bf16 on this CPU"))
+        notes = [", ".join(f"{p} {ms:.2f} ms" for p, ms in precision_ms.items()) + " for a one-row pass"]
+        precision = "float32"
+        base = None
+        for p in sorted(precision_ms, key=precision_ms.get):
+            if p == "float32":
+                break
+            if not samples:
+                precision = p
+                break
+            if base is None:
+                model.set_kernels(None)
+                base = sample_loss(model, samples)
+            _install(model, groups, *results[p][:2])
+            cost = {d: v - base[d] for d, v in sample_loss(model, samples).items()}
+            ok = all(c <= QUALITY_BOUNDS[p] for c in cost.values())
+            notes.append(f"{p} costs " + ", ".join(f"{d} {c:+.4f}" for d, c in cost.items())
+                         + f" nats/token ({'within' if ok else 'over'} {QUALITY_BOUNDS[p]})")
+            if ok:
+                precision = p
+                break
+        if not samples:
+            notes.append("int8 only with a quality check (--dtype int8 to force it)")
+        reason = "auto: " + "; ".join(notes)
         packed, choices, timings = results[precision]
     else:
         packed = {g: [Packed.of(w, b, precision) for _, w, b in items] for g, items in groups.items()}
         choices, timings = _choose(packed, precision, measure)
+    _install(model, groups, packed, choices)
+    result = KernelPlan(precision, torch.get_num_threads(), cpu_summary(), choices, timings,
+                        f"ok: {SKINNY.path()}" if SKINNY.lib is not None else (SKINNY.error or "not built"),
+                        time.perf_counter() - t0, reason, precision_ms)
+    if log:
+        log(result.describe())
+    return result
+
+
+def _install(model, groups, packed, choices) -> None:
     kernels = {}
     for g, items in groups.items():
         for (module, _, _), p in zip(items, packed[g]):
@@ -474,12 +559,6 @@ def plan(model, precision: str = "auto", *, measure: Measure | None = None, log:
     if SKINNY.lib is not None and "skinny" in choices["trunk"].values():
         fused = {block: FusedBlock(block, kernels, model.config) for block in model.blocks}
     model.set_kernels(kernels, fused)
-    result = KernelPlan(precision, torch.get_num_threads(), cpu_summary(), choices, timings,
-                        "ok" if SKINNY.lib is not None else (SKINNY.error or "not built"),
-                        time.perf_counter() - t0, reason, precision_ms)
-    if log:
-        log(result.describe())
-    return result
 
 
 DTYPE_CHOICES = ("auto", *PRECISIONS)
@@ -501,8 +580,9 @@ def load_for_inference(path, dtype: str = "auto", device: str = "cpu", log: Call
         bundle = load_bundle(path, device=device, dtype=_CUDA_DTYPES[dtype])
         return bundle, plan(bundle.model, dtype, log=log)
     bundle = load_bundle(path)
-    return bundle, plan(bundle.model, dtype, log=log)
+    samples = quality_samples(bundle.tokenizer) if dtype == "auto" else None
+    return bundle, plan(bundle.model, dtype, samples=samples, log=log)
 
 
-__all__ = ["DTYPE_CHOICES", "load_for_inference", "PRECISIONS", "ROW_BUCKETS", "KernelPlan", "LinearKernel", "Packed", "plan", "native_bf16",
+__all__ = ["DTYPE_CHOICES", "load_for_inference", "PRECISIONS", "QUALITY_BOUNDS", "quality_samples", "sample_loss", "ROW_BUCKETS", "KernelPlan", "LinearKernel", "Packed", "plan", "native_bf16",
            "cpu_summary", "cpu_model", "cpu_slug", "available", "time_pass", "SKINNY"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,27 +72,35 @@ def test_skinny_rows_do_not_depend_on_the_batch(precision):
     assert torch.equal(CANDIDATES["skinny"](x[:5], p), full[:5])
 
 
-def test_the_avx2_build_computes_the_same(monkeypatch, tmp_path):
-    """The kernel's portable path (what an AVX2-only CPU runs) equals F.linear and is
-    batch-independent too; built here for x86-64-v3, loaded beside the native one."""
-    import ctypes
+@pytest.mark.parametrize("march,path", [("x86-64-v4", "AVX-512 tiles"), ("x86-64-v3", "AVX2 tiles"),
+                                        ("x86-64", "portable loop")])
+def test_every_build_of_the_kernel_computes_the_same(monkeypatch, tmp_path, march, path):
+    """Each of the kernel's paths (AVX-512 tiles, AVX2 tiles, the portable loop) equals
+    F.linear and is batch-independent, at every tile shape: one row, full tiles, a ragged
+    last tile of weight rows (N % 8 != 0) and of input rows. Built for each -march and
+    loaded beside the native build; the AVX-512 build runs only where the CPU has it."""
     import platform
 
     if platform.machine() != "x86_64":
         pytest.fail("this project's CPUs are x86_64; an aarch64 build needs its own -march here")
     monkeypatch.setenv("TREESPEC_KERNEL_CACHE", str(tmp_path))
-    portable = kernels._Skinny(march="x86-64-v3")
-    assert portable.load(), portable.error
-    monkeypatch.setattr(SKINNY, "lib", portable.lib)
+    build = kernels._Skinny(march=march)
+    assert build.load(), build.error  # every build compiles and links on every CPU
+    if march == "x86-64-v4" and "avx512f" not in kernels.cpu_flags():
+        return  # running it needs the instructions: the AVX-512 CPUs' runs do the rest
+    assert build.path() == path
+    monkeypatch.setattr(SKINNY, "lib", build.lib)
     g = torch.Generator().manual_seed(2)
     for precision in kernels.PRECISIONS:
-        p = Packed.of(torch.randn(300, 40, generator=g) * 0.1, torch.randn(300, generator=g), precision)
-        x = torch.randn(6, 40, generator=g)
-        full = CANDIDATES["skinny"](x, p)
-        torch.testing.assert_close(full, F.linear(x, p.dequantized(), p.bias), rtol=1e-4, atol=1e-4)
-        for i in range(6):
-            assert torch.equal(CANDIDATES["skinny"](x[i:i + 1], p)[0], full[i])
-    assert isinstance(portable.lib, ctypes.CDLL)
+        for K in (64, 40, 384):  # 40: not a multiple of 16, so AVX-512 builds take the loop
+            p = Packed.of(torch.randn(301, K, generator=g) * 0.1, torch.randn(301, generator=g), precision)
+            x = torch.randn(11, K, generator=g)
+            full = CANDIDATES["skinny"](x, p)
+            torch.testing.assert_close(full, F.linear(x, p.dequantized(), p.bias), rtol=1e-4, atol=1e-4)
+            for i in range(11):
+                assert torch.equal(CANDIDATES["skinny"](x[i:i + 1], p)[0], full[i])
+            for rows in (2, 3, 5):
+                assert torch.equal(CANDIDATES["skinny"](x[:rows], p), full[:rows])
 
 
 def test_chooser_picks_the_fastest_on_a_stub_timing(monkeypatch):
@@ -132,19 +141,71 @@ def test_auto_takes_the_faster_precision_on_a_stub_timing(monkeypatch):
     m = tiny_model()
     monkeypatch.setattr(kernels, "native_bf16", lambda device="cpu": True)
     kp = plan(m, "auto", measure=lambda g, r, c, w: 1.0 if w[0].precision == "bfloat16" else 2.0)
+    # Without quality samples int8 is not tried: its cost is checked on the model itself.
     assert kp.precision == "bfloat16" and kp.precision_ms == {"float32": 4.0, "bfloat16": 2.0}
     assert m.head_kernel.packed.precision == "bfloat16"
+    assert "int8 only with a quality check" in kp.reason
     kp = plan(m, "auto", measure=lambda g, r, c, w: 3.0 if w[0].precision == "bfloat16" else 2.0)
     assert kp.precision == "float32"
-    # Without native bf16, auto does not even try it, and an explicit bfloat16 warns.
+    # Without native bf16 the skinny kernel still reads bf16 weights (half the bytes): timed too.
     monkeypatch.setattr(kernels, "native_bf16", lambda device="cpu": False)
     kp = plan(m, "auto", measure=lambda g, r, c, w: 1.0 if w[0].precision == "bfloat16" else 2.0)
+    assert kp.precision == "bfloat16" and set(kp.precision_ms) == {"float32", "bfloat16"}
+    # ... and with neither, bf16 is not tried and an explicit bfloat16 warns that it cannot pay.
+    monkeypatch.setattr(kernels.SKINNY, "load", lambda: False)
+    monkeypatch.setattr(kernels, "available", lambda precision: ["torch", "torch_wt"])
+    kp = plan(m, "auto", measure=lambda g, r, c, w: 1.0 if w[0].precision == "bfloat16" else 2.0)
     assert kp.precision == "float32" and set(kp.precision_ms) == {"float32"}
-    assert "no native bf16" in kp.reason
-    with pytest.warns(RuntimeWarning, match="no native bf16"):
+    with pytest.warns(RuntimeWarning, match="no faster than --dtype float32"):
         plan(m, "bfloat16", measure=lambda g, r, c, w: 1.0)
     with pytest.raises(ValueError, match="precision must be auto or one of"):
         plan(m, "float16")
+
+
+def test_auto_checks_each_faster_precision_s_quality_on_the_model(monkeypatch):
+    """auto walks the precisions from the fastest and takes the first whose loss on the
+    samples is within QUALITY_BOUNDS of float32's; the losses are the model's own, measured
+    with each precision's kernels installed."""
+    m = tiny_model()
+    samples = {"code": list(range(5, 40)), "prose": list(range(100, 130))}
+    speed = {"int8": 1.0, "bfloat16": 2.0, "float32": 3.0}
+    seen = []
+    real_loss = kernels.sample_loss
+
+    def loss(model, smp, over=None):
+        out = real_loss(model, smp)  # the real thing runs, through the installed kernels
+        p = "float32" if model.head_kernel is None else model.head_kernel.packed.precision
+        seen.append(p)
+        return {d: v + (over or {}).get(p, 0.0) for d, v in out.items()}
+
+    monkeypatch.setattr(kernels, "sample_loss", lambda model, smp: loss(model, smp, {"int8": 0.03}))
+    kp = plan(m, "auto", samples=samples, measure=lambda g, r, c, w: speed[w[0].precision])
+    assert seen == ["float32", "int8", "bfloat16"] and kp.precision == "bfloat16"
+    assert "int8 costs" in kp.reason and "(over 0.02)" in kp.reason and "(within 0.005)" in kp.reason
+    assert m.head_kernel.packed.precision == "bfloat16"
+    seen.clear()
+    monkeypatch.setattr(kernels, "sample_loss", lambda model, smp: loss(model, smp))
+    kp = plan(m, "auto", samples=samples, measure=lambda g, r, c, w: speed[w[0].precision])
+    assert seen == ["float32", "int8"] and kp.precision == "int8"
+    seen.clear()
+    speed["float32"] = 0.5  # fastest: nothing to check
+    kp = plan(m, "auto", samples=samples, measure=lambda g, r, c, w: speed[w[0].precision])
+    assert seen == [] and kp.precision == "float32"
+
+
+def test_quality_samples_and_their_loss_are_real():
+    from treespec.model import load_bundle
+
+    bundle = load_bundle(Path(__file__).resolve().parents[1] / "models" / "default")
+    smp = kernels.quality_samples(bundle.tokenizer)
+    assert set(smp) == {"code", "prose"} and all(len(v) >= 150 for v in smp.values())
+    assert bundle.tokenizer.decode(smp["code"]).startswith('"""Text wrapping and filling.')
+    bundle.model.set_kernels(None)
+    loss = kernels.sample_loss(bundle.model, smp)
+    # Real losses of a trained model: each at least 3 nats below a uniform guess (ln 50257),
+    # and its training domain's (the standard library) the lower.
+    import math
+    assert all(v < math.log(50257) - 3 for v in loss.values()) and loss["code"] < loss["prose"]
 
 
 @pytest.mark.parametrize("precision", kernels.PRECISIONS)

@@ -25,9 +25,10 @@ static inline float bf16_to_f32(uint16_t u) {
     return f;
 }
 
-/* Without AVX-512, the compiler vectorises this loop for the machine: one
- * output at a time, each the same loop whatever R is, so a row's result does
- * not depend on which rows came with it. */
+/* Without a vector ISA we know (or when K is not a multiple of the vector
+ * width), the compiler vectorises this loop for the machine: one output at a
+ * time, each the same loop whatever R is, so a row's result does not depend
+ * on which rows came with it. */
 #define ROW_LOOP(W)                                                              \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")           \
     for (long n = 0; n < N; n++) {                                               \
@@ -41,42 +42,78 @@ static inline float bf16_to_f32(uint16_t u) {
         }                                                                        \
     }
 
-#ifdef __AVX512F__
-/* With AVX-512 (the Intel Xeons and AMD EPYCs we run on): one weight row at a
- * time against up to eight input rows, two sums per row in registers (even
- * and odd 16-float steps, for two chains of multiply-adds in flight), so each
- * weight vector loaded feeds up to eight products. Every sum is the same
- * sequence of vector multiply-adds and the same final reduction whatever R
- * is, so a row's result does not depend on which rows came with it (a verify
- * step's rows equal one-row forwards bit for bit). */
+/* With AVX-512 (Zen 4 EPYCs, Xeons) or AVX2 + FMA (older EPYCs): one weight
+ * row at a time against up to RB input rows, two sums per row in registers
+ * (the even and the odd vector steps of k, for two chains of multiply-adds in
+ * flight), so each weight vector loaded (and widened from bf16 or int8) feeds
+ * up to RB products. Every sum is the same sequence of vector multiply-adds
+ * and the same final reduction whatever R is, so a row's result does not
+ * depend on which rows came with it: a verify step's rows equal one-row
+ * forwards bit for bit. RB fills the registers (32 with AVX-512, 16 with
+ * AVX2); tiles of several weight rows measured slower on the AVX2 EPYC
+ * (bench/results/kernels-default-amd-avx2.json has the kernel's figures). */
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
-
-static inline __m512 ld_f32(const float *p) { return _mm512_loadu_ps(p); }
-static inline __m512 ld_bf16(const uint16_t *p) {
+#define TILED 1
+#ifdef __AVX512F__
+typedef __m512 vec;
+#define VLEN 16
+#define RB 8
+#define vzero _mm512_setzero_ps
+#define vfma _mm512_fmadd_ps
+#define vadd _mm512_add_ps
+#define vload _mm512_loadu_ps
+static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+static inline vec ld_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline vec ld_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
-static inline __m512 ld_i8(const int8_t *p) {
+static inline vec ld_i8(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
+#else
+typedef __m256 vec;
+#define VLEN 8
+#define RB 4
+#define vzero _mm256_setzero_ps
+#define vfma _mm256_fmadd_ps
+#define vadd _mm256_add_ps
+#define vload _mm256_loadu_ps
+static inline float vsum(vec a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline vec ld_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline vec ld_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline vec ld_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+#endif
 
-#define DEFINE_TILE(NAME, WT, LD)                                                    \
-static inline __attribute__((always_inline)) void NAME(                             \
-        const float *x, const WT *w0, long K, float *out0, const int RR) {          \
-    __m512 a0[8], b0[8];                                                            \
-    for (int j = 0; j < RR; j++) { a0[j] = _mm512_setzero_ps(); b0[j] = _mm512_setzero_ps(); } \
-    long k = 0;                                                                     \
-    for (; k + 32 <= K; k += 32) {                                                  \
-        const __m512 v0 = LD(w0 + k), v1 = LD(w0 + k + 16);                         \
-        for (int j = 0; j < RR; j++) {                                              \
-            a0[j] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + j * K + k), a0[j]);     \
-            b0[j] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + j * K + k + 16), b0[j]); \
-        }                                                                           \
-    }                                                                               \
-    for (; k < K; k += 16) {                                                        \
-        const __m512 v0 = LD(w0 + k);                                               \
-        for (int j = 0; j < RR; j++) a0[j] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + j * K + k), a0[j]); \
-    }                                                                               \
-    for (int j = 0; j < RR; j++) out0[j] = _mm512_reduce_add_ps(_mm512_add_ps(a0[j], b0[j])); \
+/* out[j] = sum_k w0[k] x[j][k] for j < RR; RR is a constant after inlining,
+ * so the sums live in registers. */
+#define DEFINE_TILE(NAME, WT, LD)                                                     \
+static inline __attribute__((always_inline)) void NAME(                              \
+        const float *x, const WT *w0, long K, float *out, const int RR) {            \
+    vec a[RB], b[RB];                                                                \
+    for (int j = 0; j < RR; j++) a[j] = b[j] = vzero();                              \
+    long k = 0;                                                                      \
+    for (; k + 2 * VLEN <= K; k += 2 * VLEN) {                                       \
+        const vec v0 = LD(w0 + k), v1 = LD(w0 + k + VLEN);                          \
+        for (int j = 0; j < RR; j++) {                                               \
+            a[j] = vfma(v0, vload(x + j * K + k), a[j]);                             \
+            b[j] = vfma(v1, vload(x + j * K + k + VLEN), b[j]);                      \
+        }                                                                            \
+    }                                                                                \
+    for (; k < K; k += VLEN) {                                                       \
+        const vec v0 = LD(w0 + k);                                                   \
+        for (int j = 0; j < RR; j++) a[j] = vfma(v0, vload(x + j * K + k), a[j]);    \
+    }                                                                                \
+    for (int j = 0; j < RR; j++) out[j] = vsum(vadd(a[j], b[j]));                    \
 }
 
 #define DEFINE_PRODUCT(NAME, TILE, WT)                                               \
@@ -86,21 +123,21 @@ static void NAME(const float *x, const WT *w, const float *scale, const float *b
     for (long n = 0; n < N; n++) {                                                  \
         const WT *w0 = w + n * K;                                                   \
         const float s0 = scale ? scale[n] : 1.0f, b0 = bias ? bias[n] : 0.0f;       \
-        for (long r0 = 0; r0 < R; r0 += 8) {                                        \
-            float o0[8];                                                            \
+        for (long r0 = 0; r0 < R; r0 += RB) {                                       \
+            float o[RB];                                                            \
             const float *xr = x + r0 * K;                                           \
-            const long rr = R - r0 < 8 ? R - r0 : 8;                                \
-            switch (rr) {                                                           \
-                case 1: TILE(xr, w0, K, o0, 1); break;                              \
-                case 2: TILE(xr, w0, K, o0, 2); break;                              \
-                case 3: TILE(xr, w0, K, o0, 3); break;                              \
-                case 4: TILE(xr, w0, K, o0, 4); break;                              \
-                case 5: TILE(xr, w0, K, o0, 5); break;                              \
-                case 6: TILE(xr, w0, K, o0, 6); break;                              \
-                case 7: TILE(xr, w0, K, o0, 7); break;                              \
-                default: TILE(xr, w0, K, o0, 8); break;                             \
+            const long rr = R - r0 < RB ? R - r0 : RB;                              \
+            switch (rr) { /* a constant tile height for the compiler */             \
+                case 1: TILE(xr, w0, K, o, 1); break;                               \
+                case 2: TILE(xr, w0, K, o, 2); break;                               \
+                case 3: TILE(xr, w0, K, o, 3); break;                               \
+                case 4: TILE(xr, w0, K, o, 4 <= RB ? 4 : 1); break;                 \
+                case 5: TILE(xr, w0, K, o, 5 <= RB ? 5 : 1); break;                 \
+                case 6: TILE(xr, w0, K, o, 6 <= RB ? 6 : 1); break;                 \
+                case 7: TILE(xr, w0, K, o, 7 <= RB ? 7 : 1); break;                 \
+                default: TILE(xr, w0, K, o, RB); break;                             \
             }                                                                       \
-            for (long j = 0; j < rr; j++) y[(r0 + j) * N + n] = o0[j] * s0 + b0;    \
+            for (long j = 0; j < rr; j++) y[(r0 + j) * N + n] = o[j] * s0 + b0;     \
         }                                                                           \
     }                                                                               \
 }
@@ -108,34 +145,44 @@ static void NAME(const float *x, const WT *w, const float *scale, const float *b
 DEFINE_TILE(tile_f32, float, ld_f32)
 DEFINE_TILE(tile_bf16, uint16_t, ld_bf16)
 DEFINE_TILE(tile_i8, int8_t, ld_i8)
-DEFINE_PRODUCT(avx512_f32, tile_f32, float)
-DEFINE_PRODUCT(avx512_bf16, tile_bf16, uint16_t)
-DEFINE_PRODUCT(avx512_i8, tile_i8, int8_t)
-#define USE_AVX512(K) ((K) % 16 == 0)
+DEFINE_PRODUCT(tiled_f32, tile_f32, float)
+DEFINE_PRODUCT(tiled_bf16, tile_bf16, uint16_t)
+DEFINE_PRODUCT(tiled_i8, tile_i8, int8_t)
+#define USE_TILES(K) ((K) % VLEN == 0)
 #else
-#define USE_AVX512(K) 0
-#define avx512_f32(...) (void)0
-#define avx512_bf16(...) (void)0
-#define avx512_i8(...) (void)0
+#define TILED 0
+#define USE_TILES(K) 0
+#define tiled_f32(...) (void)0
+#define tiled_bf16(...) (void)0
+#define tiled_i8(...) (void)0
 #endif
+
+/* Which path this build runs, for the plan's report: 512, 256 or 0 (portable). */
+int skinny_vector_bits(void) {
+#if TILED
+    return VLEN * 32;
+#else
+    return 0;
+#endif
+}
 
 void skinny_f32(const float *x, const float *w, const float *bias, float *y,
                 long R, long N, long K, int threads) {
     const float *scale = 0;
-    if (USE_AVX512(K)) { avx512_f32(x, w, scale, bias, y, R, N, K, threads); return; }
+    if (USE_TILES(K)) { tiled_f32(x, w, scale, bias, y, R, N, K, threads); return; }
     ROW_LOOP(w[n * K + k])
 }
 
 void skinny_bf16(const float *x, const uint16_t *w, const float *bias, float *y,
                  long R, long N, long K, int threads) {
     const float *scale = 0;
-    if (USE_AVX512(K)) { avx512_bf16(x, w, scale, bias, y, R, N, K, threads); return; }
+    if (USE_TILES(K)) { tiled_bf16(x, w, scale, bias, y, R, N, K, threads); return; }
     ROW_LOOP(bf16_to_f32(w[n * K + k]))
 }
 
 void skinny_int8(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
                  long R, long N, long K, int threads) {
-    if (USE_AVX512(K)) { avx512_i8(x, w, scale, bias, y, R, N, K, threads); return; }
+    if (USE_TILES(K)) { tiled_i8(x, w, scale, bias, y, R, N, K, threads); return; }
     ROW_LOOP((float)w[n * K + k])
 }
 
