@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .types import SamplingParams
+from .types import MIN_REPETITION_PENALTY, SamplingParams
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -37,8 +37,12 @@ def validate_params(params: SamplingParams) -> None:
         raise ValueError(f"max_new_tokens must be >= 1 (0 only to score the prompt), got {params.max_new_tokens}")
     if params.k_max is not None and params.k_max < 0:
         raise ValueError(f"k_max must be >= 0, got {params.k_max}")
-    if not params.repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), got {params.repetition_penalty}")
+    if not params.repetition_penalty >= MIN_REPETITION_PENALTY:
+        raise ValueError(f"repetition_penalty must be >= {MIN_REPETITION_PENALTY} (1 turns it off), "
+                         f"got {params.repetition_penalty}")
+    for t, b in params.logit_bias.items():
+        if not -100.0 <= b <= 100.0:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {b} for token {t}")
     if params.top_n < 0:
         raise ValueError(f"top_n must be >= 0, got {params.top_n}")
     for name in ("frequency_penalty", "presence_penalty"):
@@ -66,7 +70,9 @@ class Penalties:
       negative;
     - ``frequency_penalty`` f and ``presence_penalty`` a (OpenAI's): the
       logit of a token generated c times so far drops by f * c + a * (c > 0).
-      The prompt does not count, as in vLLM.
+      The prompt does not count, as in vLLM;
+    - ``logit_bias`` (OpenAI's): a fixed amount added to chosen tokens'
+      logits, first, whatever came before.
 
     A verify step's row j predicts the token after draft j-1, so it is
     penalised for the context plus ``drafts[:j]``: exactly what vanilla
@@ -79,6 +85,11 @@ class Penalties:
         self.seen = torch.zeros(n_vocab, dtype=torch.bool, device=device)
         self.seen[torch.tensor(prompt, dtype=torch.long, device=device)] = True
         self.count = torch.zeros(n_vocab, dtype=torch.float32, device=device)
+        self.bias = None
+        if params.logit_bias:
+            self.bias = torch.zeros(n_vocab, dtype=torch.float32, device=device)
+            ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)
+            self.bias[ids] = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device)
 
     def push(self, token: int) -> None:
         self.seen[token] = True
@@ -93,6 +104,8 @@ class Penalties:
             seen[j:, d] = True
             count[j:, d] += 1
         z = logits.float()
+        if self.bias is not None:
+            z = z + self.bias
         r = self.params.repetition_penalty
         if r != 1.0:
             z = torch.where(seen, torch.where(z > 0, z / r, z * r), z)
@@ -133,7 +146,9 @@ def _nucleus(p: torch.Tensor, top_p: float, first: int = 256) -> torch.Tensor:
     if k < V and bool((sp.sum(dim=-1) < top_p).any()):
         sp, si = torch.sort(p, dim=-1, descending=True)
     before = torch.cumsum(sp, dim=-1) - sp
-    sp = sp.masked_fill(before >= top_p, 0.0)
+    # The most likely token (nothing before it) always stays, however small
+    # top_p: 1e-45 is a float32 denormal, which the CPU flushes to 0.
+    sp = sp.masked_fill((before >= top_p) & (before > 0), 0.0)
     out = torch.zeros_like(p).scatter_(-1, si, sp)
     return out / out.sum(dim=-1, keepdim=True)
 

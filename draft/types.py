@@ -17,6 +17,10 @@ FINISH_STOP = "stop_sequence"
 FINISH_CANCELLED = "cancelled"
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
+MIN_REPETITION_PENALTY = 0.01  # below, a repeated token's logit is multiplied by > 100 and can overflow
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
@@ -30,6 +34,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # CTRL's: over prompt + generated; > 1 discourages repeats
     frequency_penalty: float = 0.0  # OpenAI's: minus this times a token's count in the generated text
     presence_penalty: float = 0.0  # OpenAI's: minus this once a token has been generated
+    # OpenAI's logit_bias: token id -> added to its logit (in [-100, 100]) before anything else.
+    logit_bias: dict[int, float] = field(default_factory=dict)
     # Log-probabilities reported beside the tokens (they never change which tokens come out):
     top_n: int = 0  # the n most likely tokens at each generated position
     prompt_logprobs: bool = False  # each prompt token's, given the tokens before it (the model's own);
@@ -37,11 +43,14 @@ class SamplingParams:
 
     @property
     def penalised(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+                or bool(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # As vLLM: a temperature this small is the argmax anyway, and dividing
+        # logits by it would overflow float32 (NaN probabilities).
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass

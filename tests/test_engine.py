@@ -151,17 +151,21 @@ def test_seeded_sampling_gives_vanilla_tokens_with_every_drafter(request, tok, m
 # --- penalties ----------------------------------------------------------------
 
 PENALTIES = [dict(repetition_penalty=1.3), dict(frequency_penalty=0.7, presence_penalty=0.4),
-             dict(repetition_penalty=0.8, presence_penalty=-0.5)]
+             dict(repetition_penalty=0.8, presence_penalty=-0.5),
+             # OpenAI's logit_bias, alone and under a penalty: a token pushed up, one banned, one nudged
+             dict(logit_bias={7: 6.0, 11: -100.0, 3: 2.5}), dict(logit_bias={5: 4.0}, repetition_penalty=1.2)]
 
 
 def naive_penalised(model, prompt: list[int], n: int, rep: float = 1.0, freq: float = 0.0,
-                    pres: float = 0.0) -> list[int]:
+                    pres: float = 0.0, bias: dict | None = None) -> list[int]:
     """Greedy decoding the slow, obvious way: a full forward over the whole
-    context each step and the penalties written out token by token."""
+    context each step and the bias and penalties written out token by token."""
     context = list(prompt)
     for _ in range(n):
         with torch.no_grad():
             z = model(torch.tensor([context])).logits[-1][0, -1, :N_VOCAB].double().clone()
+        for t, b in (bias or {}).items():
+            z[t] += b
         generated = context[len(prompt):]
         for t in set(context):
             z[t] = z[t] / rep if z[t] > 0 else z[t] * rep
@@ -178,7 +182,10 @@ def test_penalised_greedy_is_the_penalised_argmax(tok, looping, penalty):
         params = SamplingParams(max_new_tokens=16, **penalty)
         got = generate_all(looping, prompt, params, tokenizer=tok).token_ids
         want = naive_penalised(looping, prompt, 16, penalty.get("repetition_penalty", 1.0),
-                               penalty.get("frequency_penalty", 0.0), penalty.get("presence_penalty", 0.0))
+                               penalty.get("frequency_penalty", 0.0), penalty.get("presence_penalty", 0.0),
+                               penalty.get("logit_bias"))
+        if 11 in penalty.get("logit_bias", {}):
+            assert 11 not in got  # -100 bans it
         assert got == want
         changed += got != generate_all(looping, prompt, SamplingParams(max_new_tokens=16), tokenizer=tok).token_ids
     assert changed >= 2  # the penalty does change what this repetitive model writes
@@ -214,11 +221,33 @@ def test_speculation_is_lossless_with_penalties(tok, looping, wandering, penalty
 
 
 def test_penalties_are_validated(tok, looping):
-    for bad, msg in ((dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+    for bad, msg in ((dict(repetition_penalty=0.0), "repetition_penalty must be >= 0.01"),
+                     # 1e-39 would overflow a logit divided by it: NaN probabilities
+                     (dict(repetition_penalty=1e-39), "repetition_penalty must be >= 0.01"),
                      (dict(frequency_penalty=2.5), "frequency_penalty must be in"),
-                     (dict(presence_penalty=-3.0), "presence_penalty must be in")):
+                     (dict(presence_penalty=-3.0), "presence_penalty must be in"),
+                     (dict(logit_bias={4: 100.5}), "logit_bias values must be in")):
         with pytest.raises(ValueError, match=msg):
             generate(looping, [1, 2], SamplingParams(max_new_tokens=2, **bad), tokenizer=tok)
+
+
+def test_extreme_sampling_values_give_finite_tokens_and_log_probabilities(tok, looping):
+    """Values at float32's edge: a temperature too small to divide by decodes greedily
+    (as vLLM), and a top_p that flushes to zero keeps the most likely token. Never NaN."""
+    import math
+
+    prompt = random_prompts(1, seed=5)[0]
+    greedy = generate_all(looping, prompt, SamplingParams(max_new_tokens=12, top_n=3), tokenizer=tok)
+    for params in (SamplingParams(max_new_tokens=12, temperature=1e-39, seed=1, top_n=3),
+                   SamplingParams(max_new_tokens=12, temperature=9e-6, seed=1, top_n=3)):
+        assert params.greedy
+        got = generate_all(looping, prompt, params, tokenizer=tok)
+        assert got.token_ids == greedy.token_ids and got.logprobs == greedy.logprobs
+    tiny_p = generate_all(looping, prompt, SamplingParams(max_new_tokens=12, temperature=1.0, top_p=1e-45,
+                                                          seed=1, top_n=3), tokenizer=tok)
+    assert tiny_p.token_ids == greedy.token_ids  # only the top token is left to sample
+    assert tiny_p.logprobs == [0.0] * 12  # and it has all the mass
+    assert all(math.isfinite(v) for v in greedy.logprobs + tiny_p.logprobs)
 
 
 # --- reported log-probabilities ----------------------------------------------------
