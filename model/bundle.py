@@ -107,6 +107,36 @@ def _read_config(path: Path) -> tuple[dict, GPTConfig]:
         raise BundleError(f"{path / CONFIG_FILE}: bad model config: {e}") from None
 
 
+def update_bundle_meta(path: str | os.PathLike, **changes) -> dict:
+    """Set (or, with None, remove) entries of a bundle's ``config.json`` meta,
+    such as its chat template, and re-record the checksum. The weights and
+    the model config are untouched, so a fitted drafter stays valid. Both
+    files are replaced atomically; returns the new meta."""
+    path = Path(path)
+    cfg, _ = _read_config(path)
+    meta = dict(cfg.get("meta", {}))
+    for k, v in changes.items():
+        if v is None:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
+    if meta:
+        cfg["meta"] = meta
+    else:
+        cfg.pop("meta", None)
+    manifest = _read_json(path / MANIFEST_FILE)
+    _replace(path / CONFIG_FILE, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    manifest.setdefault("files", {})[CONFIG_FILE] = sha256_file(path / CONFIG_FILE)
+    _replace(path / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return meta
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def read_bundle_config(path: str | os.PathLike) -> GPTConfig:
     """A bundle's ``GPTConfig`` alone, without loading (or verifying) its weights."""
     path = Path(path)

@@ -580,7 +580,7 @@ def load_for_inference(path, dtype: str = "auto", device: str = "cpu", log: Call
         bundle = load_bundle(path, device=device, dtype=_CUDA_DTYPES[dtype])
         return bundle, plan(bundle.model, dtype, log=log)
     bundle = load_bundle(path)
-    samples = quality_samples(bundle.tokenizer) if dtype == "auto" else None
+    samples = quality_samples(bundle.tokenizer, min(256, bundle.config.block_size)) if dtype == "auto" else None
     return bundle, plan(bundle.model, dtype, samples=samples, log=log)
 
 

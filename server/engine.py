@@ -38,6 +38,7 @@ import torch
 from treespec.draft.sampling import validate_params
 from treespec.draft.types import FINISH_CANCELLED, SamplingParams, SpecStats, StepEvent
 
+from .chat import ChatTemplate, ChatTemplateError
 from .metrics import Metrics
 from .settings import Settings
 
@@ -95,14 +96,19 @@ class Job:
     generated: int = 0
     done: bool = False
     seen: dict = field(default_factory=dict)  # spec counters already exported
+    withdraw: Any = None  # the engine's: give back a waiting slot at once
 
     @property
     def drafter(self) -> str:
         return self.prepared.drafter
 
     def abort(self) -> None:
-        """Stop generation at the next verify step (no-op once finished)."""
+        """Stop generation at the next verify step (no-op once finished); a
+        request still waiting leaves the queue at once, so its slot is free."""
+        first = not self.cancel.is_set()
         self.cancel.set()
+        if first and self.withdraw is not None:
+            self.withdraw(self)
 
     def _put(self, item) -> None:
         try:
@@ -143,6 +149,9 @@ class Engine:
         self.drafters: dict[str, Any] = {}  # name -> Drafter (None for "none")
         self.unavailable: dict[str, str] = {}  # name -> why the bundle cannot offer it
         self.default_drafter: str | None = None
+        self.chat_template = None  # chat.ChatTemplate, when the bundle carries one
+        self.chat_template_error: str | None = None
+        self.loaded_at: float | None = None  # time.time() when the bundle was ready
         self._cv = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
@@ -200,6 +209,12 @@ class Engine:
             raise ValueError(f"default_drafter {s.default_drafter!r} is not available: {why}")
         self._generate = generate_steps
         self.drafter_names = tuple(DRAFTERS)
+        try:
+            self.chat_template = ChatTemplate.of_bundle(self.bundle)
+        except ChatTemplateError as e:  # chat answers 400 with this; everything else serves
+            self.chat_template_error = str(e)
+            log.warning("chat completions unavailable: %s", e)
+        self.loaded_at = time.time()
         tree = self.drafters.get("tree")
         if getattr(tree, "calibration", None):
             c = tree.calibration
@@ -233,10 +248,10 @@ class Engine:
             raise InvalidRequest(f"Input validation error: drafter {name!r} is not available for this "
                                  f"bundle: {self.unavailable.get(name, 'not loaded')}")
         tok = self.bundle.tokenizer
+        n_vocab = min(tok.n_vocab, cfg.vocab_size)
         if isinstance(prompt, list):  # token ids (OpenAI's completions take them)
             if not prompt:
                 raise InvalidRequest("Input validation error: the prompt's token list is empty")
-            n_vocab = min(tok.n_vocab, cfg.vocab_size)
             if not all(0 <= t < n_vocab for t in prompt):
                 raise InvalidRequest(f"Input validation error: prompt token ids must be in [0, {n_vocab})")
             ids, prompt = list(prompt), tok.decode(prompt)
@@ -247,6 +262,10 @@ class Engine:
             ids = None
         for s in params.stop:
             _strict_utf8("stop", s)
+        bad = [t for t in params.logit_bias if not 0 <= t < n_vocab]
+        if bad:
+            raise InvalidRequest(f"Input validation error: logit_bias token ids must be in [0, {n_vocab}), "
+                                 f"got {bad[:5]}")
         if params.max_new_tokens > cfg.block_size - 1:
             raise InvalidRequest(f"Input validation error: max_new_tokens must be <= {cfg.block_size - 1} "
                                  f"(the context is {cfg.block_size} tokens); got {params.max_new_tokens}")
@@ -267,16 +286,42 @@ class Engine:
 
     def submit(self, prepared: Prepared) -> Job:
         """Admit a request or raise ``Overloaded``; never blocks."""
-        job = Job(id=uuid.uuid4().hex, prepared=prepared, loop=asyncio.get_running_loop(),
-                  queue=asyncio.Queue())
+        return self.submit_all([prepared])[0]
+
+    def submit_all(self, prepared: list[Prepared]) -> list[Job]:
+        """Admit all of these requests (a batch of prompts, or n choices) or
+        none: ``Overloaded`` unless there are slots for every one."""
+        loop = asyncio.get_running_loop()
+        jobs = [Job(id=uuid.uuid4().hex, prepared=p, loop=loop, queue=asyncio.Queue(), withdraw=self._withdraw)
+                for p in prepared]
         with self._cv:
             self._require_ready()
-            if len(self._running) + len(self._waiting) >= self.settings.max_running + self.settings.max_waiting:
+            if len(self._running) + len(self._waiting) + len(jobs) > self.capacity:
                 raise Overloaded("Model is overloaded")
-            self._waiting.append(job)
-            self.metrics.waiting.labels(job.drafter).inc()
+            for job in jobs:
+                self._waiting.append(job)
+                self.metrics.waiting.labels(job.drafter).inc()
             self._cv.notify()
-        return job
+        return jobs
+
+    def _withdraw(self, job: Job) -> None:
+        """A cancelled request that is still waiting leaves the queue now
+        (not when it reaches the front), and its listener hears so."""
+        with self._cv:
+            if job not in self._waiting:
+                return  # running (it stops at its next step) or already gone
+            self._waiting.remove(job)
+        m = self.metrics
+        m.waiting.labels(job.drafter).dec()
+        m.failure.labels(job.drafter, "cancelled").inc()
+        job.done = True
+        job._put(StepEvent(tokens=[], logprobs=[], texts=[], finish_reason=FINISH_CANCELLED,
+                           stats=SpecStats(drafter=job.drafter)))
+
+    @property
+    def capacity(self) -> int:
+        """The most requests admitted at once: running plus waiting."""
+        return self.settings.max_running + self.settings.max_waiting
 
     def _require_ready(self) -> None:
         if self.state == "loading":

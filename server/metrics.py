@@ -53,7 +53,7 @@ class Metrics:
         self.prompt_tokens = Counter("treespec_prompt_tokens", "Prompt tokens prefilled", D, registry=r)
         self.generation_tokens = Counter("treespec_generation_tokens", "Tokens generated (counted as each verify step produces them)", D, registry=r)
         self.success = Counter("treespec_request_success", "Requests that finished", D + ["finish_reason"], registry=r)
-        self.failure = Counter("treespec_request_failure", "Requests that did not finish: validation, too_large, unauthorized, overloaded, cancelled, internal, shutdown", D + ["reason"], registry=r)
+        self.failure = Counter("treespec_request_failure", "Requests that did not finish: validation, too_large, unauthorized, overloaded, unavailable, cancelled, disconnected, internal", D + ["reason"], registry=r)
         self.batch_size = Histogram("treespec_batch_size", "Requests whose forwards ran together in one model forward (continuous batching)", buckets=tuple(float(2 ** i) for i in range(8)), registry=r)
         self.batch_tokens = Histogram("treespec_batch_tokens", "Token rows in one model forward, over all its requests (prompt chunks and verified drafts included)", buckets=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0), registry=r)
         self.kv_cache_bytes = Gauge("treespec_kv_cache_bytes", "Bytes held by the KV caches of live requests", registry=r)

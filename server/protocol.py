@@ -38,6 +38,25 @@ def _check_stop(stop: list[str]) -> list[str]:
     return stop
 
 
+MAX_BIAS = 300  # tokens in one logit_bias, as OpenAI's limit
+
+
+def _check_bias(v: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias: token ids (as JSON object keys, so strings) to values in [-100, 100]."""
+    if v is None:
+        return None
+    if len(v) > MAX_BIAS:
+        raise ValueError(f"logit_bias may name at most {MAX_BIAS} tokens, got {len(v)}")
+    out = {}
+    for k, b in v.items():
+        if not k.strip().lstrip("-").isdigit():
+            raise ValueError(f"logit_bias keys must be token ids, got {k!r}")
+        if not -100.0 <= b <= 100.0:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {b} for token {k}")
+        out[int(k)] = float(b)
+    return out
+
+
 def _refuse(name: str, value, neutral) -> None:
     if value is not None and value != neutral:
         raise ValueError(f"{name}={value!r} is not supported by treespec (only {neutral!r})")
@@ -103,7 +122,8 @@ class CompletionRequest(_Strict):
     """OpenAI's legacy completions request, plus treespec's top_k/drafter/k_max and vLLM's repetition_penalty."""
 
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]  # text or token ids; one prompt
+    # One prompt (text or token ids) or a batch of them (a list of texts or of token-id lists).
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (with echo and logprobs)
     temperature: float | None = Field(None, ge=0.0, le=100.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -118,20 +138,30 @@ class CompletionRequest(_Strict):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0)  # not OpenAI's; as vLLM's
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
     drafter: str | None = None
     k_max: int | None = Field(None, ge=1, le=MAX_K)
     user: str | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v):
-        if isinstance(v, list) and v and all(isinstance(t, int) for t in v):
-            return v  # one prompt, as token ids
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError(f"exactly one prompt is supported, got a list of {len(v)}")
-            return v[0]
+    def _prompts(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("the prompt list is empty")
         return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: each prompt as text or as token ids."""
+        v = self.prompt
+        if isinstance(v, str) or all(isinstance(t, int) for t in v):
+            return [v]
+        return list(v)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        return _check_bias(v)
 
     @field_validator("stop")
     @classmethod
@@ -144,14 +174,130 @@ class CompletionRequest(_Strict):
     def _unsupported(self):
         if self.max_tokens == 0 and not (self.echo and self.logprobs is not None):
             raise ValueError("max_tokens=0 only scores the prompt: it needs echo=true and logprobs")
-        if self.n > 1 and self.stream:
-            raise ValueError(f"n={self.n} is not supported with stream (stream one completion per request)")
         _refuse("best_of", self.best_of, 1)
+        if self.suffix:  # "" is what some clients send for "none"
+            raise ValueError("suffix is not supported: inserting text needs a model trained for "
+                             "fill-in-the-middle, which treespec's models are not")
         return self
 
     def sampling_temperature(self) -> float:
         # OpenAI's default temperature is 1 (sampling); 0 is greedy.
         return 1.0 if self.temperature is None else self.temperature
+
+
+class ContentPart(_Strict):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text: a string, or its text parts joined (as vLLM does)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"only text content is supported, got a {part.type!r} part")
+        return "\n".join(part.text for part in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Strict):
+    """OpenAI's chat completions request, plus treespec's top_k/drafter/k_max and vLLM's repetition_penalty."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    temperature: float | None = Field(None, ge=0.0, le=100.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_N)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    drafter: str | None = None
+    k_max: int | None = Field(None, ge=1, le=MAX_K)
+    # Known options treespec does not implement: refused unless neutral.
+    tools: list | None = None
+    functions: list | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return []
+        return _check_stop([v] if isinstance(v, str) else v)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        return _check_bias(v)
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.tools or self.functions:
+            raise ValueError("tools and functions are not supported: the model does not call tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise ValueError(f"tool_choice={self.tool_choice!r} is not supported: the model does not call tools")
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported (only 'text')")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens disagree: send one of them")
+        for m in self.messages:
+            m.text()  # non-text parts are a 422 here
+        return self
+
+    def sampling_temperature(self) -> float:
+        return 1.0 if self.temperature is None else self.temperature
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize (``prompt``, or chat ``messages`` through the template) or TGI's (``inputs``)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    inputs: str | None = None
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("prompt", "messages", "inputs") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("send exactly one of prompt, messages (vLLM's shape) or inputs (TGI's)")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---------------------------------------------------------------- responses
@@ -223,6 +369,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    speculative: Speculative | None = None  # treespec's: on the choice's last chunk or whole
 
 
 class Usage(BaseModel):
@@ -238,6 +385,78 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] = []
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str
+    speculative: Speculative | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    speculative: Speculative | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "treespec"
+    root: str | None = None
+    max_model_len: int  # vLLM's field: the context length
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 class ErrorResponse(BaseModel):

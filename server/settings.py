@@ -52,8 +52,9 @@ class Settings:
     # Name reported as the OpenAI "model" and TGI "model_id"; default: the bundle directory name.
     model_name: str | None = None
     device: str = "cpu"
-    # Weight precision of the matrix products: auto (the fastest of float32 and
-    # bfloat16 timed at startup), float32, bfloat16 or int8 (docs/performance.md).
+    # Weight precision of the matrix products: auto (the fastest timed at startup
+    # among float32, bfloat16 and int8 whose loss on a quality check stays within
+    # bounds of float32's), float32, bfloat16 or int8 (docs/performance.md).
     dtype: str = "auto"
     # torch intra-op threads for the model; 0 keeps torch's default.
     threads: int = 0

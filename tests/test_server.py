@@ -166,6 +166,14 @@ def sse_events(lines) -> list:
     return out
 
 
+def error_of(r: httpx.Response) -> tuple[str, str]:
+    """(message, type) of an error: TGI's shape, or OpenAI's on the /v1/ routes."""
+    body = r.json()
+    if isinstance(body["error"], dict):
+        return body["error"]["message"], body["error"]["type"]
+    return body["error"], body["error_type"]
+
+
 def generate(c: httpx.Client, inputs: str, **params) -> dict:
     r = c.post("/generate", json={"inputs": inputs, "parameters": {"details": True, **params}})
     assert r.status_code == 200, r.text
@@ -199,7 +207,7 @@ def test_generate_routes_need_the_api_key(srv):
                          ("/v1/completions", {"prompt": PROMPT, "max_tokens": 2})):
             r = httpx.post(srv.url + route, json=b, headers=headers, timeout=30)
             assert r.status_code == 401, (route, headers, r.text)
-            assert r.json()["error_type"] == "unauthorized"
+            assert error_of(r)[1] == "unauthorized"
             assert r.headers["www-authenticate"] == "Bearer"
     assert httpx.post(srv.url + "/generate", json=body, headers=AUTH, timeout=60).status_code == 200
 
@@ -489,11 +497,23 @@ BAD_INPUTS = [
     ("openai: empty prompt", "/v1/completions", {"prompt": "  "}, 422, "empty"),
     ("openai: max_tokens zero without echo", "/v1/completions", {"prompt": "hi", "max_tokens": 0}, 422,
      "max_tokens=0 only scores the prompt"),
-    ("openai: n=2 streamed", "/v1/completions", {"prompt": "hi", "n": 2, "stream": True}, 422, "n=2 is not supported"),
     ("openai: n above 16", "/v1/completions", {"prompt": "hi", "n": 17}, 422, "n"),
     ("openai: logprobs above 5", "/v1/completions", {"prompt": "hi", "logprobs": 6}, 422, "logprobs"),
     ("top_n_tokens above 5", "/generate", {"inputs": "hi", "parameters": {"top_n_tokens": 6}}, 422, "top_n_tokens"),
-    ("openai: two prompts", "/v1/completions", {"prompt": ["a", "b"]}, 422, "exactly one prompt"),
+    ("openai: empty prompt list", "/v1/completions", {"prompt": []}, 422, "prompt list is empty"),
+    ("openai: more completions than the server ever admits", "/v1/completions", {"prompt": ["a", "b", "c"], "n": 2},
+     422, "at most 4 at once"),
+    ("openai: suffix", "/v1/completions", {"prompt": "hi", "suffix": "x"}, 422, "suffix is not supported"),
+    ("openai: logit_bias above 100", "/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, 422,
+     "logit_bias values must be in"),
+    ("openai: logit_bias key not a token id", "/v1/completions", {"prompt": "hi", "logit_bias": {"five": 1}}, 422,
+     "logit_bias keys must be token ids"),
+    ("chat: no messages", "/v1/chat/completions", {"messages": []}, 422, "messages"),
+    ("chat: unknown role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 422, "role"),
+    # float32's edge: a logit divided by this overflows (NaN probabilities, then a 500 on details)
+    ("repetition_penalty 1e-39", "/generate", {"inputs": "hi", "parameters": {"repetition_penalty": 1e-39}}, 422,
+     "repetition_penalty must be >= 0.01"),
+    ("JSON nested 1000 deep", "/generate", b"[" * 1000 + b"]" * 1000, 422, "nested too deeply"),
     ("openai: token id past the vocabulary", "/v1/completions", {"prompt": [5, 50300]}, 422, "token ids must be in"),
     ("openai: empty token list", "/v1/completions", {"prompt": [[]]}, 422, "token list is empty"),
     ("openai: five stops", "/v1/completions", {"prompt": "hi", "stop": list("abcde")}, 422, "at most 4"),
@@ -510,6 +530,9 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(srv, client, ca
         r = client.post(route, json=body)
     assert r.status_code == status, r.text
     err = r.json()
+    if route.startswith("/v1/"):  # OpenAI's shape, which its SDK reads the message from
+        assert set(err) == {"error"} and set(err["error"]) == {"message", "type", "param", "code"}
+        err = {"error": err["error"]["message"], "error_type": err["error"]["type"]}
     assert set(err) == {"error", "error_type"}
     assert err["error_type"] == ("validation" if status == 422 else "payload_too_large")
     assert words.lower() in err["error"].lower(), err["error"]
@@ -565,6 +588,7 @@ def test_sixteen_parallel_requests_each_succeed_or_get_429_quickly(srv):
     for r in rs:
         if r.status_code == 429:
             assert r.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
+            assert r.headers["retry-after"] == "1"  # clients (the OpenAI SDK among them) back off by it
         else:
             assert r.json()["generated_text"] is not None
     # Only running + waiting slots can be admitted while the first ones are
@@ -684,6 +708,90 @@ def test_client_disconnect_on_generate_stops_compute(srv):
     after = srv.wait_idle()
     assert stopped_at - total(before, "treespec_generation_tokens_total") < 50
     assert delta(before, after, "treespec_request_failure_total", reason="cancelled") == 1
+
+
+def _strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as every JSON parser but Python's does."""
+    return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in a response: not JSON"))
+
+
+def test_values_at_float32_s_edge_never_put_nan_on_the_wire(srv, client):
+    """temperature 1e-39 (below 1e-5 decodes greedily, as vLLM) and top_p 1e-45 (the top
+    token always stays) give the greedy tokens with finite log-probabilities, on every route."""
+    ref = generate(client, PROMPT, max_new_tokens=4, top_n_tokens=2)
+    for extra in ({"temperature": 1e-39, "do_sample": True, "seed": 1}, {"top_p": 1e-45, "do_sample": True, "seed": 1}):
+        r = client.post("/generate", json={"inputs": PROMPT, "parameters": {
+            "max_new_tokens": 4, "details": True, "top_n_tokens": 2, **extra}})
+        assert r.status_code == 200, r.text
+        out = _strict_json(r.text)
+        assert [t["id"] for t in out["details"]["tokens"]] == [t["id"] for t in ref["details"]["tokens"]]
+    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 1e-39, "logprobs": 2, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+    text = "".join(_strict_json(line[5:])["choices"][0]["text"] for line in lines)
+    assert text == ref["generated_text"]
+
+
+def test_client_that_leaves_mid_upload_is_one_log_line_not_an_error(srv):
+    import socket
+
+    before = srv.wait_idle()
+    n_log = len(srv.log)
+    host, port = srv.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n"
+                     b'{"inputs": "hel')
+        time.sleep(0.3)  # the server is now reading the body
+    deadline = time.monotonic() + 10
+    while delta(before, srv.metrics(), "treespec_request_failure_total", reason="disconnected") < 1:
+        assert time.monotonic() < deadline, "".join(srv.log[n_log:])
+        time.sleep(0.05)
+    after = srv.metrics()
+    assert delta(before, after, "treespec_request_failure_total", reason="internal") == 0
+    new = "".join(srv.log[n_log:])
+    assert "client left /generate while sending its request body" in new and "Traceback" not in new
+
+
+def test_a_queued_request_whose_client_left_gives_its_slot_back(srv, client):
+    """With running and waiting both full, a waiting client that hangs up frees its
+    waiting slot at once (not when it would have reached the front)."""
+    before = srv.wait_idle()
+    slow = {"inputs": "[[slow]] hi", "parameters": {"max_new_tokens": 60, "drafter": "none"}}
+    runners = []
+
+    def run():
+        runners.append(httpx.post(srv.url + "/generate", json=slow, headers=AUTH, timeout=60).status_code)
+
+    threads = [threading.Thread(target=run) for _ in range(MAX_RUNNING)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while total(srv.metrics(), "treespec_requests_running") < MAX_RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    waiting = [httpx.Client(base_url=srv.url, headers=AUTH, timeout=60) for _ in range(MAX_WAITING)]
+    streams = [c.stream("POST", "/generate_stream", json=slow) for c in waiting]
+    responses = [st.__enter__() for st in streams]  # admitted: headers come back while they wait
+    assert total(srv.metrics(), "treespec_requests_waiting") == MAX_WAITING
+    full = client.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 1}})
+    assert full.status_code == 429
+    for st, c in zip(streams, waiting):  # both waiting clients hang up
+        st.__exit__(None, None, None)
+        c.close()
+    deadline = time.monotonic() + 5
+    while total(srv.metrics(), "treespec_requests_waiting") > 0:
+        assert time.monotonic() < deadline, "the waiting slots were not given back"
+        time.sleep(0.02)
+    assert total(srv.metrics(), "treespec_requests_running") == MAX_RUNNING  # the runners still run
+    r = client.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 1}})
+    assert r.status_code == 200, r.text  # admitted: it waits behind the runners
+    for t in threads:
+        t.join()
+    assert runners == [200] * MAX_RUNNING and all(x.status_code == 200 for x in responses)
+    after = srv.wait_idle()
+    assert delta(before, after, "treespec_request_failure_total", reason="cancelled") == MAX_WAITING
+    assert delta(before, after, "treespec_request_failure_total", reason="overloaded") == 1
 
 
 # ---------------------------------------------------------------- shutdown

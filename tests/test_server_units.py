@@ -70,7 +70,10 @@ def test_openai_defaults_to_sampling_at_temperature_one():
     assert P.CompletionRequest.model_validate({"prompt": "x"}).sampling_temperature() == 1.0
     assert P.CompletionRequest.model_validate({"prompt": "x", "temperature": 0}).sampling_temperature() == 0.0
     assert P.CompletionRequest.model_validate({"prompt": "x", "stop": "\n"}).stop == ["\n"]
-    assert P.CompletionRequest.model_validate({"prompt": ["only"]}).prompt == "only"
+    # One prompt or a batch, as text or token ids: prompts() is the batch.
+    for prompt, batch in (("one", ["one"]), (["a", "b"], ["a", "b"]), ([5, 6], [[5, 6]]),
+                          ([[5, 6], [7]], [[5, 6], [7]]), (["only"], ["only"])):
+        assert P.CompletionRequest.model_validate({"prompt": prompt}).prompts() == batch
 
 
 def test_health_is_503_until_the_bundle_has_loaded():

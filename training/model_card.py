@@ -38,6 +38,14 @@ def sample_text(bundle, prompt: str, max_new_tokens: int = 80, temperature: floa
     return res.text
 
 
+CHAT_NOTE = (
+    "## Chat\n\n"
+    "This model is **not instruction-tuned**: it continues text. Its chat template "
+    "(`treespec chat-template models/default`) is a plain `User:` / `Assistant:` transcript that "
+    "`/v1/chat/completions` continues until the next `User:` turn; expect the reply of a model that has "
+    "read Python and Shakespeare, not of an assistant.")
+
+
 def sample_length(bundle, prompt: str, wanted: int = 80) -> int:
     """``wanted`` new tokens, or as many as the model's context leaves after the prompt."""
     return max(1, min(wanted, bundle.config.block_size - len(bundle.tokenizer.encode(prompt))))
@@ -86,11 +94,14 @@ def render(bundle, summary: dict, samples: dict[str, tuple[str, str]], history: 
         "treespec prepare-data --sources stdlib,shakespeare --out data/default",
         *(train_commands or [f"treespec train --preset cpu-default --max_steps={summary['steps']} --out_dir=runs/default"]),
         "cp -r runs/default/bundle/. models/default/",
+        "treespec chat-template models/default --transcript",
         "```",
         "",
     ]
     if history:
         lines += [history, ""]
+    if bundle.meta.get("chat_template"):
+        lines += [CHAT_NOTE, ""]
     lines += [
         "## Held-out loss (test split, nats/token)",
         "",

@@ -26,6 +26,7 @@ COMMANDS = {
     "draft-fit": "treespec.draft.fit",
     "import": "treespec.model.convert_cli",
     "export": "treespec.model.convert_cli",
+    "chat-template": "treespec.server.chat",
 }
 
 
