@@ -413,7 +413,8 @@ def _groups(model) -> dict[str, list[tuple[torch.nn.Module | None, torch.Tensor,
     return {"trunk": trunk, "head": head}
 
 
-def _choose(groups_packed: dict[str, list[Packed]], precision: str, measure: Measure):
+def _choose(groups_packed: dict[str, list[Packed]], precision: str, measure: Measure,
+            buckets: tuple[int, ...] = ROW_BUCKETS):
     """Per group, the kernel for each row bucket. The buckets of one sequence's
     decode steps (1 row, or a verify step's up to DECODE_ROWS) share one kernel
     that gives a row the same result whatever rows come with it: otherwise a
@@ -421,16 +422,18 @@ def _choose(groups_packed: dict[str, list[Packed]], precision: str, measure: Mea
     a token, and speculation would no longer be lossless (with bf16 weights on
     a random tiny model it did). The skinny kernel has that property by
     construction (csrc/skinny.c), so it takes those buckets wherever it
-    builds; without it, the candidate fastest over those buckets together.
-    Larger buckets (batched forwards of several requests, prompt chunks) take
-    whichever is fastest for each."""
+    builds, and only it is timed there (for the report, and for auto's
+    choice of precision); without it, the candidate fastest over those
+    buckets together. Larger buckets (batched forwards of several requests,
+    prompt chunks) take whichever is fastest for each."""
     names = available(precision)
     choices, timings = {}, {}
-    decode = [b for b in ROW_BUCKETS if b <= DECODE_ROWS]
+    decode = [b for b in buckets if b <= DECODE_ROWS]
     for g, packed in groups_packed.items():
         choices[g], timings[g] = {}, {}
-        for b in ROW_BUCKETS:
-            t = {c: measure(g, b, c, packed) for c in names}
+        for b in buckets:
+            timed = ["skinny"] if b in decode and "skinny" in names else names
+            t = {c: measure(g, b, c, packed) for c in timed}
             timings[g][b] = {c: round(v, 4) for c, v in t.items()}
             choices[g][b] = min(t, key=t.get)
         one = "skinny" if "skinny" in names else min(names, key=lambda c: sum(timings[g][b][c] for b in decode))
@@ -510,9 +513,9 @@ def plan(model, precision: str = "auto", *, measure: Measure | None = None, samp
         tried = ["float32"] + (["bfloat16"] if skinny or native_bf16() else []) + (
             ["int8"] if skinny and samples else [])
         results = {}
-        for p in tried:
+        for p in tried:  # one-row passes decide; the other buckets are timed for the winner only
             packed = {g: [Packed.of(w, b, p) for _, w, b in items] for g, items in groups.items()}
-            results[p] = (packed, *_choose(packed, p, measure))
+            results[p] = (packed, *_choose(packed, p, measure, buckets=(1,)))
             precision_ms[p] = round(sum(results[p][2][g][1][results[p][1][g][1]] for g in groups), 4)
         notes = [", ".join(f"{p} {ms:.2f} ms" for p, ms in precision_ms.items()) + " for a one-row pass"]
         precision = "float32"
@@ -526,7 +529,10 @@ def plan(model, precision: str = "auto", *, measure: Measure | None = None, samp
             if base is None:
                 model.set_kernels(None)
                 base = sample_loss(model, samples)
-            _install(model, groups, *results[p][:2])
+            # The samples run as one prefill (more rows than any bucket: torch's GEMM on the
+            # rounded weights), so the one-row choice can stand in for every bucket.
+            _install(model, groups, results[p][0], {g: dict.fromkeys(ROW_BUCKETS, c[1])
+                                                     for g, c in results[p][1].items()})
             cost = {d: v - base[d] for d, v in sample_loss(model, samples).items()}
             ok = all(c <= QUALITY_BOUNDS[p] for c in cost.values())
             notes.append(f"{p} costs " + ", ".join(f"{d} {c:+.4f}" for d, c in cost.items())
@@ -537,7 +543,8 @@ def plan(model, precision: str = "auto", *, measure: Measure | None = None, samp
         if not samples:
             notes.append("int8 only with a quality check (--dtype int8 to force it)")
         reason = "auto: " + "; ".join(notes)
-        packed, choices, timings = results[precision]
+        packed = results[precision][0]
+        choices, timings = _choose(packed, precision, measure)
     else:
         packed = {g: [Packed.of(w, b, precision) for _, w, b in items] for g, items in groups.items()}
         choices, timings = _choose(packed, precision, measure)
