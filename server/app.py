@@ -36,6 +36,7 @@ from starlette.requests import ClientDisconnect
 
 from treespec import __version__
 from treespec.draft.types import FINISH_CANCELLED, SamplingParams, StepEvent
+from treespec.model.tokenizer import EOT_TEXT
 
 from . import protocol as P
 from .chat import ChatTemplateError
@@ -614,10 +615,21 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
                 text = chat_template().render([_message(m) for m in req.messages], req.add_generation_prompt)
             except ChatTemplateError as e:
                 raise ApiError(400, str(e), "invalid_request") from None
-            ids = tok.encode(text, allow_eot=True)
         else:
-            ids = tok.encode(req.prompt)
+            text = req.prompt
+        # "<|endoftext|>" is the special token here, as a Hugging Face tokenizer (vLLM's) reads it.
+        ids = tok.encode(text, allow_eot=True)
         return {"count": len(ids), "max_model_len": bundle.config.block_size, "tokens": ids}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        """vLLM's: what a remote client needs to tokenize as the server does (lm-eval's
+        ``tokenizer_backend=remote`` reads it, then calls /tokenize and /detokenize)."""
+        check_auth(request)
+        bundle = require_bundle()
+        return {"tokenizer_class": "tiktoken r50k_base (GPT-2 BPE)", "eos_token": EOT_TEXT, "bos_token": EOT_TEXT,
+                "pad_token": None, "model_max_length": bundle.config.block_size,
+                "chat_template": bundle.meta.get("chat_template")}
 
     @app.post("/detokenize")
     async def detokenize(request: Request):

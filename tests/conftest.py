@@ -15,6 +15,21 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_flush_denormal(True)
 torch.set_num_threads(1)  # tiny models: more threads only add OpenMP spin and contention
 
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI (CI=true) a skip is a failure: a missing component must never pass
+    silently. Locally a skip still says what is missing and how to get it."""
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where nothing may be missing: {reason}"
+
 
 def tiny_config(**kw) -> GPTConfig:
     """A network small enough that a forward takes milliseconds."""

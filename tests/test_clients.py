@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from conftest import tiny_model
-from test_server import error_of, sse_events, start_server, stop_server
+from test_server import error_of, first_clean_stop, sse_events, start_server, stop_server
 
 API_KEY = "clients-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -62,14 +62,6 @@ def greedy_text(http: httpx.Client, inputs: str, n: int, **params) -> dict:
     r = http.post("/generate", json={"inputs": inputs, "parameters": {"max_new_tokens": n, "details": True, **params}})
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def first_clean_stop(toks: list[str], start: int = 1) -> int:
-    """The first token k >= start whose text first appears in the output right where it
-    begins: used as a stop string, it cuts the output exactly before token k."""
-    text = "".join(toks)
-    return next(k for k in range(start, len(toks))
-                if toks[k].strip() and text.find(toks[k]) == len("".join(toks[:k])))
 
 
 def transcript(messages: list[dict]) -> str:
@@ -285,6 +277,11 @@ def test_tokenize_and_detokenize_in_vllm_and_tgi_shapes(http):
     assert "".join(text[t["start"]:t["stop"]] for t in tgi) == text and tgi[0]["start"] == 0
     chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
     assert http.post("/detokenize", json={"tokens": chat["tokens"]}).json()["prompt"] == "User: hi\nAssistant:"
+    # The end-of-text token as vLLM's tokenizer reads it, and the info a remote tokenizer needs.
+    assert http.post("/tokenize", json={"prompt": "a<|endoftext|>"}).json()["tokens"] == [64, 50256]
+    info = http.get("/tokenizer_info").json()
+    assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == BLOCK
+    assert info["chat_template"].startswith("{% for m in messages %}")
     bad = http.post("/detokenize", json={"tokens": [1, 60000]})
     assert bad.status_code == 422 and "token ids must be in" in error_of(bad)[0]
     both = http.post("/tokenize", json={"prompt": "a", "inputs": "b"})
