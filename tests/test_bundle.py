@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,10 +109,28 @@ def test_bad_config(tiny_bundle):
         load_bundle(tiny_bundle)
 
 
-def test_pickle_is_never_loaded(tiny_bundle):
-    """A pickle where the weights belong is refused, not executed."""
+class _Payload:
+    """Unpickling this creates a file: what a malicious checkpoint does."""
+
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (Path.touch, (self.sentinel,))
+
+
+def test_pickle_is_never_loaded(tiny_bundle, tmp_path):
+    """A pickle with code in it where the weights belong (its checksum re-recorded, so only
+    the format stands in the way) is refused, and its code never runs."""
     import pickle
-    (tiny_bundle / "model.safetensors").write_bytes(pickle.dumps({"x": 1}))
+
+    sentinel = tmp_path / "pwned"
+    payload = pickle.dumps({"weight": _Payload(sentinel)})
+    pickle.loads(payload)  # the payload is live: unpickling it does create the file
+    assert sentinel.exists()
+    sentinel.unlink()
+    (tiny_bundle / "model.safetensors").write_bytes(payload)
     _rewrite_manifest(tiny_bundle)
     with pytest.raises(BundleError, match="unreadable safetensors"):
         load_bundle(tiny_bundle)
+    assert not sentinel.exists()

@@ -4,6 +4,7 @@ request semantics, and /health's 503 before the bundle has loaded."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import httpx
 import pytest
@@ -114,50 +115,66 @@ def test_a_bundle_that_fails_to_load_keeps_health_at_503_with_the_reason(tmp_pat
     assert called == [True]  # `treespec serve` stops (exit 1) instead of serving nothing
 
 
-class _FakeTree:
-    """Stands in for a fitted tree drafter: the registry is what is under test here."""
+def _served_bundle(tmp_path, fitted, ranks_path, tree: str) -> Path:
+    """The session's fitted bundle as it is ("fitted"), without its draft/ ("missing"),
+    with its draft/ beside other weights of the same shape ("other weights"), or with
+    a byte of its tree changed ("tampered")."""
+    import shutil
 
-    name, k_max = "tree", 3
+    from treespec.model import save_bundle
 
-    def propose(self, context, features, k_max):
-        from treespec.draft.types import Draft
+    from conftest import tiny_model
 
-        return Draft(tokens=[])
+    src, _ = fitted
+    if tree == "other weights":
+        path = save_bundle(tmp_path / "bundle", tiny_model(seed=5), ranks_path)
+        shutil.copytree(src / "draft", path / "draft")
+        return path
+    path = tmp_path / "bundle"
+    shutil.copytree(src, path)
+    if tree == "missing":
+        shutil.rmtree(path / "draft")
+    elif tree == "tampered":
+        text = (path / "draft" / "tree.txt").read_text()
+        (path / "draft" / "tree.txt").write_text(text.replace("leaf_value=", "leaf_value=1", 1))
+    return path
 
 
-@pytest.mark.parametrize("tree,setting,default", [
-    ("fitted", "auto", "tree"),  # auto: the bundle's tree when it has one
-    ("missing", "auto", "ngram"),  # ... else ngram
-    ("broken", "auto", "ngram"),  # a broken tree costs the tree only
-    ("fitted", "none", "none"),
+@pytest.mark.parametrize("tree,setting,default,why", [
+    ("fitted", "auto", "tree", None),  # auto: the bundle's tree when it has one
+    ("missing", "auto", "ngram", "the tree drafter is not fitted for this bundle"),  # ... else ngram
+    ("other weights", "auto", "ngram", "this drafter was fitted against model weights"),  # costs the tree only
+    ("tampered", "auto", "ngram", "tree.txt: checksum does not match meta.json"),
+    ("fitted", "none", "none", None),
 ])
-def test_default_drafter(tiny_bundle, monkeypatch, tree, setting, default):
+def test_default_drafter(tmp_path, fitted, ranks_path, monkeypatch, tree, setting, default, why):
+    """The real registry and the real drafter through Engine.load, and what /info says."""
     from treespec.draft import registry
+    from treespec.server.app import engine_info
     from treespec.server.engine import Engine
     from treespec.server.metrics import Metrics
 
     real = registry.make_drafter
     asked = []
 
-    def make(name, bundle, calibrate=False):
+    def spy(name, bundle, calibrate=False):
         asked.append(calibrate)
-        if name != "tree":
-            return real(name, bundle)
-        if tree == "fitted":
-            return _FakeTree()
-        if tree == "broken":
-            raise ValueError("meta.json: fitted against other weights")
-        raise registry.DrafterUnavailable("no draft/meta.json")
+        return real(name, bundle, calibrate=False)  # calibrating is timed elsewhere; keep this fast
 
-    monkeypatch.setattr(registry, "make_drafter", make)
-    engine = Engine(Settings(bundle=str(tiny_bundle), default_drafter=setting), Metrics())
+    monkeypatch.setattr(registry, "make_drafter", spy)
+    settings = Settings(bundle=str(_served_bundle(tmp_path, fitted, ranks_path, tree)), default_drafter=setting,
+                        dtype="float32")
+    engine = Engine(settings, Metrics())
     engine.load()
     try:
         assert engine.default_drafter == default
         assert asked and all(asked)  # the server calibrates its drafters by default (calibrate_drafter)
-        assert ("tree" in engine.drafters) == (tree == "fitted")
-        if tree != "fitted":
-            assert "tree" in engine.unavailable
+        info = engine_info(engine, settings)["drafters"]
+        assert info["default"] == default
+        if why is None:
+            assert "tree" in info["available"] and info["settings"]["tree"]["k_max"] == 3
+        else:
+            assert "tree" not in info["available"] and why in info["unavailable"]["tree"], info["unavailable"]
     finally:
         engine.shutdown(0)
 
