@@ -13,10 +13,14 @@ BUNDLE ?= models/default
 .PHONY: venv test serve clean
 
 $(STAMP): pyproject.toml
+	@echo "treespec: first run, setting up $(VENV) (about 2 minutes, once)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "treespec: [1/2] installing $(TORCH), the CPU build (about 200 MB)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	@echo "treespec: [2/2] installing treespec and its dependencies (fastapi, lightgbm, tiktoken, ...; about a minute)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	touch $(STAMP)
+	@echo "treespec: $(VENV) is ready"
 
 venv: $(STAMP)
 

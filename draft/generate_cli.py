@@ -17,7 +17,7 @@ def add_parser(sub, name: str) -> None:
                                    "and the speculative decoding statistics instead.")
     p.add_argument("--bundle", default="models/default", help="model bundle directory (default: %(default)s)")
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads it from stdin)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 is off")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0 is off")
@@ -29,12 +29,14 @@ def add_parser(sub, name: str) -> None:
                    help="minus this once a token is in the output, -2 to 2 (0 is off)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
-    p.add_argument("--drafter", choices=DRAFTERS, default="ngram", help="(default: %(default)s)")
+    p.add_argument("--drafter", choices=("auto", *DRAFTERS), default="auto",
+                   help="auto (the default, as `treespec serve`): the bundle's tree drafter when it has one "
+                        "that loads, else ngram (prompt lookup); none is vanilla decoding")
     p.add_argument("--k-max", type=int, default=None, help="cap on draft length (default: the drafter's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="weight precision of the matrix products; auto: the fastest of float32 and "
-                        "bfloat16 timed on this CPU (default: %(default)s; docs/performance.md)")
+                   help="weight precision of the matrix products; auto: the fastest timed on this CPU "
+                        "within the quality bounds (default: %(default)s; docs/performance.md)")
     p.add_argument("--no-calibrate", action="store_true",
                    help="keep the tree's fitted costs instead of timing them on this machine first (about 2 s)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of the text")
@@ -47,7 +49,7 @@ def run(args) -> int:
     from ..model import BundleError
     from ..model.kernels import load_for_inference
     from .engine import generate
-    from .registry import DrafterUnavailable, make_drafter
+    from .registry import DrafterUnavailable, auto_drafter, make_drafter
     from .types import SamplingParams
 
     if args.threads:
@@ -55,7 +57,19 @@ def run(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:
         bundle, kernels = load_for_inference(args.bundle, args.dtype)
-        drafter = make_drafter(args.drafter, bundle, calibrate=not args.no_calibrate)
+        name = args.drafter
+        if name == "auto":
+            try:
+                drafter = make_drafter("tree", bundle, calibrate=not args.no_calibrate)
+                name = auto_drafter(["tree"])
+            except (DrafterUnavailable, ValueError) as e:
+                name = auto_drafter([])
+                if (bundle.draft_dir / "meta.json").is_file():  # a tree that is there but broken: say why
+                    print(f"note: the bundle's tree drafter cannot be used ({e}); drafting with {name}",
+                          file=sys.stderr)
+                drafter = make_drafter(name, bundle)
+        else:
+            drafter = make_drafter(name, bundle, calibrate=not args.no_calibrate)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
                                 k_max=args.k_max, repetition_penalty=args.repetition_penalty,
@@ -77,11 +91,11 @@ def run(args) -> int:
     tps = stats.generated_tokens / wall if wall > 0 else 0.0
     if args.json:
         print(json.dumps({"text": "".join(texts), "token_ids": token_ids, "finish_reason": event.finish_reason,
-                          "drafter": args.drafter, "stats": stats.to_dict(), "wall_s": wall,
+                          "drafter": name, "stats": stats.to_dict(), "wall_s": wall,
                           "kernels": kernels.to_dict(),
                           "tokens_per_s": tps}, indent=2))
     else:
         sys.stdout.write("\n")
-        print(f"[{stats.generated_tokens} tokens, {tps:.1f} tok/s, drafter {args.drafter}, {kernels.precision}, "
+        print(f"[{stats.generated_tokens} tokens, {tps:.1f} tok/s, drafter {name}, {kernels.precision}, "
               f"tau {stats.mean_accepted_length:.2f}, finish {event.finish_reason}]", file=sys.stderr)
     return 0

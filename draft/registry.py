@@ -12,6 +12,12 @@ class DrafterUnavailable(ValueError):
     """The requested drafter cannot be built for this bundle."""
 
 
+def auto_drafter(available) -> str:
+    """The one default rule, for `treespec generate` and `treespec serve` alike:
+    the bundle's tree drafter when it has one that loads, else prompt lookup."""
+    return "tree" if "tree" in available else "ngram"
+
+
 def make_drafter(name: str, bundle=None, calibrate: bool = False) -> Drafter | None:
     """The drafter called ``name`` for ``bundle``; None means vanilla decoding.
 

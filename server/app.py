@@ -95,9 +95,11 @@ def _check_strings(value: Any, where: str = "body") -> None:
 
 
 def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metrics | None = None,
-              load: bool = True, on_load_failed: Callable[[], None] | None = None) -> FastAPI:
+              load: bool = True, on_load_failed: Callable[[], None] | None = None,
+              on_ready: Callable[[], None] | None = None) -> FastAPI:
     """The app. With ``load`` the lifespan loads the bundle in a thread (so
-    /health answers 503 until it is ready) and stops the engine on shutdown."""
+    /health answers 503 until it is ready, and ``on_ready`` runs once it is)
+    and stops the engine on shutdown."""
     metrics = metrics or (engine.metrics if engine else Metrics())
     engine = engine or Engine(settings, metrics)
 
@@ -111,6 +113,9 @@ def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metr
                 except Exception:
                     if on_load_failed is not None:
                         on_load_failed()
+                    return
+                if on_ready is not None:
+                    on_ready()
             loader = asyncio.create_task(load_in_thread())
         try:
             yield

@@ -183,7 +183,7 @@ class Engine:
 
     def _load(self) -> None:
         from treespec.draft.engine import generate_steps
-        from treespec.draft.registry import DRAFTERS, DrafterUnavailable, make_drafter
+        from treespec.draft.registry import DRAFTERS, DrafterUnavailable, auto_drafter, make_drafter
         from treespec.model.kernels import load_for_inference
 
         s = self.settings
@@ -201,7 +201,7 @@ class Engine:
                 self.unavailable[name] = str(e)
                 log.warning("drafter %s unavailable: %s", name, e)
         if s.default_drafter == "auto":
-            self.default_drafter = "tree" if "tree" in self.drafters else "ngram"
+            self.default_drafter = auto_drafter(self.drafters)
         elif s.default_drafter in self.drafters:
             self.default_drafter = s.default_drafter
         else:
@@ -218,9 +218,14 @@ class Engine:
         tree = self.drafters.get("tree")
         if getattr(tree, "calibration", None):
             c = tree.calibration
-            log.info("tree drafter costs timed here on %d threads: verify %s ms for T=1..%d (fitted: %s)",
-                     c["threads"], [round(v, 2) for v in c["here"]["verify_ms"]], len(c["here"]["verify_ms"]),
-                     [round(v, 2) for v in c["fitted"]["verify_ms"]])
+            if c["here"] is None:
+                log.warning("tree drafter: this machine was busy while its costs were timed (twice), so it keeps "
+                            "the costs fitted by draft-fit %s ms; restart on a quiet machine to time them here",
+                            [round(v, 2) for v in c["fitted"]["verify_ms"]])
+            else:
+                log.info("tree drafter costs timed here on %d threads: verify %s ms for T=1..%d (fitted: %s)",
+                         c["threads"], [round(v, 2) for v in c["here"]["verify_ms"]], len(c["here"]["verify_ms"]),
+                         [round(v, 2) for v in c["fitted"]["verify_ms"]])
         log.info("loaded %s in %.1fs", s.bundle, time.perf_counter() - t0)
 
     @property

@@ -26,8 +26,16 @@ _LENGTH = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 12.0, 1
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+# Every label value known up front, so each series exists at zero from the
+# first scrape (as Prometheus advises): a rate() or a dashboard panel on a
+# healthy server then shows 0, not "no data".
+FAILURE_REASONS = ("validation", "too_large", "unauthorized", "overloaded", "unavailable", "cancelled",
+                   "disconnected", "internal")
+FINISH_REASONS = ("length", "eos_token", "stop_sequence")
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, drafters: tuple[str, ...] | None = None):
         self.registry = r = registry if registry is not None else CollectorRegistry()
         D = ["drafter"]
         # Speculation, per verify step (vLLM's spec_decode counters).
@@ -57,6 +65,22 @@ class Metrics:
         self.batch_size = Histogram("treespec_batch_size", "Requests whose forwards ran together in one model forward (continuous batching)", buckets=tuple(float(2 ** i) for i in range(8)), registry=r)
         self.batch_tokens = Histogram("treespec_batch_tokens", "Token rows in one model forward, over all its requests (prompt chunks and verified drafts included)", buckets=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0), registry=r)
         self.kv_cache_bytes = Gauge("treespec_kv_cache_bytes", "Bytes held by the KV caches of live requests", registry=r)
+        self._initialise(drafters)
+
+    def _initialise(self, drafters: tuple[str, ...] | None) -> None:
+        if drafters is None:
+            from treespec.draft.registry import DRAFTERS as drafters
+        for d in drafters:
+            for reason in FAILURE_REASONS:
+                self.failure.labels(d, reason)
+            for reason in FINISH_REASONS:
+                self.success.labels(d, reason)
+            for family in (self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, self.model_handbacks,
+                           self.skipped_proposals, self.guess_tokens, self.accepted_guesses, self.verify_steps,
+                           self.prompt_tokens, self.generation_tokens, self.running, self.waiting):
+                family.labels(d)
+        for reason in FAILURE_REASONS:  # errors before a drafter is known (bad JSON, 401, ...)
+            self.failure.labels("unknown", reason)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
 from .settings import ENV_PREFIX, Settings, SettingsError, load_settings
 
@@ -30,7 +30,7 @@ HELP = {
     "cors_origins": "comma-separated origins allowed by CORS (default: CORS off)",
     "model_name": "model name reported by /info and /v1/completions (default: the bundle directory name)",
     "device": "torch device for the model",
-    "dtype": "weight precision: auto (fastest of float32/bfloat16 timed here), float32, bfloat16 or int8",
+    "dtype": "weight precision: auto (the fastest timed here within the quality bounds), float32, bfloat16 or int8",
     "threads": "torch intra-op threads (0: torch's default)",
     "graceful_timeout_s": "on shutdown, seconds to let in-flight requests finish before cancelling them",
     "log_level": "uvicorn/treespec log level",
@@ -75,6 +75,11 @@ def run(args) -> int:
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
     logging.getLogger("treespec").setLevel(level)
+    busy = port_in_use(settings.host, settings.port)
+    if busy:  # say so before spending seconds loading a model that could never be served
+        print(f"treespec serve: cannot listen on {settings.host}:{settings.port}: {busy}. Is another server "
+              f"running there? Stop it, or pick another port with --port (0 picks a free one).", file=sys.stderr)
+        return 1
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):
@@ -91,7 +96,21 @@ def run(args) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = build_app(settings, on_load_failed=stop_after_failed_load)
+    def announce() -> None:
+        port = settings.port
+        if server is not None and server.servers:
+            port = server.servers[0].sockets[0].getsockname()[1]
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        url = f"http://{host}:{port}"
+        engine = app.state.engine
+        key = " -H 'Authorization: Bearer $TREESPEC_API_KEY'" if settings.api_key else ""
+        logging.getLogger("treespec.server").info(
+            "treespec is ready at %s (model %s, %s weights, drafter %s). Try:\n  curl -s %s/generate%s "
+            "-H 'Content-Type: application/json' -d '{\"inputs\": \"def fib(n):\", \"parameters\": "
+            "{\"max_new_tokens\": 32}}'\n  API docs: %s/docs", url, engine.model_name, engine.kernels.precision,
+            engine.default_drafter, url, key, url)
+
+    app = build_app(settings, on_load_failed=stop_after_failed_load, on_ready=announce)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             # a backstop only: the engine cancels stragglers first (Server.shutdown)
                             timeout_graceful_shutdown=settings.graceful_timeout_s + 10, lifespan="on",
@@ -103,3 +122,19 @@ def run(args) -> int:
         print(f"treespec serve: {engine.load_error}", file=sys.stderr)
         return 1
     return 0
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (e.g. "Address already in use"), or None."""
+    import socket
+
+    if port == 0:
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None

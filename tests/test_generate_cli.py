@@ -275,3 +275,23 @@ def test_modelled_time_prices_each_step_by_its_length():
     assert modelled_s(stats, curve) == pytest.approx((4 * 10 + 3 * 11 + 1 * 12 + 2 * 14) / 1e3 + 0.5)
     # A curve shorter than the drafts is extended at its last slope.
     assert modelled_s(stats, curve[:3]) == pytest.approx((4 * 10 + 3 * 11 + 1 * 12 + 2 * 13) / 1e3 + 0.5)
+
+
+def test_generate_defaults_to_the_same_drafter_rule_as_serve(tiny_bundle, fitted, tmp_path, capsys):
+    """auto: the bundle's tree when it has one that loads, else ngram; a broken tree says why."""
+    import shutil
+
+    args = ["generate", "--prompt", "the cat sat", "--max-new-tokens", "4", "--json", "--no-calibrate",
+            "--dtype", "float32"]
+    assert main(args + ["--bundle", str(fitted[0])]) == 0
+    assert json.loads(capsys.readouterr().out)["drafter"] == "tree"
+    assert main(args + ["--bundle", str(tiny_bundle)]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["drafter"] == "ngram" and "note:" not in out.err
+    broken = tmp_path / "broken"
+    shutil.copytree(fitted[0], broken)
+    (broken / "draft" / "tree.txt").write_text("not a tree")
+    assert main(args + ["--bundle", str(broken)]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["drafter"] == "ngram"
+    assert "note: the bundle's tree drafter cannot be used" in out.err and "checksum" in out.err

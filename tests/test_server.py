@@ -200,6 +200,27 @@ def test_health_info_and_metrics_are_open_without_the_key(srv):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
 
 
+def test_startup_says_when_it_is_ready_and_how_to_try_it(srv):
+    port = srv.url.rsplit(":", 1)[1]
+    log = "".join(srv.log)
+    ready = log.index(f"treespec is ready at http://127.0.0.1:{port} (model tiny, float32 weights, drafter ngram)")
+    assert log.index("Uvicorn running on") < ready  # the line to wait for is the last one
+    assert f"curl -s http://127.0.0.1:{port}/generate -H 'Authorization: Bearer $TREESPEC_API_KEY'" in log[ready:]
+
+
+def test_a_port_in_use_is_one_clear_line_and_exit_1_before_loading(srv, bundle):
+    port = srv.url.rsplit(":", 1)[1]
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "treespec.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
+                        "--port", port], capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if not k.startswith("TREESPEC_")})
+    assert r.returncode == 1, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines == [f"treespec serve: cannot listen on 127.0.0.1:{port}: Address already in use. Is another server "
+                     "running there? Stop it, or pick another port with --port (0 picks a free one)."], r.stderr
+    assert "loaded" not in r.stdout + r.stderr and time.monotonic() - t0 < 30
+
+
 def test_generate_routes_need_the_api_key(srv):
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):

@@ -187,3 +187,22 @@ def test_default_drafter_tree_without_a_tree_fails_the_load(tiny_bundle):
     with pytest.raises(ValueError, match="default_drafter 'tree' is not available"):
         engine.load()
     assert engine.state == "failed" and "not available" in engine.load_error
+
+
+def test_every_known_label_combination_is_exported_at_zero():
+    """A dashboard panel on the failure counter shows 0 on a healthy server, not "no data"."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from treespec.server.metrics import FAILURE_REASONS, FINISH_REASONS, Metrics
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(Metrics().exposition().decode()) for s in fam.samples}
+    for drafter in ("none", "ngram", "tree"):
+        for reason in FAILURE_REASONS:
+            key = ("treespec_request_failure_total", (("drafter", drafter), ("reason", reason)))
+            assert samples[key] == 0.0
+        for reason in FINISH_REASONS:
+            assert samples[("treespec_request_success_total", (("drafter", drafter), ("finish_reason", reason)))] == 0.0
+        assert samples[("treespec_spec_decode_num_draft_tokens_total", (("drafter", drafter),))] == 0.0
+        assert samples[("treespec_requests_waiting", (("drafter", drafter),))] == 0.0
+    assert samples[("treespec_request_failure_total", (("drafter", "unknown"), ("reason", "validation")))] == 0.0

@@ -505,3 +505,26 @@ def test_shipped_default_bundle():
             assert {"stdlib", "shakespeare"} <= set(losses)
             assert all(0 < v < 11 for v in losses.values())
     assert s["tokens_seen"] > 0 and s["command_line"]
+
+
+def test_train_help_lists_every_setting_with_type_default_and_help(capsys):
+    """`treespec train --help` shows every TrainConfig field (no reST markup), grouped."""
+    from dataclasses import fields
+
+    from treespec.cli import main as cli_main
+    from treespec.training.config import FIELD_GROUPS, TrainConfig
+
+    listed = [name for group in FIELD_GROUPS.values() for name in group]
+    assert sorted(listed) == sorted(f.name for f in fields(TrainConfig)) and len(listed) == len(set(listed))
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "``" not in out
+    assert "--lr=<float>  peak learning rate (default 0.001)" in out
+    assert "--model.FIELD=<value>" in out and "--lr_schedule=<str>  cosine, constant or hypergradient" in out
+    for group in FIELD_GROUPS:
+        assert f"  {group}:" in out
+    for name in listed:
+        if name != "model_overrides":
+            assert f"--{name}=<" in out, name

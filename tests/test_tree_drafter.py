@@ -763,3 +763,34 @@ def test_a_handback_with_nothing_to_copy_fills_the_slot_with_the_corpus_guess(fi
     d.corpus = table
     draft = d.propose(context, feats, 4)
     assert draft.tokens == [d.spec.classes[0]] and not draft.guess
+
+
+def test_a_calibration_on_a_busy_machine_is_timed_again_then_the_fitted_costs_are_kept(fitted, monkeypatch):
+    import warnings
+
+    from treespec.draft import tree
+    from treespec.draft.costs import NoisyTimingWarning
+
+    answers = []
+
+    def measure(model, k_max, ctx_len, **kw):
+        noisy, curve = answers.pop(0)
+        if noisy:
+            warnings.warn(NoisyTimingWarning("the one-position verify forward took 3 ms and then 90 ms"))
+        return curve
+
+    monkeypatch.setattr(tree, "measure_verify_ms", measure)
+    bundle = load_bundle(fitted[0])
+    # Busy, then quiet: the second timing is used.
+    answers[:] = [(True, [90.0, 91.0, 92.0, 93.0]), (False, [2.0, 2.5, 3.0, 3.5])]
+    d = TreeDrafter.load(bundle)
+    cal = d.calibrate(reps=2)
+    assert cal["here"]["verify_ms"] == [2.0, 2.5, 3.0, 3.5] == d.verify_ms and answers == []
+    # Busy twice: the fitted costs stay, and the calibration says why.
+    answers[:] = [(True, [90.0] * 4), (True, [95.0] * 4)]
+    d = TreeDrafter.load(bundle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing leaks out as a raw warning
+        cal = d.calibrate(reps=2)
+    assert cal["here"] is None and d.verify_ms == [1.9, 1.9, 1.9, 3.2] and answers == []
+    assert "took 3 ms and then 90 ms" in cal["kept_fitted_because"]

@@ -117,6 +117,69 @@ class TrainConfig:
         return asdict(self)
 
 
+# `treespec train --help`: every field, grouped as the dataclass groups them,
+# with one line each (tests/test_train.py checks that none is missing).
+FIELD_GROUPS: dict[str, dict[str, str]] = {
+    "what to train": {
+        "model": "model preset from model/config.py (cpu-default, gpt2-small, ...)",
+        "model_overrides": "any GPTConfig field of the model preset (e.g. --model.n_layer=8)",
+        "init_from": "a bundle to start from (its config and weights; fresh optimizer); empty: from scratch",
+        "data_dir": "a corpus made by treespec prepare-data",
+        "out_dir": "where ckpt.pt, metrics.jsonl, loss.png and bundle/ go",
+    },
+    "batch (tokens per step = batch_size * seq_len * grad_accum * processes)": {
+        "batch_size": "sequences per micro-batch",
+        "seq_len": "tokens per sequence (at most the model's block_size)",
+        "grad_accum": "micro-batches per optimizer step",
+        "max_steps": "optimizer steps in the whole run",
+    },
+    "optimizer (AdamW; weight decay on matrices only)": {
+        "lr": "peak learning rate",
+        "min_lr": "learning rate at the end of the cosine",
+        "warmup_steps": "linear warm-up steps",
+        "lr_schedule": "cosine, constant or hypergradient",
+        "weight_decay": "AdamW weight decay",
+        "beta1": "AdamW beta1",
+        "beta2": "AdamW beta2",
+        "grad_clip": "clip the gradient norm to this (0: off)",
+        "hypergrad_beta": "hypergradient descent's step on the learning rate (Baydin et al., 2018)",
+        "hypergrad_lr_min": "hypergradient: lowest learning rate",
+        "hypergrad_lr_max": "hypergradient: highest learning rate",
+        "exit_sample_frac": "intermediate exits' loss on this fraction of positions (1.0: all)",
+    },
+    "evaluation, logging, checkpoints": {
+        "eval_interval": "steps between held-out evaluations",
+        "eval_tokens": "held-out tokens per domain per evaluation",
+        "log_interval": "steps between log lines",
+        "ckpt_interval": "steps between checkpoints (ckpt.pt; --resume continues from it)",
+    },
+    "hardware": {
+        "device": "auto, cpu, cuda or cuda:N",
+        "autocast_bf16": "auto (where bf16 is native), on or off",
+        "compile": "torch.compile the model (CUDA only)",
+        "threads": "CPU threads (0: torch's default)",
+        "seed": "seed of the weights, the data order and dropout",
+        "save_dtype": "bundle weights: float32, float16 or bfloat16",
+        "progress": "show a progress bar",
+    },
+}
+
+
+def config_help() -> str:
+    """Every TrainConfig field with its type, default and one line, by group."""
+    defaults = TrainConfig()
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    lines = ["training settings (--key=value; --model.FIELD=value for the architecture):"]
+    for group, names in FIELD_GROUPS.items():
+        lines.append(f"\n  {group}:")
+        for name, text in names.items():
+            default = getattr(defaults, name)
+            shown = "{}" if default == {} else repr(default) if isinstance(default, str) else default
+            flag = "--model.FIELD=<value>" if name == "model_overrides" else f"--{name}=<{types[name]}>"
+            lines.append(f"    {flag}  {text} (default {shown})")
+    return "\n".join(lines)
+
+
 # A run is a preset of TrainConfig plus overrides.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # The shipped models/default's budget: 4,400 steps = 18.0M tokens, about

@@ -10,6 +10,7 @@ bit for bit), ``metrics.jsonl``, ``loss.png`` and, at the end, ``bundle/``
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -522,8 +523,15 @@ def plot_run(out_dir: str | os.PathLike) -> Path | None:
 # --- CLI -------------------------------------------------------------------------------
 
 def add_parser(sub, name: str) -> None:
+    from .config import TRAIN_PRESETS, config_help
+
     p = sub.add_parser(name, help="train a multi-exit GPT (any TrainConfig field as --key=value)",
-                       description=__doc__.split("\n\n")[0])
+                       description="Train a multi-exit GPT from scratch (or on from a bundle), end to end. "
+                                   "Settings: the defaults below, then --preset, then --config, then "
+                                   "--key=value. Presets: " + ", ".join(
+                                       f"{k} ({', '.join(f'{f}={v}' for f, v in p.items())})"
+                                       for k, p in TRAIN_PRESETS.items()) + ".",
+                       epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help="cpu-default | gpt2-small")
     p.add_argument("--config", default=None, help="JSON file of TrainConfig fields")
     p.add_argument("--resume", action="store_true", help="continue the run in out_dir from ckpt.pt")
