@@ -146,6 +146,8 @@ class _Skinny:
         for f in (self.lib.skinny_f32, self.lib.skinny_bf16, self.lib.skinny_int8, self.lib.gpt_block):
             f.restype = None
         self.lib.skinny_vector_bits.restype = ctypes.c_int
+        self.lib.race_argmax.argtypes = [P, L, ctypes.c_uint64]
+        self.lib.race_argmax.restype = ctypes.c_long
         return True
 
     def path(self) -> str:

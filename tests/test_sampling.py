@@ -84,6 +84,34 @@ def test_position_draws_follow_p_and_belong_to_positions():
     assert forward != [PositionDraws(50, make_generator(10)).token(w, i) for i in range(50)]
 
 
+def test_compiled_race_picks_what_the_full_race_picks(monkeypatch):
+    """csrc/skinny.c's race skips the logs of tokens that cannot win: on dense, peaked
+    and top-k-sparse distributions it must pick exactly the token the full race over
+    the same uniforms picks (the torch path, which the CPU falls back to without it)."""
+    from treespec.draft.sampling import PositionDraws, race_uniforms
+    from treespec.model import kernels
+
+    assert kernels.SKINNY.load(), kernels.SKINNY.error
+    g = torch.Generator().manual_seed(3)
+    draws = PositionDraws(600, make_generator(4))
+    compiled, full = [], []
+    for i in range(600):
+        z = torch.randn(50257, generator=g) * (0.5 + i % 7)
+        if i % 3 == 0:
+            z[torch.randperm(50257, generator=g)[:50000]] = float("-inf")  # top-k: most weights 0
+        p = torch.softmax(z, dim=0)
+        compiled.append(draws.token(p, i))
+        u = race_uniforms(p.numel(), draws.seeds[i][0])
+        full.append(int(torch.argmax(p / u.log().neg())))
+    assert compiled == full and len(set(compiled)) > 500
+    # Without the compiled kernel the same tokens come from torch.
+    monkeypatch.setattr(kernels.SKINNY, "load", lambda: False)
+    assert [draws.token(torch.softmax(torch.randn(64, generator=torch.Generator().manual_seed(i)), 0), i)
+            for i in range(20)] == [int(torch.argmax(torch.softmax(torch.randn(
+                64, generator=torch.Generator().manual_seed(i)), 0) / race_uniforms(64, draws.seeds[i][0]).log().neg()))
+                for i in range(20)]
+
+
 def test_position_draws_shrug_off_rounding_that_flips_inverse_cdf():
     """A flat distribution over the whole vocabulary, and the same one with
     every probability moved by a few parts in a million (the rounding between
