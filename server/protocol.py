@@ -378,11 +378,16 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class CompletionResponse(BaseModel):
+class _OpenAIResponse(BaseModel):
+    """What every OpenAI response and stream chunk starts with."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+
+
+class CompletionResponse(_OpenAIResponse):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -414,11 +419,8 @@ class ChatChoice(BaseModel):
     speculative: Speculative | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_OpenAIResponse):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -436,11 +438,8 @@ class ChatChunkChoice(BaseModel):
     speculative: Speculative | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_OpenAIResponse):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
