@@ -208,7 +208,7 @@ def weights_read_mb(model) -> dict[str, float]:
     mats = [m.weight.numel() for m in model.blocks.modules() if isinstance(m, Linear)]
     n = sum(mats) + model.exit_heads[-1].weight.numel()
     small = sum(p.numel() for name, p in model.blocks.named_parameters() if p.ndim == 1)
-    return {p: round((n * b + small * 4) / 1e6, 1) for p, b in (("float32", 4), ("bfloat16", 2), ("int8", 1))}
+    return {p: round((n * b + small * 4) / 1e6, 1) for p, b in (("float32", 4), ("bfloat16", 2), ("int8", 1), ("w8a8", 1))}
 
 
 def export_models(bundle: str, cache: Path, needed: set[str]) -> dict:
@@ -230,7 +230,7 @@ def export_models(bundle: str, cache: Path, needed: set[str]) -> dict:
 
 def default_engines(has_tree: bool) -> list[str]:
     drafters = ["none", "ngram"] + (["tree"] if has_tree else [])
-    return ([f"treespec:{d}:{p}" for p in ("float32", "bfloat16", "int8") for d in drafters]
+    return ([f"treespec:{d}:{p}" for p in ("float32", "bfloat16", "int8", "w8a8") for d in drafters]
             + ["hf:plain", "hf:pld"] + [f"llama:{q}:{m}" for q in ("f32", "f16", "q8_0") for m in ("plain", "pld")])
 
 
@@ -378,7 +378,7 @@ def main(argv=None) -> int:
     return 0
 
 
-PAIRS = (("float32", "f32"), ("bfloat16", "f16"), ("int8", "q8_0"))
+PAIRS = (("float32", "f32"), ("bfloat16", "f16"), ("int8", "q8_0"), ("w8a8", "q8_0"))
 
 
 def targets(report: dict) -> dict:

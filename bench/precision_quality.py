@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-BOUNDS = {"bfloat16": 0.005, "int8": 0.02}
+from treespec.model.kernels import QUALITY_BOUNDS as BOUNDS  # noqa: E402
 
 
 def windows(data_dir: str, per_domain: int, length: int) -> dict[str, list[np.ndarray]]:

@@ -23,7 +23,9 @@ Candidates, each y = x W^T (+ b) for x of R rows:
   model loses only its weights' rounding.
 
 Precisions: ``float32``; ``bfloat16`` (weights rounded to bf16); ``int8``
-(weight-only, symmetric, one scale per output channel). ``auto`` takes the
+(weight-only, symmetric, one scale per output channel); ``w8a8`` (those int8
+weights times activations rounded to int8 per row, multiplied on bytes by
+the C kernel where the CPU has AVX2; prefills keep fp32 activations). ``auto`` takes the
 fastest measured precision whose quality cost stays within QUALITY_BOUNDS,
 checked at load on this model: its loss on two short texts (code and prose)
 against float32's (``quality_cost``). bench/precision_quality.py measures the
@@ -48,7 +50,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-PRECISIONS = ("float32", "bfloat16", "int8")
+PRECISIONS = ("float32", "bfloat16", "int8", "w8a8")
 # Row counts a decode step has: vanilla (1), verify steps (2-10), a batch of
 # several requests' verify steps (up to tens). Beyond the last bucket torch's
 # GEMM is used: that is a prefill, compute-bound, where BLAS is at home.
@@ -58,7 +60,7 @@ SKINNY_SOURCE = Path(__file__).with_name("csrc") / "skinny.c"
 DECODE_ROWS = 16
 # The most a precision may cost in loss against float32 (nats/token, on every
 # domain) for ``auto`` to take it; bench/precision_quality.py reports the same.
-QUALITY_BOUNDS = {"bfloat16": 0.005, "int8": 0.02}
+QUALITY_BOUNDS = {"bfloat16": 0.005, "int8": 0.02, "w8a8": 0.02}
 
 
 # --- what the CPU has -------------------------------------------------------
@@ -141,9 +143,12 @@ class _Skinny:
         self.lib.skinny_f32.argtypes = [P, P, P, P, L, L, L, I]
         self.lib.skinny_bf16.argtypes = [P, P, P, P, L, L, L, I]
         self.lib.skinny_int8.argtypes = [P, P, P, P, P, L, L, L, I]
+        self.lib.skinny_w8a8.argtypes = [P, P, P, P, P, L, L, L, I]
+        self.lib.skinny_has_w8a8.restype = ctypes.c_int
         F_, Wp = ctypes.c_float, ctypes.POINTER(_Weight)
         self.lib.gpt_block.argtypes = [P, L, L, L, I, F_, I, P, P, P, P, Wp, Wp, Wp, Wp, P, P, P, L, P, I]
-        for f in (self.lib.skinny_f32, self.lib.skinny_bf16, self.lib.skinny_int8, self.lib.gpt_block):
+        for f in (self.lib.skinny_f32, self.lib.skinny_bf16, self.lib.skinny_int8, self.lib.skinny_w8a8,
+                  self.lib.gpt_block):
             f.restype = None
         self.lib.skinny_vector_bits.restype = ctypes.c_int
         self.lib.race_argmax.argtypes = [P, L, ctypes.c_uint64]
@@ -153,7 +158,8 @@ class _Skinny:
     def path(self) -> str:
         """Which of the kernel's paths this build runs (csrc/skinny.c)."""
         bits = self.lib.skinny_vector_bits()
-        return {512: "AVX-512 tiles", 256: "AVX2 tiles"}.get(bits, "portable loop")
+        path = {512: "AVX-512 tiles", 256: "AVX2 tiles"}.get(bits, "portable loop")
+        return path + (", w8a8 on bytes" if self.lib.skinny_has_w8a8() else "")
 
     def _build(self):
         src = SKINNY_SOURCE.read_bytes()
@@ -208,7 +214,7 @@ class Packed:
             return cls(precision, w, b)
         if precision == "bfloat16":
             return cls(precision, w.to(torch.bfloat16).contiguous(), b)
-        if precision == "int8":
+        if precision in ("int8", "w8a8"):  # the same weights; w8a8 rounds the activations too
             scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
             q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
             return cls(precision, q, b, scale.contiguous())
@@ -217,7 +223,7 @@ class Packed:
     def dequantized(self) -> torch.Tensor:
         """The fp32 matrix this packing computes with: the weight after its rounding."""
         if self._full is None:
-            self._full = (self.weight.float() * self.scale[:, None] if self.precision == "int8"
+            self._full = (self.weight.float() * self.scale[:, None] if self.scale is not None
                           else self.weight.float()).contiguous()
         return self._full
 
@@ -259,8 +265,10 @@ def _skinny(x: torch.Tensor, p: Packed) -> torch.Tensor:
         SKINNY.lib.skinny_f32(x.data_ptr(), p.weight.data_ptr(), b, y.data_ptr(), R, N, K, th)
     elif p.precision == "bfloat16":
         SKINNY.lib.skinny_bf16(x.data_ptr(), p.weight.data_ptr(), b, y.data_ptr(), R, N, K, th)
-    else:
+    elif p.precision == "int8":
         SKINNY.lib.skinny_int8(x.data_ptr(), p.weight.data_ptr(), p.scale.data_ptr(), b, y.data_ptr(), R, N, K, th)
+    else:
+        SKINNY.lib.skinny_w8a8(x.data_ptr(), p.weight.data_ptr(), p.scale.data_ptr(), b, y.data_ptr(), R, N, K, th)
     return y
 
 
@@ -269,6 +277,9 @@ CANDIDATES: dict[str, Callable[[torch.Tensor, Packed], torch.Tensor]] = {
 
 
 def available(precision: str) -> list[str]:
+    if precision == "w8a8":
+        # Only the C kernel rounds activations: batched rows must round as one sequence's do.
+        return ["skinny"] if SKINNY.load() else ["torch"]
     names = ["torch"]
     if precision != "int8":
         names.append("torch_wt")
@@ -300,7 +311,7 @@ class LinearKernel:
         return y.reshape(*x.shape[:-1], self.packed.shape[0])
 
 
-_WTYPE = {"float32": 0, "bfloat16": 1, "int8": 2}
+_WTYPE = {"float32": 0, "bfloat16": 1, "int8": 2, "w8a8": 3}
 
 
 class FusedBlock:
@@ -469,11 +480,15 @@ def quality_samples(tokenizer, max_tokens: int = 256) -> dict[str, list[int]]:
 
 @torch.no_grad()
 def sample_loss(model, samples: dict[str, list[int]]) -> dict[str, float]:
-    """Mean next-token loss on each sample, through the kernels installed."""
+    """Mean next-token loss on each sample, through the kernels installed: fed
+    DECODE_ROWS tokens at a time, so it measures the kernels decode steps run
+    (w8a8 rounds activations there only)."""
     out = {}
     for domain, ids in samples.items():
         x = torch.tensor([ids], device=model.wte.weight.device)
-        logits = model.forward_step(x[:, :-1], 0, model.new_cache(max_len=len(ids))).logits[0].float()
+        cache = model.new_cache(max_len=len(ids))
+        logits = torch.cat([model.forward_step(x[:, s:min(s + DECODE_ROWS, len(ids) - 1)], s, cache).logits[0]
+                            for s in range(0, len(ids) - 1, DECODE_ROWS)]).float()
         out[domain] = F.cross_entropy(logits[:, :model.config.vocab_size], x[0, 1:]).item()
     return out
 
@@ -513,7 +528,7 @@ def plan(model, precision: str = "auto", *, measure: Measure | None = None, samp
         # widening them first in memory: the skinny kernel, or native bf16.
         skinny = SKINNY.load()
         tried = ["float32"] + (["bfloat16"] if skinny or native_bf16() else []) + (
-            ["int8"] if skinny and samples else [])
+            ["int8"] + (["w8a8"] if SKINNY.lib.skinny_has_w8a8() else []) if skinny and samples else [])
         results = {}
         for p in tried:  # one-row passes decide; the other buckets are timed for the winner only
             packed = {g: [Packed.of(w, b, p) for _, w, b in items] for g, items in groups.items()}
@@ -531,8 +546,8 @@ def plan(model, precision: str = "auto", *, measure: Measure | None = None, samp
             if base is None:
                 model.set_kernels(None)
                 base = sample_loss(model, samples)
-            # The samples run as one prefill (more rows than any bucket: torch's GEMM on the
-            # rounded weights), so the one-row choice can stand in for every bucket.
+            # The samples run in decode-sized chunks, so the one-row choice (the
+            # row-independent kernel) stands in for every bucket.
             _install(model, groups, results[p][0], {g: dict.fromkeys(ROW_BUCKETS, c[1])
                                                      for g, c in results[p][1].items()})
             cost = {d: v - base[d] for d, v in sample_loss(model, samples).items()}
@@ -543,7 +558,7 @@ def plan(model, precision: str = "auto", *, measure: Measure | None = None, samp
                 precision = p
                 break
         if not samples:
-            notes.append("int8 only with a quality check (--dtype int8 to force it)")
+            notes.append("int8 and w8a8 only with a quality check (--dtype to force one)")
         reason = "auto: " + "; ".join(notes)
         packed = results[precision][0]
         choices, timings = _choose(packed, precision, measure)

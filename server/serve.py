@@ -30,7 +30,7 @@ HELP = {
     "cors_origins": "comma-separated origins allowed by CORS (default: CORS off)",
     "model_name": "model name reported by /info and /v1/completions (default: the bundle directory name)",
     "device": "torch device for the model",
-    "dtype": "weight precision: auto (the fastest timed here within the quality bounds), float32, bfloat16 or int8",
+    "dtype": "weight precision: auto (the fastest timed here within the quality bounds), float32, bfloat16, int8 or w8a8",
     "threads": "torch intra-op threads (0: torch's default)",
     "graceful_timeout_s": "on shutdown, seconds to let in-flight requests finish before cancelling them",
     "log_level": "uvicorn/treespec log level",

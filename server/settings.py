@@ -53,8 +53,8 @@ class Settings:
     model_name: str | None = None
     device: str = "cpu"
     # Weight precision of the matrix products: auto (the fastest timed at startup
-    # among float32, bfloat16 and int8 whose loss on a quality check stays within
-    # bounds of float32's), float32, bfloat16 or int8 (docs/performance.md).
+    # among float32, bfloat16, int8 and w8a8 whose loss on a quality check stays
+    # within bounds of float32's), float32, bfloat16, int8 or w8a8 (docs/performance.md).
     dtype: str = "auto"
     # torch intra-op threads for the model; 0 keeps torch's default.
     threads: int = 0
@@ -78,8 +78,8 @@ class Settings:
         need(self.default_max_new_tokens >= 1,
              f"default_max_new_tokens must be >= 1, got {self.default_max_new_tokens}")
         need(self.graceful_timeout_s >= 0, f"graceful_timeout_s must be >= 0, got {self.graceful_timeout_s}")
-        need(self.dtype in ("auto", "float32", "bfloat16", "int8"),
-             f"dtype must be auto, float32, bfloat16 or int8, got {self.dtype!r}")
+        need(self.dtype in ("auto", "float32", "bfloat16", "int8", "w8a8"),
+             f"dtype must be auto, float32, bfloat16, int8 or w8a8, got {self.dtype!r}")
         need(self.api_key is None or len(self.api_key) > 0, "api_key must not be empty")
         return self
 

@@ -19,7 +19,17 @@ from conftest import tiny_model
 
 # One-step error of a product with K=48: fp32 is exact to rounding; bf16 weights keep
 # 8 bits of mantissa, int8 weights 7 bits of the row's largest value.
-TOL = {"float32": 1e-5, "bfloat16": 2e-2, "int8": 3e-2}
+TOL = {"float32": 1e-5, "bfloat16": 2e-2, "int8": 3e-2, "w8a8": 3e-2}
+
+
+def w8a8_reference(x: torch.Tensor, p: Packed) -> torch.Tensor:
+    """What the w8a8 kernel computes, in torch: each row rounded to int8 with its own scale
+    (largest magnitude / 127, ties to even), times the int8 weights, then both scales. The
+    integer sums are exact in fp32 at these sizes."""
+    m = x.abs().amax(dim=1, keepdim=True)
+    q = torch.round(x * torch.where(m > 0, 127.0 / m, torch.zeros_like(m)))
+    y = (q @ p.weight.float().T) * (m / 127.0) * p.scale
+    return y if p.bias is None else y + p.bias
 
 
 def test_the_compiled_kernel_builds():
@@ -27,6 +37,7 @@ def test_the_compiled_kernel_builds():
     assert SKINNY.load(), SKINNY.error
     assert set(available("float32")) == {"torch", "torch_wt", "skinny"}
     assert set(available("int8")) == {"torch", "skinny"}
+    assert available("w8a8") == ["skinny"]  # only the kernel rounds activations, for every bucket
 
 
 @pytest.mark.parametrize("precision", kernels.PRECISIONS)
@@ -36,8 +47,9 @@ def test_every_candidate_equals_f_linear(precision, layout, bias):
     """Each candidate computes F.linear with the packed (rounded) weight, for 1..N rows and
     beyond the last bucket; a weight stored transposed (HF's Conv1D layout, a view) packs the same."""
     g = torch.Generator().manual_seed(0)
+    K = 64 if precision == "w8a8" else 48  # w8a8 multiplies bytes in 32s (K = 48: the int8 path)
     for out in (300, 9000):  # a trunk-sized weight and a head-sized one
-        W = torch.randn(out, 48, generator=g) * 0.1
+        W = torch.randn(out, K, generator=g) * 0.1
         if layout == "transposed":
             W = W.t().contiguous().t()  # same values, column-major storage
             assert not W.is_contiguous()
@@ -47,14 +59,15 @@ def test_every_candidate_equals_f_linear(precision, layout, bias):
         assert (ref_w - W).abs().max() <= TOL[precision] * W.abs().max()
         for name in available(precision):
             for rows in (1, 2, 3, 4, 5, 7, 8, 9, 16, 33):
-                x = torch.randn(rows, 48, generator=g)
+                x = torch.randn(rows, K, generator=g)
                 y = CANDIDATES[name](x, p)
                 assert y.shape == (rows, out) and y.dtype == torch.float32 and y.is_contiguous()
-                # bf16 GEMM rounds the activations too (oneDNN); others keep them fp32
+                # bf16 GEMM rounds the activations too (oneDNN); w8a8 rounds them to int8
+                want = w8a8_reference(x, p) if precision == "w8a8" else F.linear(x, ref_w, b)
                 tol = 1e-4 if precision != "bfloat16" or name == "skinny" else 5e-2
-                torch.testing.assert_close(y, F.linear(x, ref_w, b), rtol=tol, atol=tol)
+                torch.testing.assert_close(y, want, rtol=tol, atol=tol)
         k = LinearKernel(p, {bk: "skinny" for bk in ROW_BUCKETS})
-        x = torch.randn(1, 100, 48, generator=g)  # past the last bucket: torch's GEMM
+        x = torch.randn(1, 100, K, generator=g)  # past the last bucket: torch's GEMM, fp32 activations
         tol = 5e-2 if precision == "bfloat16" else 1e-4
         torch.testing.assert_close(k(x), F.linear(x, ref_w, b), rtol=tol, atol=tol)
 
@@ -88,7 +101,7 @@ def test_every_build_of_the_kernel_computes_the_same(monkeypatch, tmp_path, marc
     assert build.load(), build.error  # every build compiles and links on every CPU
     if march == "x86-64-v4" and "avx512f" not in kernels.cpu_flags():
         return  # running it needs the instructions: the AVX-512 CPUs' runs do the rest
-    assert build.path() == path
+    assert build.path() == path + (", w8a8 on bytes" if march != "x86-64" else "")
     monkeypatch.setattr(SKINNY, "lib", build.lib)
     g = torch.Generator().manual_seed(2)
     for precision in kernels.PRECISIONS:
@@ -96,7 +109,11 @@ def test_every_build_of_the_kernel_computes_the_same(monkeypatch, tmp_path, marc
             p = Packed.of(torch.randn(301, K, generator=g) * 0.1, torch.randn(301, generator=g), precision)
             x = torch.randn(11, K, generator=g)
             full = CANDIDATES["skinny"](x, p)
-            torch.testing.assert_close(full, F.linear(x, p.dequantized(), p.bias), rtol=1e-4, atol=1e-4)
+            # w8a8 on bytes needs AVX2 and K a multiple of 32; elsewhere it is the int8 path
+            on_bytes = precision == "w8a8" and K % 32 == 0 and march != "x86-64"
+            assert build.lib.skinny_has_w8a8() == (march != "x86-64")
+            want = w8a8_reference(x, p) if on_bytes else F.linear(x, p.dequantized(), p.bias)
+            torch.testing.assert_close(full, want, rtol=1e-4, atol=1e-4)
             for i in range(11):
                 assert torch.equal(CANDIDATES["skinny"](x[i:i + 1], p)[0], full[i])
             for rows in (2, 3, 5):
@@ -146,7 +163,7 @@ def test_auto_takes_the_faster_precision_on_a_stub_timing(monkeypatch):
     # Without quality samples int8 is not tried: its cost is checked on the model itself.
     assert kp.precision == "bfloat16" and kp.precision_ms == {"float32": 4.0, "bfloat16": 2.0}
     assert m.head_kernel.packed.precision == "bfloat16"
-    assert "int8 only with a quality check" in kp.reason
+    assert "int8 and w8a8 only with a quality check" in kp.reason
     kp = plan(m, "auto", measure=lambda g, r, c, w: 3.0 if w[0].precision == "bfloat16" else 2.0)
     assert kp.precision == "float32"
     # Without native bf16 the skinny kernel still reads bf16 weights (half the bytes): timed too.
@@ -170,7 +187,7 @@ def test_auto_checks_each_faster_precision_s_quality_on_the_model(monkeypatch):
     with each precision's kernels installed."""
     m = tiny_model()
     samples = {"code": list(range(5, 40)), "prose": list(range(100, 130))}
-    speed = {"int8": 1.0, "bfloat16": 2.0, "float32": 3.0}
+    speed = {"w8a8": 0.5, "int8": 1.0, "bfloat16": 2.0, "float32": 3.0}
     seen = []
     real_loss = kernels.sample_loss
 
@@ -180,15 +197,19 @@ def test_auto_checks_each_faster_precision_s_quality_on_the_model(monkeypatch):
         seen.append(p)
         return {d: v + (over or {}).get(p, 0.0) for d, v in out.items()}
 
-    monkeypatch.setattr(kernels, "sample_loss", lambda model, smp: loss(model, smp, {"int8": 0.03}))
+    monkeypatch.setattr(kernels, "sample_loss", lambda model, smp: loss(model, smp, {"int8": 0.03, "w8a8": 0.05}))
     kp = plan(m, "auto", samples=samples, measure=lambda g, r, c, w: speed[w[0].precision])
-    assert seen == ["float32", "int8", "bfloat16"] and kp.precision == "bfloat16"
+    assert seen == ["float32", "w8a8", "int8", "bfloat16"] and kp.precision == "bfloat16"
     assert "int8 costs" in kp.reason and "(over 0.02)" in kp.reason and "(within 0.005)" in kp.reason
     assert m.head_kernel.packed.precision == "bfloat16"
     seen.clear()
+    monkeypatch.setattr(kernels, "sample_loss", lambda model, smp: loss(model, smp, {"w8a8": 0.05}))
+    kp = plan(m, "auto", samples=samples, measure=lambda g, r, c, w: speed[w[0].precision])
+    assert seen == ["float32", "w8a8", "int8"] and kp.precision == "int8"
+    seen.clear()
     monkeypatch.setattr(kernels, "sample_loss", lambda model, smp: loss(model, smp))
     kp = plan(m, "auto", samples=samples, measure=lambda g, r, c, w: speed[w[0].precision])
-    assert seen == ["float32", "int8"] and kp.precision == "int8"
+    assert seen == ["float32", "w8a8"] and kp.precision == "w8a8"
     seen.clear()
     speed["float32"] = 0.5  # fastest: nothing to check
     kp = plan(m, "auto", samples=samples, measure=lambda g, r, c, w: speed[w[0].precision])
@@ -223,7 +244,8 @@ def test_forward_at_each_precision_agrees_with_fp32(precision):
     plan(m, precision)
     got = m.forward_step(ids, 0, m.new_cache()).logits
     scale = ref.abs().max().item()
-    assert (got - ref).abs().max().item() <= {"float32": 1e-5, "bfloat16": 0.02, "int8": 0.04}[precision] * scale
+    assert (got - ref).abs().max().item() <= {"float32": 1e-5, "bfloat16": 0.02, "int8": 0.04,
+                                              "w8a8": 0.06}[precision] * scale
     # The same rounding applied to the weights, then torch's own kernels: the same logits
     # (bf16: oneDNN's bf16 GEMM, which the chooser may take for a prompt's rows, rounds the
     # activations too).
@@ -236,7 +258,8 @@ def test_forward_at_each_precision_agrees_with_fp32(precision):
         head = Packed.of(rounded.exit_heads[-1].weight, None, precision).dequantized()
     rounded.exit_heads[-1].weight = torch.nn.Parameter(head)
     want = rounded.forward_step(ids, 0, rounded.new_cache()).logits
-    tol = 2e-2 if precision == "bfloat16" else 1e-4
+    # bf16 and w8a8 also round activations (oneDNN's bf16 GEMM; w8a8's int8 rows)
+    tol = {"bfloat16": 2e-2, "w8a8": 4e-2}.get(precision, 1e-4)
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
     # Training ignores the kernels: gradients flow through F.linear on the fp32 weights.
     m.train()

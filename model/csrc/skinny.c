@@ -16,6 +16,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline float bf16_to_f32(uint16_t u) {
@@ -186,6 +187,87 @@ void skinny_int8(const float *x, const int8_t *w, const float *scale, const floa
     ROW_LOOP((float)w[n * K + k])
 }
 
+/* ---- int8 weights times int8 activations (w8a8) ----------------------------
+ *
+ * The int8 path above widens every weight to fp32 before its multiply-add:
+ * three instructions per 8 weights, which on the AVX2 EPYC, not memory, set
+ * its pace. Here each input row is rounded to int8 too, with one scale per
+ * row (its largest magnitude / 127), and the products run on bytes:
+ * |w| times x carrying w's sign (the sign trick, as |w| must be unsigned),
+ * 32 at a time into 16-bit pairs, then 32-bit sums that are exact (127 *
+ * 127 * K fits in 32 bits for any K below 133,000). Integer sums are exact
+ * whatever the order, and each row is rounded on its own, so a row's result
+ * does not depend on which rows came with it. K must be a multiple of 32. */
+#if defined(__AVX2__)
+#define W8A8 1
+static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+#define Q8_TILE(RR)                                                                  \
+    do {                                                                             \
+        __m256i acc[RR];                                                             \
+        for (int j = 0; j < RR; j++) acc[j] = _mm256_setzero_si256();                \
+        for (long k = 0; k < K; k += 32) {                                           \
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w0 + k));        \
+            const __m256i aw = _mm256_sign_epi8(wv, wv);                             \
+            for (int j = 0; j < RR; j++) {                                           \
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (r0 + j) * K + k)); \
+                const __m256i p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)); \
+                acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(p16, ones));     \
+            }                                                                        \
+        }                                                                            \
+        for (int j = 0; j < RR; j++)                                                 \
+            y[(r0 + j) * N + n] = (float)hsum_epi32(acc[j]) * xs[r0 + j] * s0 + b0;  \
+    } while (0)
+
+void skinny_w8a8(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
+                 long R, long N, long K, int threads) {
+    if (K % 32 != 0) {  /* no byte tiles: the int8 weights with fp32 activations */
+        skinny_int8(x, w, scale, bias, y, R, N, K, threads);
+        return;
+    }
+    int8_t *xq = (int8_t *)malloc((size_t)(R * K));
+    float *xs = (float *)malloc((size_t)R * sizeof(float));
+    for (long r = 0; r < R; r++) {
+        const float *xr = x + r * K;
+        float m = 0.0f;
+        for (long k = 0; k < K; k++) m = fmaxf(m, fabsf(xr[k]));
+        const float inv = m > 0.0f ? 127.0f / m : 0.0f;
+        xs[r] = m / 127.0f;
+        for (long k = 0; k < K; k++) xq[r * K + k] = (int8_t)lrintf(xr[k] * inv);
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long n = 0; n < N; n++) {
+        const int8_t *w0 = w + n * K;
+        const float s0 = scale[n], b0 = bias ? bias[n] : 0.0f;
+        long r0 = 0;
+        for (; r0 + 4 <= R; r0 += 4) Q8_TILE(4);
+        switch (R - r0) {
+            case 3: Q8_TILE(3); break;
+            case 2: Q8_TILE(2); break;
+            case 1: Q8_TILE(1); break;
+            default: break;
+        }
+    }
+    free(xq);
+    free(xs);
+}
+#else
+#define W8A8 0
+void skinny_w8a8(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
+                 long R, long N, long K, int threads) {
+    skinny_int8(x, w, scale, bias, y, R, N, K, threads);
+}
+#endif
+
+/* Whether this build multiplies w8a8 on bytes (AVX2); without, skinny_w8a8 is the int8 path. */
+int skinny_has_w8a8(void) { return W8A8; }
+
 /* ---- one transformer block of a decode step, in one call -----------------
  *
  * At a decode step's few rows the matrix products are a third of the time
@@ -212,8 +294,10 @@ static void matmul(const float *x, const Weight *W, float *y, long R, long N, lo
         skinny_f32(x, (const float *)W->w, W->bias, y, R, N, K, threads);
     else if (wtype == 1)
         skinny_bf16(x, (const uint16_t *)W->w, W->bias, y, R, N, K, threads);
-    else
+    else if (wtype == 2)
         skinny_int8(x, (const int8_t *)W->w, W->scale, W->bias, y, R, N, K, threads);
+    else
+        skinny_w8a8(x, (const int8_t *)W->w, W->scale, W->bias, y, R, N, K, threads);
 }
 
 static void layer_norm(const float *x, const float *g, const float *b, float *y, long R, long C, float eps) {
