@@ -34,6 +34,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..model.kv_cache import KVCache
+from ..model.kernels import argmax_logsumexp
 from .sampling import (AcceptRule, Penalties, PositionDraws, accept_greedy, accept_sampled, make_generator,
                        probs_from_logits, top_logprobs, validate_params)
 from .text import TextStream
@@ -325,12 +326,12 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
         if penalties is not None:
             logits = penalties.apply(logits, drafts)
         if greedy:
-            argmax = logits.argmax(dim=-1).tolist()
+            argmax, logz = argmax_logsumexp(logits)
             n = accept_greedy(argmax, drafts)
             new = drafts[:n] + [argmax[n]]
             rows = logits[:n + 1].float()
             # Greedy reports the (penalised) logits' log-probabilities, unscaled by temperature.
-            logz = torch.logsumexp(rows, dim=-1, keepdim=True)
+            logz = logz[:n + 1, None].to(rows.device)
             logp = rows - logz if params.top_n else None
             lp = rows[torch.arange(n + 1), new] - logz[:, 0]
         else:

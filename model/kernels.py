@@ -151,6 +151,8 @@ class _Skinny:
                   self.lib.gpt_block):
             f.restype = None
         self.lib.skinny_vector_bits.restype = ctypes.c_int
+        self.lib.rows_argmax_lse.argtypes = [P, L, L, L, P, P]
+        self.lib.rows_argmax_lse.restype = None
         self.lib.race_argmax.argtypes = [P, L, ctypes.c_uint64]
         self.lib.race_argmax.restype = ctypes.c_long
         return True
@@ -188,6 +190,21 @@ class _Skinny:
 
 SKINNY = _Skinny()
 _NATIVE_BF16 = native_bf16()
+
+
+def argmax_logsumexp(logits: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """Each row's first argmax and its log-sum-exp, for rows (R, V) of logits: greedy's
+    choice and the denominator of its log-probability. csrc/skinny.c does both in two
+    passes per row (torch took 65 us for each over one 50k row); torch elsewhere."""
+    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
+            and logits.stride(1) == 1 and logits.shape[1] > 0 and SKINNY.load()):
+        rows = logits.shape[0]
+        idx = torch.empty(rows, dtype=torch.int64)
+        lse = torch.empty(rows, dtype=torch.float32)
+        SKINNY.lib.rows_argmax_lse(logits.data_ptr(), rows, logits.shape[1], logits.stride(0), idx.data_ptr(),
+                                   lse.data_ptr())
+        return idx.tolist(), lse
+    return logits.argmax(dim=-1).tolist(), torch.logsumexp(logits.float(), dim=-1)
 
 
 # --- packed weights and the candidates ----------------------------------------------

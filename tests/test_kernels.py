@@ -320,3 +320,23 @@ def test_load_for_inference_refuses_what_it_cannot_run(tiny_bundle):
         bundle, kp = kernels.load_for_inference(tiny_bundle, "int8")
     assert kp.precision == "int8" and bundle.model.head_kernel.packed.precision == "int8"
     assert kp.to_dict()["choices"]["head"]["1"] in ("torch", "skinny")
+
+
+def test_greedy_argmax_and_log_sum_exp_match_torch(monkeypatch):
+    """The compiled pass over strided rows (the head's padded width): the first index of the
+    maximum exactly, ties included, and the log-sum-exp within 2e-6 of float64's."""
+    g = torch.Generator().manual_seed(0)
+    for t in range(60):
+        rows = 1 + t % 7
+        full = torch.randn(rows, 50304, generator=g) * (0.5 + t % 9)
+        x = full[:, :50257 - t % 3]  # strided rows, and lengths that leave a tail after the vectors
+        if t % 4 == 0:
+            x[:, 777] = x.max() + 1.0
+            x[:, 40001] = x[:, 777]  # a tie: the first index wins, as torch's argmax
+        idx, lse = kernels.argmax_logsumexp(x)
+        assert idx == x.argmax(dim=-1).tolist()
+        ref = torch.logsumexp(x.double(), dim=-1)
+        assert ((lse.double() - ref).abs() / ref.abs().clamp_min(1.0)).max() < 2e-6
+    monkeypatch.setattr(kernels.SKINNY, "load", lambda: False)  # torch where the kernel is missing
+    idx, lse = kernels.argmax_logsumexp(x)
+    assert idx == x.argmax(dim=-1).tolist() and torch.allclose(lse, torch.logsumexp(x, dim=-1))
