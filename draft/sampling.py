@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ..model.kernels import SKINNY
 from .types import MIN_REPETITION_PENALTY, SamplingParams
 
 
@@ -224,11 +225,8 @@ class PositionDraws:
         """Output position i's token from the weights ``p`` (V,)."""
         seed = self.seeds[i][0]
         pf = p.float().contiguous()
-        if pf.device.type == "cpu":
-            from ..model.kernels import SKINNY
-
-            if SKINNY.load():
-                return int(SKINNY.lib.race_argmax(pf.data_ptr(), pf.numel(), seed))
+        if pf.device.type == "cpu" and SKINNY.load():
+            return int(SKINNY.lib.race_argmax(pf.data_ptr(), pf.numel(), seed))
         u = race_uniforms(pf.numel(), seed, pf.device)
         return int(torch.argmax(pf / u.log_().neg_()))
 
