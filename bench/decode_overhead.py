@@ -5,7 +5,9 @@
 Greedy or seeded sampled vanilla decoding of one code prompt (the start of model/gpt.py),
 ``--tokens`` new tokens, ``--reps`` times; each run's wall time per token is split into
 the time inside ``GPT.forward_step`` and the rest (choosing the token, the log-probabilities,
-the decode loop and detokenisation). Medians over the repetitions; writes
+the decode loop and detokenisation). Medians over the repetitions. Also the per-token helpers
+against torch on 50257 logits: the sampling race (compiled, and torch's full race over the same
+uniforms) and greedy's argmax + log-sum-exp for 1 and 6 rows. Writes
 bench/results/decode-overhead-<bundle>-<cpu>.json.
 """
 
@@ -73,11 +75,42 @@ def main(argv=None) -> int:
         report["temperature"][str(temp)] = {"median": med, "runs": runs}
         print(f"T={temp:g}: {med['ms_per_token']:.3f} ms a token = forward {med['forward_ms']:.3f} "
               f"+ rest {med['rest_ms']:.3f}")
+    report["helpers_ms"] = helpers()
+    for name, ms in report["helpers_ms"].items():
+        print(f"{name}: {ms:.3f} ms")
     out = Path(args.out) / f"decode-overhead-{Path(args.bundle).name}-{cpu_slug()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+def helpers(reps: int = 300) -> dict[str, float]:
+    """Median ms of the per-token helpers, compiled against torch's way."""
+    from treespec.draft.sampling import PositionDraws, make_generator, race_uniforms
+    from treespec.model.kernels import argmax_logsumexp
+
+    def ms(f) -> float:
+        for _ in range(10):
+            f()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        return round(statistics.median(ts) * 1e3, 4)
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(50257, generator=g) / 0.8, dim=0)
+    draws = PositionDraws(4, make_generator(1))
+    seed = draws.seeds[0][0]
+    out = {"race_compiled": ms(lambda: draws.token(p, 0)),
+           "race_torch": ms(lambda: int(torch.argmax(p / race_uniforms(p.numel(), seed).log_().neg_())))}
+    for rows in (1, 6):
+        x = torch.randn(rows, 50304, generator=g)[:, :50257]
+        out[f"argmax_lse_{rows}_rows_compiled"] = ms(lambda: argmax_logsumexp(x))
+        out[f"argmax_lse_{rows}_rows_torch"] = ms(lambda: (x.argmax(dim=-1).tolist(), torch.logsumexp(x, dim=-1)))
+    return out
 
 
 if __name__ == "__main__":
