@@ -154,6 +154,8 @@ class _Skinny:
         self.lib.rows_argmax_lse.argtypes = [P, L, L, L, P, P]
         self.lib.rows_argmax_lse.restype = None
         self.lib.race_argmax.argtypes = [P, L, ctypes.c_uint64]
+        self.lib.gelu_erf_rows.argtypes = [P, L]
+        self.lib.gelu_erf_rows.restype = None
         self.lib.race_argmax.restype = ctypes.c_long
         return True
 

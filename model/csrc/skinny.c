@@ -300,6 +300,42 @@ static void matmul(const float *x, const Weight *W, float *y, long R, long N, lo
         skinny_w8a8(x, (const int8_t *)W->w, W->scale, W->bias, y, R, N, K, threads);
 }
 
+/* erf(x) as x P(x^2) / Q(x^2) on x clamped to [-4, 4] (erf is 1 to float
+ * precision beyond): a branch-free rational fit, within a few ulp of erff
+ * (tests/test_kernels.py checks it against torch), that the compiler
+ * vectorises. libm's erff is scalar: 16 ns a call, 0.15 ms of a 6-block
+ * forward's 9,216 GELUs on the AVX2 EPYC. */
+static inline float erf_rational(float x) {
+    x = x < -4.0f ? -4.0f : (x > 4.0f ? 4.0f : x);
+    const float z = x * x;
+    float p = -2.72614225801306e-10f;
+    p = p * z + 2.77068142495902e-08f;
+    p = p * z - 2.10102402082508e-06f;
+    p = p * z - 5.69250639462346e-05f;
+    p = p * z - 7.34990630326855e-04f;
+    p = p * z - 2.95459980854025e-03f;
+    p = p * z - 1.60960333262415e-02f;
+    float q = -1.45660718464996e-05f;
+    q = q * z - 2.13374055278905e-04f;
+    q = q * z - 1.68282697438203e-03f;
+    q = q * z - 7.37332916720468e-03f;
+    q = q * z - 1.42647390514189e-02f;
+    return x * p / q;
+}
+
+/* Exported for the test that holds erf_rational to torch's erf. */
+void gelu_erf_rows(float *u, long n) {
+    for (long i = 0; i < n; i++) u[i] = 0.5f * u[i] * (1.0f + erf_rational(u[i] * 0.7071067811865476f));
+}
+
+static void gelu(float *u, long n, int tanh_form) {
+    if (!tanh_form) { gelu_erf_rows(u, n); return; }
+    for (long i = 0; i < n; i++) {  /* GPT-2's tanh form, for imported models */
+        const float v = u[i];
+        u[i] = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    }
+}
+
 static void layer_norm(const float *x, const float *g, const float *b, float *y, long R, long C, float eps) {
     for (long r = 0; r < R; r++) {
         const float *xr = x + r * C;
@@ -360,11 +396,7 @@ void gpt_block(float *x, long R, long C, long H, int wtype, float eps, int gelu_
 
     layer_norm(x, ln2_g, ln2_b, h, R, C, eps);
     matmul(h, fc, u, R, 4 * C, C, wtype, threads);
-    for (long i = 0; i < R * 4 * C; i++) {
-        const float v = u[i];
-        u[i] = gelu_tanh ? 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)))
-                         : 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
-    }
+    gelu(u, R * 4 * C, gelu_tanh);
     matmul(u, mlp_proj, h, R, C, 4 * C, wtype, threads);
     for (long i = 0; i < R * C; i++) x[i] += h[i];
 }
