@@ -209,6 +209,7 @@ class GPT(nn.Module):
                     self.dwa_weights.append(nn.Parameter(torch.zeros(len(dwa_sources(block, config.dwa_dilation)))))
         self._dwa_index = {b: i for i, b in enumerate(self.dwa_blocks)}
         self.head_kernel = None  # set by set_kernels
+        self.fused_trunk = None  # a kernels.FusedTrunk, set by set_kernels
 
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the
@@ -372,17 +373,18 @@ class GPT(nn.Module):
             return self.head_kernel(hidden)
         return F.linear(hidden, self.exit_heads[-1].weight)
 
-    def set_kernels(self, kernels: dict | None, fused: dict | None = None) -> None:
+    def set_kernels(self, kernels: dict | None, fused: dict | None = None, trunk=None) -> None:
         """Install inference kernels (``model.kernels.plan`` builds them): a
         ``LinearKernel`` per trunk ``Linear`` module, one for "head", and
-        optionally a ``FusedBlock`` per block. ``None`` removes them. They
-        hold their own (possibly rounded) copies of the weights: plan again
-        after changing the weights."""
+        optionally a ``FusedBlock`` per block and a ``FusedTrunk`` for the
+        whole trunk. ``None`` removes them. They hold their own (possibly
+        rounded) copies of the weights: plan again after changing the weights."""
         for m in self.modules():
             if isinstance(m, Linear):
                 m.kernel = None
         for b in self.blocks:
             b.fused = (fused or {}).get(b)
+        self.fused_trunk = trunk
         self.head_kernel = None
         for key, k in (kernels or {}).items():
             if key == "head":
@@ -404,13 +406,17 @@ class GPT(nn.Module):
     def _cached_trunk(self, idx: torch.Tensor, segments: list[_Segment]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The trunk over KV caches: the final exit's normalised hidden state
         and the intermediate exits' residual streams, for every input row."""
-        pos = segments[0].pos if len(segments) == 1 else torch.cat([s.pos for s in segments])
-        exit_hidden, n_exits = [], len(self.config.exit_layers)
-        for e, h in self._trunk(idx, pos, _CacheStep(segments)):
-            if e < n_exits - 1:
-                exit_hidden.append(h)
-            else:
-                hidden = self.exit_ln[e](h)
+        if (self.fused_trunk is not None and not torch.is_grad_enabled()
+                and self.fused_trunk.handles(idx.shape[1], segments)):
+            hidden, exit_hidden = self.fused_trunk(idx, segments)
+        else:
+            pos = segments[0].pos if len(segments) == 1 else torch.cat([s.pos for s in segments])
+            exit_hidden, n_exits = [], len(self.config.exit_layers)
+            for e, h in self._trunk(idx, pos, _CacheStep(segments)):
+                if e < n_exits - 1:
+                    exit_hidden.append(h)
+                else:
+                    hidden = self.exit_ln[e](h)
         for s in segments:
             s.cache.length = s.end
         return hidden, exit_hidden

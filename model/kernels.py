@@ -155,6 +155,8 @@ class _Skinny:
         self.lib.rows_argmax_lse.restype = None
         self.lib.race_argmax.argtypes = [P, L, ctypes.c_uint64]
         self.lib.gelu_erf_rows.argtypes = [P, L]
+        self.lib.gpt_trunk.argtypes = [P, P, P, P, L, L, L, L, I, F_, I, P, Wp, P, P, P, L, P, P, P, P, P, P, I]
+        self.lib.gpt_trunk.restype = None
         self.lib.gelu_erf_rows.restype = None
         self.lib.race_argmax.restype = ctypes.c_long
         return True
@@ -385,6 +387,62 @@ class FusedBlock:
         return y.reshape(B, T, C)
 
 
+class FusedTrunk:
+    """The embedding, every block and the final exit's LayerNorm of a decode
+    step in one call (csrc/skinny.c's ``gpt_trunk``), over the blocks'
+    ``FusedBlock`` weights. Installed where every block is fused and the
+    model has nothing between blocks but the residual stream (no DWA)."""
+
+    def __init__(self, model, blocks: list[FusedBlock]):
+        c = model.config
+        self.blocks = blocks
+        self.C, self.H, self.L = c.n_embd, c.n_head, c.n_layer
+        self.n_exits = len(c.exit_layers)
+        slot = {layer: i for i, layer in enumerate(c.exit_layers[:-1])}
+        self.exit_slot = (ctypes.c_long * self.L)(*[slot.get(i + 1, -1) for i in range(self.L)])
+        self.weights = (_Weight * (4 * self.L))(*[w for b in blocks for w in b.weights])
+        self.ln = (ctypes.c_void_p * (4 * self.L))(*[p for b in blocks for p in b.ln_ptr])
+        self.wte, self.wpe = model.wte.weight.detach(), model.wpe.weight.detach()
+        lnf = model.exit_ln[-1]
+        self.lnf = [lnf.weight.detach().float().contiguous(),
+                    None if lnf.bias is None else lnf.bias.detach().float().contiguous()]
+        self.eps, self.tanh, self.wtype = blocks[0].eps, blocks[0].tanh, blocks[0].wtype
+        self._work: torch.Tensor | None = None
+
+    @staticmethod
+    def fits(model) -> bool:
+        w = (model.wte.weight, model.wpe.weight)
+        return not model.config.dwa and all(t.dtype == torch.float32 and t.is_contiguous() for t in w)
+
+    def handles(self, rows: int, segments) -> bool:
+        return self.blocks[0].handles(rows, segments) and all(
+            s.cache.k[0].dtype == torch.float32 and s.cache.k[0].shape[0] == 1 for s in segments)
+
+    def __call__(self, idx: torch.Tensor, segments) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        T, C = idx.numel(), self.C
+        ids = idx.reshape(T).to(torch.long).contiguous()
+        pos = torch.cat([s.pos for s in segments]) if len(segments) > 1 else segments[0].pos
+        kc, vc = [], []
+        for layer in range(self.L):
+            for s in segments:
+                n = s.rows.stop - s.rows.start
+                kc += [s.cache.k[layer].data_ptr()] * n
+                vc += [s.cache.v[layer].data_ptr()] * n
+        need = T * 8 * C + 8
+        if self._work is None or self._work.numel() < need:
+            self._work = torch.empty(need)
+        x, hidden = torch.empty(T, C), torch.empty(T, C)
+        exits = torch.empty(max(self.n_exits - 1, 1), T, C)
+        P = ctypes.c_void_p * (self.L * T)
+        g, b = self.lnf
+        SKINNY.lib.gpt_trunk(
+            ids.data_ptr(), self.wte.data_ptr(), self.wpe.data_ptr(), x.data_ptr(), T, C, self.H, self.L,
+            self.wtype, self.eps, self.tanh, self.ln, self.weights, P(*kc), P(*vc), pos.data_ptr(),
+            segments[0].cache.max_len, self.exit_slot, exits.data_ptr(), g.data_ptr(),
+            None if b is None else b.data_ptr(), hidden.data_ptr(), self._work.data_ptr(), torch.get_num_threads())
+        return hidden[None], [exits[e][None] for e in range(self.n_exits - 1)]
+
+
 # --- the plan -------------------------------------------------------------------------
 
 @dataclass
@@ -601,7 +659,8 @@ def _install(model, groups, packed, choices) -> None:
     fused = {}
     if SKINNY.lib is not None and "skinny" in choices["trunk"].values():
         fused = {block: FusedBlock(block, kernels, model.config) for block in model.blocks}
-    model.set_kernels(kernels, fused)
+    trunk = FusedTrunk(model, list(fused.values())) if fused and FusedTrunk.fits(model) else None
+    model.set_kernels(kernels, fused, trunk)
 
 
 DTYPE_CHOICES = ("auto", *PRECISIONS)

@@ -352,3 +352,37 @@ def test_the_fused_block_s_gelu_matches_torch_s_erf_gelu():
     want = F.gelu(x.double())
     assert (got.double() - want).abs().max().item() < 2e-6
     assert (got.double() - want).abs().mean().item() < 4 * (F.gelu(x).double() - want).abs().mean().item() + 1e-9
+
+
+@pytest.mark.parametrize("precision", kernels.PRECISIONS)
+def test_the_fused_trunk_computes_what_the_fused_blocks_compute(precision):
+    """One C call for the trunk (embedding, blocks, final LayerNorm) against one call per
+    block: the same residual streams at every exit, the same logits, in a decode step, a
+    verify step and a batched forward; a DWA model keeps the per-block path."""
+    m = tiny_model(seed=7)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    plan(m, precision, measure=lambda g, rows, c, w: 1.0 if c == "skinny" else 2.0)
+    assert m.fused_trunk is not None
+    ids = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(1))
+
+    def run(trunk):
+        m.fused_trunk = trunk
+        cache = m.new_cache()
+        outs = [m.forward_step(ids[:, :9], 0, cache), m.forward_step(ids[:, 9:10], 9, cache),
+                m.forward_step(ids[:, 10:], 10, cache)]
+        other = m.new_cache()
+        m.forward_step(ids[:, :5], 0, other)
+        outs += m.forward_batch([(ids[:, 11:], 11, cache, False), (ids[:, 5:8], 5, other, False)])
+        return outs
+
+    trunk = m.fused_trunk
+    for a, b in zip(run(trunk), run(None)):
+        for ha, hb in zip(a.exit_hidden, b.exit_hidden):
+            assert torch.equal(ha, hb)
+        torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+    dwa = tiny_model(seed=7, dwa=True)
+    plan(dwa, precision, measure=lambda g, rows, c, w: 1.0 if c == "skinny" else 2.0)
+    assert dwa.fused_trunk is None and dwa.blocks[0].fused is not None
