@@ -103,7 +103,7 @@ class CausalSelfAttention(nn.Module):
             for seg in step.segments:
                 qs, ks, vs = (t[:, :, seg.rows] for t in (q, k, v))
                 seg.cache.write(layer, seg.pos, ks, vs)
-                K, V = seg.cache.view(layer, seg.end)
+                K, V = (t.to(qs.dtype) for t in seg.cache.view(layer, seg.end))  # a bf16 cache
                 ys.append(F.scaled_dot_product_attention(qs, K, V, attn_mask=seg.mask))
             y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=2)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -210,6 +210,7 @@ class GPT(nn.Module):
         self._dwa_index = {b: i for i, b in enumerate(self.dwa_blocks)}
         self.head_kernel = None  # set by set_kernels
         self.fused_trunk = None  # a kernels.FusedTrunk, set by set_kernels
+        self.kv_dtype: torch.dtype | None = None  # the KV cache's, when the plan sets one (else the weights')
 
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the
@@ -385,6 +386,7 @@ class GPT(nn.Module):
         for b in self.blocks:
             b.fused = (fused or {}).get(b)
         self.fused_trunk = trunk
+        self.kv_dtype = None
         self.head_kernel = None
         for key, k in (kernels or {}).items():
             if key == "head":
@@ -423,4 +425,4 @@ class GPT(nn.Module):
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         p = self.wte.weight
-        return KVCache.for_model(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
+        return KVCache.for_model(self.config, batch_size, max_len, dtype=self.kv_dtype or p.dtype, device=p.device)

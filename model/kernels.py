@@ -146,7 +146,7 @@ class _Skinny:
         self.lib.skinny_w8a8.argtypes = [P, P, P, P, P, L, L, L, I]
         self.lib.skinny_has_w8a8.restype = ctypes.c_int
         F_, Wp = ctypes.c_float, ctypes.POINTER(_Weight)
-        self.lib.gpt_block.argtypes = [P, L, L, L, I, F_, I, P, P, P, P, Wp, Wp, Wp, Wp, P, P, P, L, P, I]
+        self.lib.gpt_block.argtypes = [P, L, L, L, I, F_, I, P, P, P, P, Wp, Wp, Wp, Wp, P, P, I, P, L, P, I]
         for f in (self.lib.skinny_f32, self.lib.skinny_bf16, self.lib.skinny_int8, self.lib.skinny_w8a8,
                   self.lib.gpt_block):
             f.restype = None
@@ -155,7 +155,9 @@ class _Skinny:
         self.lib.rows_argmax_lse.restype = None
         self.lib.race_argmax.argtypes = [P, L, ctypes.c_uint64]
         self.lib.gelu_erf_rows.argtypes = [P, L]
-        self.lib.gpt_trunk.argtypes = [P, P, P, P, L, L, L, L, I, F_, I, P, Wp, P, P, P, L, P, P, P, P, P, P, I]
+        self.lib.gpt_trunk.argtypes = [P, P, P, P, L, L, L, L, I, F_, I, P, Wp, P, P, I, P, L, P, P, P, P, P, P, I]
+        self.lib.round_bf16.argtypes = [P, P, L]
+        self.lib.round_bf16.restype = None
         self.lib.gpt_trunk.restype = None
         self.lib.gelu_erf_rows.restype = None
         self.lib.race_argmax.restype = ctypes.c_long
@@ -170,7 +172,7 @@ class _Skinny:
     def _build(self):
         src = SKINNY_SOURCE.read_bytes()
         cc = os.environ.get("CC", "cc")
-        flags = ["-O3", f"-march={self.march}", "-fopenmp", "-fPIC", "-shared"]
+        flags = ["-O3", f"-march={self.march}", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
         key = hashlib.sha256(src + " ".join([cc, *flags, cpu_model(), *sorted(cpu_flags())]).encode()).hexdigest()[:16]
         cache = Path(os.environ.get("TREESPEC_KERNEL_CACHE", Path.home() / ".cache" / "treespec" / "kernels"))
         so = cache / f"skinny-{key}.so"
@@ -333,6 +335,14 @@ class LinearKernel:
 
 
 _WTYPE = {"float32": 0, "bfloat16": 1, "int8": 2, "w8a8": 3}
+# KV cache element types the fused block reads -> its kv_bf16 flag.
+KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# The KV cache's element type at each precision. Below fp32 it is bf16 (as
+# llama.cpp keeps f16 by default): at a few hundred tokens of context a decode
+# step's attention reads the cache about a fifth as many bytes as the weights
+# (bench/results/kernels-*.json), and bf16 halves that. Its rounding is part
+# of what each precision's quality check measures.
+KV_CACHE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16, "w8a8": torch.bfloat16}
 
 
 class FusedBlock:
@@ -361,7 +371,9 @@ class FusedBlock:
     def handles(self, rows: int, segments) -> bool:
         if rows > self.max_rows or next(b for b in ROW_BUCKETS if b >= rows) not in self.rows:
             return False
-        return all(s.cache.max_len == segments[0].cache.max_len for s in segments)
+        first = segments[0].cache
+        return all(s.cache.max_len == first.max_len and s.cache.batch_size == 1
+                   and s.cache.dtype == first.dtype in KV_DTYPES for s in segments)
 
     def __call__(self, x: torch.Tensor, layer: int, segments) -> torch.Tensor:
         B, T, C = x.shape
@@ -372,8 +384,6 @@ class FusedBlock:
         kc, vc, pos = [], [], []
         for s in segments:
             k, v = s.cache.k[layer], s.cache.v[layer]
-            if k.dtype != torch.float32 or k.shape[0] != 1:
-                raise ValueError("the fused block needs fp32 caches of one sequence each")
             n = s.rows.stop - s.rows.start
             kc += [k.data_ptr()] * n
             vc += [v.data_ptr()] * n
@@ -382,7 +392,7 @@ class FusedBlock:
         P = ctypes.c_void_p * T
         SKINNY.lib.gpt_block(
             y.data_ptr(), T, C, self.H, self.wtype, self.eps, self.tanh, *self.ln_ptr,
-            *self._weight_refs, P(*kc), P(*vc), (ctypes.c_long * T)(*pos), max_len,
+            *self._weight_refs, P(*kc), P(*vc), KV_DTYPES[segments[0].cache.dtype], (ctypes.c_long * T)(*pos), max_len,
             self._work.data_ptr(), torch.get_num_threads())
         return y.reshape(B, T, C)
 
@@ -415,8 +425,7 @@ class FusedTrunk:
         return not model.config.dwa and all(t.dtype == torch.float32 and t.is_contiguous() for t in w)
 
     def handles(self, rows: int, segments) -> bool:
-        return self.blocks[0].handles(rows, segments) and all(
-            s.cache.k[0].dtype == torch.float32 and s.cache.k[0].shape[0] == 1 for s in segments)
+        return self.blocks[0].handles(rows, segments)
 
     def __call__(self, idx: torch.Tensor, segments) -> tuple[torch.Tensor, list[torch.Tensor]]:
         T, C = idx.numel(), self.C
@@ -437,7 +446,8 @@ class FusedTrunk:
         g, b = self.lnf
         SKINNY.lib.gpt_trunk(
             ids.data_ptr(), self.wte.data_ptr(), self.wpe.data_ptr(), x.data_ptr(), T, C, self.H, self.L,
-            self.wtype, self.eps, self.tanh, self.ln, self.weights, P(*kc), P(*vc), pos.data_ptr(),
+            self.wtype, self.eps, self.tanh, self.ln, self.weights, P(*kc), P(*vc),
+            KV_DTYPES[segments[0].cache.dtype], pos.data_ptr(),
             segments[0].cache.max_len, self.exit_slot, exits.data_ptr(), g.data_ptr(),
             None if b is None else b.data_ptr(), hidden.data_ptr(), self._work.data_ptr(), torch.get_num_threads())
         return hidden[None], [exits[e][None] for e in range(self.n_exits - 1)]
@@ -661,6 +671,7 @@ def _install(model, groups, packed, choices) -> None:
         fused = {block: FusedBlock(block, kernels, model.config) for block in model.blocks}
     trunk = FusedTrunk(model, list(fused.values())) if fused and FusedTrunk.fits(model) else None
     model.set_kernels(kernels, fused, trunk)
+    model.kv_dtype = KV_CACHE[packed["head"][0].precision]
 
 
 DTYPE_CHOICES = ("auto", *PRECISIONS)

@@ -21,6 +21,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.max_len = max_len
         self.batch_size = batch_size
+        self.dtype = dtype
         # Number of valid positions: 0..length-1 hold keys/values that belong
         # to the current sequence.
         self.length = 0
@@ -35,8 +36,8 @@ class KVCache:
 
     def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``/``v`` of shape (B, H, T, D) at sequence positions ``pos`` (T,)."""
-        self.k[layer].index_copy_(2, pos, k)
-        self.v[layer].index_copy_(2, pos, v)
+        self.k[layer].index_copy_(2, pos, k.to(self.dtype))
+        self.v[layer].index_copy_(2, pos, v.to(self.dtype))
 
     def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values for positions ``0..end-1``."""

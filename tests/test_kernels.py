@@ -257,6 +257,9 @@ def test_forward_at_each_precision_agrees_with_fp32(precision):
                 mod.weight.copy_(Packed.of(mod.weight, None, precision).dequantized())
         head = Packed.of(rounded.exit_heads[-1].weight, None, precision).dequantized()
     rounded.exit_heads[-1].weight = torch.nn.Parameter(head)
+    # ... and the KV cache in the precision's element type (bf16 below fp32), through torch.
+    assert m.kv_dtype == kernels.KV_CACHE[precision] and m.new_cache().k[0].dtype == m.kv_dtype
+    rounded.kv_dtype = m.kv_dtype
     want = rounded.forward_step(ids, 0, rounded.new_cache()).logits
     # bf16 and w8a8 also round activations (oneDNN's bf16 GEMM; w8a8's int8 rows)
     tol = {"bfloat16": 2e-2, "w8a8": 4e-2}.get(precision, 1e-4)
@@ -386,3 +389,20 @@ def test_the_fused_trunk_computes_what_the_fused_blocks_compute(precision):
     dwa = tiny_model(seed=7, dwa=True)
     plan(dwa, precision, measure=lambda g, rows, c, w: 1.0 if c == "skinny" else 2.0)
     assert dwa.fused_trunk is None and dwa.blocks[0].fused is not None
+
+
+def test_the_kv_cache_rounds_to_bf16_as_torch_does():
+    """The fused block writes bf16 keys and values with csrc/skinny.c's rounding; torch's
+    path writes a prompt's with .to(bfloat16). Both must give the same bits, ties and all."""
+    assert SKINNY.load(), SKINNY.error
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(100_000, generator=g) * 10, torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -2.5,
+                                                                          1e-40, 3e38, float("inf"), 0.0, -0.0])])
+    got = torch.empty(x.numel(), dtype=torch.bfloat16)
+    SKINNY.lib.round_bf16(x.data_ptr(), got.data_ptr(), x.numel())
+    assert torch.equal(got.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+    m = tiny_model(seed=2)
+    plan(m, "float32")
+    assert m.kv_dtype == torch.float32
+    m.set_kernels(None)
+    assert m.kv_dtype is None and m.new_cache().k[0].dtype == torch.float32

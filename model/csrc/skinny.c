@@ -348,49 +348,129 @@ static void layer_norm(const float *x, const float *g, const float *b, float *y,
     }
 }
 
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* exp(x) for x <= 0 (a difference from a maximum): Cephes' expf polynomial,
+ * within 2 ulp, eight at a time. */
+#ifdef __AVX2__
+static inline __m256 exp256(__m256 x) {  /* x <= 0 here: x - max */
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* s[j] = exp(s[j] - mx) for j < n; returns their sum. */
+static inline float exp_shifted_sum(float *s, long n, float mx) {
+    long j = 0;
+    float z = 0.0f;
+#ifdef __AVX2__
+    const __m256 vm = _mm256_set1_ps(mx);
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+        _mm256_storeu_ps(s + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    z = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+#endif
+    for (; j < n; j++) { s[j] = expf(s[j] - mx); z += s[j]; }
+    return z;
+}
+
+/* Row r's new key and value go into its caches at pos[r]; then every row
+ * attends over its cache's positions 0..pos[r]. KT is the caches' element
+ * type (float, or uint16_t for bf16: half the bytes that a long context's
+ * attention reads), LD widens one element to float. */
+#define ATTEND(NAME, KT, LD, ST)                                                          \
+static void NAME(const float *qkv, float *out, void *const *kc_, void *const *vc_,        \
+                 const long *pos, long R, long C, long H, long max_len, int threads) {   \
+    KT *const *kc = (KT *const *)kc_, *const *vc = (KT *const *)vc_;                     \
+    const long D = C / H;                                                                 \
+    const float sm = 1.0f / sqrtf((float)D);                                              \
+    for (long r = 0; r < R; r++)                                                          \
+        for (long hd = 0; hd < H; hd++) {                                                 \
+            KT *k = kc[r] + (hd * max_len + pos[r]) * D, *v = vc[r] + (hd * max_len + pos[r]) * D; \
+            const float *nk = qkv + r * 3 * C + C + hd * D, *nv = nk + C;                 \
+            for (long d = 0; d < D; d++) { k[d] = ST(nk[d]); v[d] = ST(nv[d]); }          \
+        }                                                                                 \
+    _Pragma("omp parallel for num_threads(threads) schedule(static) collapse(2)")        \
+    for (long r = 0; r < R; r++)                                                          \
+        for (long hd = 0; hd < H; hd++) {                                                 \
+            const float *q = qkv + r * 3 * C + hd * D;                                    \
+            const KT *K = kc[r] + hd * max_len * D, *V = vc[r] + hd * max_len * D;        \
+            const long n = pos[r] + 1;                                                    \
+            float s[n];                                                                   \
+            float mx = -INFINITY;                                                         \
+            for (long j = 0; j < n; j++) {                                                \
+                float a = 0.0f;                                                           \
+                _Pragma("omp simd reduction(+:a)")                                        \
+                for (long d = 0; d < D; d++) a += q[d] * LD(K[j * D + d]);                \
+                s[j] = a * sm;                                                            \
+                if (s[j] > mx) mx = s[j];                                                 \
+            }                                                                             \
+            const float z = exp_shifted_sum(s, n, mx);                                    \
+            float *o = out + r * C + hd * D;                                              \
+            if (D == 64) { /* the usual head size: the sums stay in registers */          \
+                float acc[64] = {0};                                                      \
+                for (long j = 0; j < n; j++) {                                            \
+                    const float p = s[j];                                                 \
+                    _Pragma("omp simd")                                                   \
+                    for (long d = 0; d < 64; d++) acc[d] += p * LD(V[j * 64 + d]);        \
+                }                                                                         \
+                for (long d = 0; d < 64; d++) o[d] = acc[d] / z;                          \
+                continue;                                                                 \
+            }                                                                             \
+            for (long d = 0; d < D; d++) o[d] = 0.0f;                                     \
+            for (long j = 0; j < n; j++) {                                                \
+                const float p = s[j] / z;                                                 \
+                _Pragma("omp simd")                                                       \
+                for (long d = 0; d < D; d++) o[d] += p * LD(V[j * D + d]);                \
+            }                                                                             \
+        }                                                                                 \
+}
+#define SAME(v) (v)
+ATTEND(attend_f32, float, SAME, SAME)
+ATTEND(attend_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+
+/* Exported for the test that holds f32_to_bf16 to torch's rounding. */
+void round_bf16(const float *x, uint16_t *y, long n) {
+    for (long i = 0; i < n; i++) y[i] = f32_to_bf16(x[i]);
+}
+
 void gpt_block(float *x, long R, long C, long H, int wtype, float eps, int gelu_tanh,
                const float *ln1_g, const float *ln1_b, const float *ln2_g, const float *ln2_b,
                const Weight *attn, const Weight *attn_proj, const Weight *fc, const Weight *mlp_proj,
-               float *const *kc, float *const *vc, const long *pos, long max_len,
+               void *const *kc, void *const *vc, int kv_bf16, const long *pos, long max_len,
                float *work, int threads) {
-    const long D = C / H;
     float *h = work;             /* R x C    LayerNorm output, then attention output */
     float *qkv = h + R * C;      /* R x 3C */
     float *u = qkv + R * 3 * C;  /* R x 4C   MLP hidden; also R x C projections */
-    const float sm = 1.0f / sqrtf((float)D);
 
     layer_norm(x, ln1_g, ln1_b, h, R, C, eps);
     matmul(h, attn, qkv, R, 3 * C, C, wtype, threads);
-    for (long r = 0; r < R; r++)          /* the new keys and values, by position */
-        for (long hd = 0; hd < H; hd++) {
-            memcpy(kc[r] + (hd * max_len + pos[r]) * D, qkv + r * 3 * C + C + hd * D, D * sizeof(float));
-            memcpy(vc[r] + (hd * max_len + pos[r]) * D, qkv + r * 3 * C + 2 * C + hd * D, D * sizeof(float));
-        }
-    #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
-    for (long r = 0; r < R; r++)
-        for (long hd = 0; hd < H; hd++) {
-            const float *q = qkv + r * 3 * C + hd * D;
-            const float *K = kc[r] + hd * max_len * D, *V = vc[r] + hd * max_len * D;
-            const long n = pos[r] + 1;
-            float s[n];
-            float mx = -INFINITY;
-            for (long j = 0; j < n; j++) {
-                float a = 0.0f;
-                #pragma omp simd reduction(+:a)
-                for (long d = 0; d < D; d++) a += q[d] * K[j * D + d];
-                s[j] = a * sm;
-                if (s[j] > mx) mx = s[j];
-            }
-            float z = 0.0f;
-            for (long j = 0; j < n; j++) { s[j] = expf(s[j] - mx); z += s[j]; }
-            float *o = h + r * C + hd * D;
-            for (long d = 0; d < D; d++) o[d] = 0.0f;
-            for (long j = 0; j < n; j++) {
-                const float p = s[j] / z;
-                #pragma omp simd
-                for (long d = 0; d < D; d++) o[d] += p * V[j * D + d];
-            }
-        }
+    if (kv_bf16)
+        attend_bf16(qkv, h, kc, vc, pos, R, C, H, max_len, threads);
+    else
+        attend_f32(qkv, h, kc, vc, pos, R, C, H, max_len, threads);
     matmul(h, attn_proj, u, R, C, C, wtype, threads);
     for (long i = 0; i < R * C; i++) x[i] += u[i];
 
@@ -408,13 +488,13 @@ void gpt_block(float *x, long R, long C, long H, int wtype, float eps, int gelu_
  * per block (each crossing builds pointer arrays and tensors: ~17 us, a
  * tenth of a 6-block forward on the AVX2 EPYC). Blocks are given as arrays:
  * ln[4 l .. 4 l + 3] and w[4 l .. 4 l + 3] for block l, kc[l R + r] and
- * vc[l R + r] for row r's caches at block l. After block l, when
+ * vc[l R + r] for row r's caches at block l (bf16 when kv_bf16). After block l, when
  * exit_slot[l] >= 0, the residual stream is copied to exits + slot R C (an
  * intermediate exit's input); hidden gets the final LayerNorm's output.
  */
 void gpt_trunk(const long *idx, const float *wte, const float *wpe, float *x, long R, long C, long H, long L,
                int wtype, float eps, int gelu_tanh, const float *const *ln, const Weight *w,
-               float *const *kc, float *const *vc, const long *pos, long max_len,
+               void *const *kc, void *const *vc, int kv_bf16, const long *pos, long max_len,
                const long *exit_slot, float *exits, const float *lnf_g, const float *lnf_b, float *hidden,
                float *work, int threads) {
     for (long r = 0; r < R; r++) {
@@ -424,7 +504,7 @@ void gpt_trunk(const long *idx, const float *wte, const float *wpe, float *x, lo
     for (long l = 0; l < L; l++) {
         const float *const *g = ln + 4 * l;
         gpt_block(x, R, C, H, wtype, eps, gelu_tanh, g[0], g[1], g[2], g[3], w + 4 * l, w + 4 * l + 1,
-                  w + 4 * l + 2, w + 4 * l + 3, kc + l * R, vc + l * R, pos, max_len, work, threads);
+                  w + 4 * l + 2, w + 4 * l + 3, kc + l * R, vc + l * R, kv_bf16, pos, max_len, work, threads);
         if (exit_slot[l] >= 0) memcpy(exits + exit_slot[l] * R * C, x, (size_t)(R * C) * sizeof(float));
     }
     layer_norm(x, lnf_g, lnf_b, hidden, R, C, eps);
@@ -480,26 +560,8 @@ long race_argmax(const float *p, long n, uint64_t seed) {
  * 65 us for each over one row here, 0.5 ms for a six-row verify step, as
  * long as the model's one-token forward on the fastest precision takes a
  * fifth of. One pass for the max and its first index, one for the sum of
- * exp(x - max) with a polynomial exp (Cephes' expf, within 2 ulp), per row.
+ * exp(x - max) with exp256 above, per row.
  * Rows are strided (the head's padded width). */
-#ifdef __AVX2__
-static inline __m256 exp256(__m256 x) {  /* x <= 0 here: x - max */
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-#endif
 
 void rows_argmax_lse(const float *x, long rows, long n, long stride, long *argmax, float *lse) {
     for (long r = 0; r < rows; r++) {
