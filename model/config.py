@@ -67,6 +67,16 @@ class GPTConfig:
     dwa: bool = False
     dwa_dilation: int = 1  # k: average only over every k-th earlier block
     dwa_period: int = 1  # p: a DWA module only after every p-th block
+    # Skip connections that carry information past blocks, for a narrower
+    # residual stream (a smaller n_embd) that must lose less on the way up.
+    # Both start at zero weight, so a new model is exactly the plain one.
+    # embed_skip: block i's input is a_i x + b_i x0, x0 the embedding output,
+    #   (a_i, b_i) learned from (1, 0) (the modded-nanoGPT speedrun's x0 mix).
+    embed_skip: bool = False
+    # unet_skip: block i's output is added, times a learned scalar, to the
+    #   input of block n_layer + 1 - i, as in a U-Net (Ronneberger et al.,
+    #   2015; the modded-nanoGPT speedrun's encoder/decoder skips).
+    unet_skip: bool = False
     tie_embeddings: bool = True
     # The MLP's nonlinearity: "gelu" is the exact erf GELU (nanoGPT's),
     # "gelu_tanh" the tanh approximation GPT-2 was trained with (Hugging
@@ -124,6 +134,12 @@ class GPTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        # Options that are off are left out, so code that predates them still
+        # loads every bundle that does not use them; one that does is refused
+        # there with "unknown field(s)" instead of being run without them.
+        for name in OMITTED_WHEN_OFF:
+            if not d[name]:
+                del d[name]
         d["exit_layers"] = list(self.exit_layers)
         d["exit_loss_weights"] = list(self.exit_loss_weights)
         return d
@@ -144,6 +160,17 @@ class GPTConfig:
         return cls.from_dict(json.loads(s))
 
 
+OMITTED_WHEN_OFF = ("embed_skip", "unet_skip")
+
+
+def unet_pairs(n_layer: int) -> list[tuple[int, int]]:
+    """(source block, destination block), 1-based: block i's output joins
+    block n_layer + 1 - i's input, for the first half of the blocks. A pair
+    whose destination is the very next block is left out: its output is that
+    block's input already."""
+    return [(i, n_layer + 1 - i) for i in range(1, n_layer // 2 + 1) if n_layer + 1 - i > i + 1]
+
+
 # Named sizes. "cpu-default" is the shipped model's shape: small enough to
 # train from scratch on a 2-core CPU in a few hours. "gpt2-small" is the
 # seed design itself, for a GPU.
@@ -160,5 +187,5 @@ def preset(name: str, **overrides: Any) -> GPTConfig:
     return GPTConfig(**{**PRESETS[name], **overrides})
 
 
-__all__ = ["GPTConfig", "ConfigError", "ACTIVATIONS", "PRESETS", "preset", "seed_exit_layers",
+__all__ = ["GPTConfig", "ConfigError", "unet_pairs", "ACTIVATIONS", "PRESETS", "preset", "seed_exit_layers",
            "default_exit_weights", "SEED_EXIT_WEIGHTS"]

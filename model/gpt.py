@@ -17,6 +17,11 @@ Read top to bottom:
   weighted average of the embedding output and the outputs of blocks 1..i,
   instead of block i's output alone. Initialised to the identity, so a DWA
   model starts out as exactly the plain model.
+* Skip connections (``config.embed_skip``, ``config.unet_skip``), for a
+  narrower residual stream: the embedding mixed back into every block's
+  input, and U-Net-style skips from block i's output to block L+1-i's input.
+  Their learned weights start at zero, so such a model also starts out as
+  the plain one.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ACTIVATIONS, GPTConfig
+from .config import ACTIVATIONS, GPTConfig, unet_pairs
 from .kv_cache import KVCache
 
 
@@ -208,6 +213,15 @@ class GPT(nn.Module):
                     self.dwa_blocks.append(block)
                     self.dwa_weights.append(nn.Parameter(torch.zeros(len(dwa_sources(block, config.dwa_dilation)))))
         self._dwa_index = {b: i for i, b in enumerate(self.dwa_blocks)}
+
+        # Skips: (a, b) per block from block 2 on (block 1's input is x0
+        # already), and one scalar per U-Net pair.
+        self.embed_skip_weights = nn.ParameterList(
+            [nn.Parameter(torch.tensor([1.0, 0.0])) for _ in range(config.n_layer - 1)] if config.embed_skip else [])
+        pairs = unet_pairs(config.n_layer) if config.unet_skip else []
+        self.unet_weights = nn.Parameter(torch.zeros(len(pairs))) if pairs else None
+        self._unet_into = {dst: (j, src) for j, (src, dst) in enumerate(pairs)}  # destination -> (weight, source)
+        self._unet_from = {src for src, _ in pairs}
         self.head_kernel = None  # set by set_kernels
         self.fused_trunk = None  # a kernels.FusedTrunk, set by set_kernels
         self.kv_dtype: torch.dtype | None = None  # the KV cache's, when the plan sets one (else the weights')
@@ -251,10 +265,19 @@ class GPT(nn.Module):
 
     def _trunk(self, idx: torch.Tensor, pos: torch.Tensor, step: _CacheStep | None):
         """Run the blocks; yield (exit index, residual stream) at each exit."""
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x0 = x = self.drop(self.wte(idx) + self.wpe(pos))
         history = [x] if self.dwa_blocks else None  # DWA's X_0, X_1, ...
+        outputs = {}  # block -> its output, for the U-Net skips that start there
         for i, block in enumerate(self.blocks, start=1):
+            if self.embed_skip_weights and i > 1:
+                a, b = self.embed_skip_weights[i - 2]
+                x = a * x + b * x0
+            if i in self._unet_into:
+                j, src = self._unet_into[i]
+                x = x + self.unet_weights[j] * outputs.pop(src)
             x = block(x, i - 1, step)
+            if i in self._unet_from:
+                outputs[i] = x
             if history is not None:
                 history.append(x)
                 if i in self._dwa_index:

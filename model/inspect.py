@@ -31,5 +31,7 @@ def run(args) -> int:
               f"{c.n_head} heads, context {c.block_size}")
         print(f"  exits after blocks {list(c.exit_layers)} (loss weights {list(c.exit_loss_weights)})")
         print(f"  DWA: {'on (dilation %d, period %d)' % (c.dwa_dilation, c.dwa_period) if c.dwa else 'off'}")
+        skips = [name for name, on in (("embedding", c.embed_skip), ("U-Net", c.unet_skip)) if on]
+        print(f"  skip connections: {', '.join(skips) if skips else 'none'}")
         print(f"  drafter: {'yes' if info['has_drafter'] else 'none'}; weights sha256 {b.weights_sha256[:16]}…")
     return 0

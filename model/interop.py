@@ -461,6 +461,10 @@ def exportable(bundle: Bundle) -> None:
     if c.dwa:
         raise InteropError(f"{bundle.path}: this model uses DenseFormer depth-weighted averaging (dwa=true), "
                            "which GPT-2 (Hugging Face, llama.cpp) has no equivalent for; it cannot be exported")
+    skips = [name for name in ("embed_skip", "unet_skip") if getattr(c, name)]
+    if skips:
+        raise InteropError(f"{bundle.path}: this model uses skip connections ({', '.join(f'{n}=true' for n in skips)}), "
+                           "which GPT-2 (Hugging Face, llama.cpp) has no equivalent for; it cannot be exported")
 
 
 def final_exit_state(bundle: Bundle) -> dict[str, torch.Tensor]:

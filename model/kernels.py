@@ -401,7 +401,8 @@ class FusedTrunk:
     """The embedding, every block and the final exit's LayerNorm of a decode
     step in one call (csrc/skinny.c's ``gpt_trunk``), over the blocks'
     ``FusedBlock`` weights. Installed where every block is fused and the
-    model has nothing between blocks but the residual stream (no DWA)."""
+    model has nothing between blocks but the residual stream (no DWA, no
+    skips)."""
 
     def __init__(self, model, blocks: list[FusedBlock]):
         c = model.config
@@ -422,7 +423,9 @@ class FusedTrunk:
     @staticmethod
     def fits(model) -> bool:
         w = (model.wte.weight, model.wpe.weight)
-        return not model.config.dwa and all(t.dtype == torch.float32 and t.is_contiguous() for t in w)
+        c = model.config
+        return (not (c.dwa or c.embed_skip or c.unet_skip)
+                and all(t.dtype == torch.float32 and t.is_contiguous() for t in w))
 
     def handles(self, rows: int, segments) -> bool:
         return self.blocks[0].handles(rows, segments)

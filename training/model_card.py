@@ -73,7 +73,8 @@ def render(bundle, summary: dict, samples: dict[str, tuple[str, str]], history: 
         f"A {summary['parameters'] / 1e6:.1f}M-parameter GPT ({c.n_layer} layers × {c.n_embd}, {c.n_head} heads, "
         f"context {c.block_size}, GPT-2 BPE) with exit heads after blocks {list(c.exit_layers)} "
         f"(loss weights {[round(w, 3) for w in c.exit_loss_weights]}), tied embeddings, "
-        f"DWA {'on' if c.dwa else 'off'}. Weights are stored in {json.loads((bundle.path / 'config.json').read_text())['dtype']}.",
+        f"DWA {'on' if c.dwa else 'off'}{', embedding skips' if c.embed_skip else ''}"
+        f"{', U-Net skips' if c.unet_skip else ''}. Weights are stored in {json.loads((bundle.path / 'config.json').read_text())['dtype']}.",
         "",
         "## Training data",
         "",
