@@ -248,6 +248,8 @@ def main(argv=None) -> int:
     ap.add_argument("--forward-ctx", type=int, default=256, help="context of the one-token forward timing")
     ap.add_argument("--cache", default=str(REPO / ".cache" / "peers"), help="where the exports are kept")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--tag", default="", help="suffix for the result files (a subset of engines should not "
+                    "overwrite the full run's)")
     ap.add_argument("--summarize", metavar="JSON", help="print the table and targets of an earlier run's JSON")
     ap.add_argument("--markdown", action="store_true", help="with --summarize: the tables as docs/performance.md has them")
     args = ap.parse_args(argv)
@@ -275,7 +277,10 @@ def main(argv=None) -> int:
     prompts = {kind: corpus_suite(kind, args.data_dir, args.n, bundle.tokenizer, max_prompt)
                for kind in ("code", "prose")}
     items = [(kind, i, p["prompt_ids"]) for kind in prompts for i, p in enumerate(prompts[kind])]
-    bandwidth = copy_bandwidth_gbs(args.threads)
+    # Measured before the loads and after every repetition, best kept: a copy timed
+    # while another tenant of the machine was busy reads low, and a low bound
+    # flatters every engine.
+    bandwidths = [copy_bandwidth_gbs(args.threads)]
 
     ctx = mp.get_context("spawn")
     workers, info, failed = {}, {}, {}
@@ -319,6 +324,7 @@ def main(argv=None) -> int:
         for e in names:
             for kind in prompts:
                 per_rep[e][kind].append(totals[e][kind])
+        bandwidths.append(copy_bandwidth_gbs(args.threads))
         print(f"repetition {rep + 1}/{args.reps}: " + ", ".join(
             f"{e} {sum(t for t, _ in totals[e].values()) / sum(w for _, w in totals[e].values()):.0f}"
             for e in names), file=sys.stderr)
@@ -357,7 +363,8 @@ def main(argv=None) -> int:
         report_engines[e] = entry
     report = {
         "bundle": args.bundle, "weights_sha256": bundle.weights_sha256, "cpu": cpu_summary(),
-        "threads": args.threads, "copy_bandwidth_gbs": round(bandwidth, 1),
+        "threads": args.threads, "copy_bandwidth_gbs": round(max(bandwidths), 1),
+        "copy_bandwidth_gbs_all": [round(b, 1) for b in bandwidths],
         "prompts": {kind: len(v) for kind, v in prompts.items()},
         "prompt_tokens": [min(len(p) for *_, p in items), max(len(p) for *_, p in items)],
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "reps": args.reps,
@@ -370,7 +377,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     slug = cpu_slug()
     # not Path.with_suffix: "T0.8" would lose its ".8"
-    stem = out / f"peers-{Path(args.bundle).name}-{slug}-T{args.temperature:g}"
+    stem = out / (f"peers-{Path(args.bundle).name}-{slug}-T{args.temperature:g}" + (f"-{args.tag}" if args.tag else ""))
     Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     plot(report, Path(f"{stem}.png"))
     print(table(report))
