@@ -70,14 +70,18 @@ def row_command(args, row: str, extra: list[str]) -> list[str]:
 
 
 def run_row(args, row: str, extra: list[str]) -> None:
-    out = Path(args.out) / row
-    cmd = row_command(args, row, extra)
+    train_row(Path(args.out) / row, row_command(args, row, extra), args.dry_run, row)
+
+
+def train_row(out: Path, cmd: list[str], dry_run: bool, row: str) -> None:
+    """Run ``treespec train`` (``cmd``) into ``out`` unless it finished there;
+    resume it from its checkpoint if it was interrupted."""
     if (out / "training_summary.json").exists():
         print(f"[{row}] done already: {out / 'training_summary.json'}")
         return
     resume = (out / "ckpt.pt").exists()
     print(f"[{row}] {'resuming' if resume else 'starting'}: {shlex.join(cmd)}", flush=True)
-    if args.dry_run:
+    if dry_run:
         return
     argv = [sys.executable, "-m", "treespec.cli", *cmd[1:], *(["--resume"] if resume else [])]
     proc = subprocess.Popen(argv)
