@@ -76,6 +76,7 @@ def test_every_candidate_equals_f_linear(precision, layout, bias):
 def test_skinny_rows_do_not_depend_on_the_batch(precision):
     """A row's result is bit-identical whether it comes alone or among others: a verify
     step's rows equal the one-token forwards' (no rounding differences to flip a token)."""
+    assert SKINNY.load(), SKINNY.error  # (run alone, no earlier test has built it)
     g = torch.Generator().manual_seed(1)
     p = Packed.of(torch.randn(700, 384, generator=g) * 0.05, torch.randn(700, generator=g), precision)
     x = torch.randn(9, 384, generator=g)
