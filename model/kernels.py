@@ -122,10 +122,13 @@ class _Weight(ctypes.Structure):
 class _Skinny:
     """csrc/skinny.c, compiled once per source and CPU into a cache directory."""
 
-    def __init__(self, march: str | None = None):
+    def __init__(self, march: str | None = None, source: Path | None = None, defines: tuple[str, ...] = ()):
         # -march: the serving CPU's own by default; TREESPEC_KERNEL_MARCH (e.g.
-        # x86-64-v3 for AVX2 only) builds for an older one.
+        # x86-64-v3 for AVX2 only) builds for an older one. ``source`` and
+        # ``defines`` are for the benchmarks (another revision; the profile build).
         self.march = march or os.environ.get("TREESPEC_KERNEL_MARCH", "native")
+        self.source = Path(source) if source is not None else SKINNY_SOURCE
+        self.defines = tuple(defines)
         self.lib = None
         self.error: str | None = None
 
@@ -170,9 +173,12 @@ class _Skinny:
         return path + (", w8a8 on bytes" if self.lib.skinny_has_w8a8() else "")
 
     def _build(self):
-        src = SKINNY_SOURCE.read_bytes()
+        src = self.source.read_bytes()
         cc = os.environ.get("CC", "cc")
-        flags = ["-O3", f"-march={self.march}", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
+        # Not -ffast-math: results must not depend on how the compiler reorders sums. No
+        # errno and no FP traps let it vectorise libm calls and branch-free selects.
+        flags = ["-O3", f"-march={self.march}", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC",
+                 "-shared", *(f"-D{d}" for d in self.defines)]
         key = hashlib.sha256(src + " ".join([cc, *flags, cpu_model(), *sorted(cpu_flags())]).encode()).hexdigest()[:16]
         cache = Path(os.environ.get("TREESPEC_KERNEL_CACHE", Path.home() / ".cache" / "treespec" / "kernels"))
         so = cache / f"skinny-{key}.so"
@@ -181,7 +187,7 @@ class _Skinny:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
             os.close(fd)
             try:
-                subprocess.run([cc, *flags, "-o", tmp, str(SKINNY_SOURCE), "-lm"], check=True, capture_output=True,
+                subprocess.run([cc, *flags, "-o", tmp, str(self.source), "-lm"], check=True, capture_output=True,
                                text=True, timeout=120)
                 os.replace(tmp, so)
             except subprocess.CalledProcessError as e:
