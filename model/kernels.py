@@ -479,12 +479,15 @@ class KernelPlan:
     seconds: float
     reason: str = ""
     precision_ms: dict[str, float] = field(default_factory=dict)  # with auto: one-row pass per precision
+    kv_cache: str = "float32"  # the KV cache's element type (KV_CACHE)
+    fused: str = "none"  # "trunk" (one C call a decode step), "blocks" (one per block) or "none"
 
     def describe(self) -> str:
         one = {g: self.choices[g][1] for g in self.choices}
         many = {g: self.choices[g][8] for g in self.choices}
         return (f"kernels: {self.precision} on {self.threads} thread(s) of {self.cpu['model']} "
                 f"({', '.join(self.cpu['flags']) or 'no AVX'}); 1 row: {one}, 8 rows: {many}; "
+                f"fused: {self.fused}; KV cache {self.kv_cache}; "
                 f"chosen by timing in {self.seconds:.1f} s" + (f"; {self.reason}" if self.reason else ""))
 
     def to_dict(self) -> dict:
@@ -492,7 +495,7 @@ class KernelPlan:
                 "choices": {g: {str(b): c for b, c in t.items()} for g, t in self.choices.items()},
                 "timings_ms": {g: {str(b): t for b, t in bt.items()} for g, bt in self.timings.items()},
                 "skinny": self.skinny, "seconds": round(self.seconds, 2), "reason": self.reason,
-                "precision_ms": self.precision_ms}
+                "precision_ms": self.precision_ms, "kv_cache": self.kv_cache, "fused": self.fused}
 
 
 Measure = Callable[[str, int, str, list[Packed]], float]
@@ -612,7 +615,8 @@ def plan(model, precision: str = "auto", *, measure: Measure | None = None, samp
         model.set_kernels(None)
         p = "float32" if precision == "auto" else precision
         return KernelPlan(p, torch.get_num_threads(), cpu_summary(), {}, {}, "cpu only", 0.0,
-                          reason=f"on {device.type} the model runs torch's kernels in its own dtype")
+                          reason=f"on {device.type} the model runs torch's kernels in its own dtype",
+                          kv_cache=str(model.wte.weight.dtype).removeprefix("torch."))
     groups = _groups(model)
     if precision == "bfloat16" and not native_bf16() and not SKINNY.load():
         warnings.warn("treespec: this CPU has no native bf16 dot products (AVX-512 BF16 or AMX) and the "
@@ -662,9 +666,11 @@ def plan(model, precision: str = "auto", *, measure: Measure | None = None, samp
         packed = {g: [Packed.of(w, b, precision) for _, w, b in items] for g, items in groups.items()}
         choices, timings = _choose(packed, precision, measure)
     _install(model, groups, packed, choices)
+    fused = "trunk" if model.fused_trunk is not None else "blocks" if model.blocks[0].fused is not None else "none"
     result = KernelPlan(precision, torch.get_num_threads(), cpu_summary(), choices, timings,
                         f"ok: {SKINNY.path()}" if SKINNY.lib is not None else (SKINNY.error or "not built"),
-                        time.perf_counter() - t0, reason, precision_ms)
+                        time.perf_counter() - t0, reason, precision_ms,
+                        str(model.kv_dtype).removeprefix("torch."), fused)
     if log:
         log(result.describe())
     return result

@@ -405,5 +405,8 @@ def test_the_kv_cache_rounds_to_bf16_as_torch_does():
     m = tiny_model(seed=2)
     plan(m, "float32")
     assert m.kv_dtype == torch.float32
+    w = plan(m, "w8a8")
+    assert (w.kv_cache, w.fused) == ("bfloat16", "trunk") and "KV cache bfloat16" in w.describe()
+    assert w.to_dict()["kv_cache"] == "bfloat16"
     m.set_kernels(None)
     assert m.kv_dtype is None and m.new_cache().k[0].dtype == torch.float32
