@@ -353,10 +353,12 @@ class GPT(nn.Module):
         """
         start = int(input_pos) if isinstance(input_pos, int) else int(input_pos[0])
         seg = self._segment(cache, start, idx.shape[1], 0, idx.device)
-        hidden, exit_hidden = self._cached_trunk(idx, [seg])
+        T = idx.shape[1]
+        hidden, exit_hidden, logits = self._cached_trunk(idx, [seg], head_from=T - 1 if last_only else 0)
         if last_only:  # every field then describes the same (last) row
             hidden, exit_hidden = hidden[:, -1:], [h[:, -1:] for h in exit_hidden]
-        logits = self._head(hidden)
+        if logits is None:
+            logits = self._head(hidden)
         return StepOutput(logits=logits, hidden=hidden, exit_hidden=exit_hidden)
 
     @torch.no_grad()
@@ -377,7 +379,7 @@ class GPT(nn.Module):
             segments.append(self._segment(cache, int(start), idx.shape[-1], off, device))
             off += idx.shape[-1]
         flat = torch.cat([idx.reshape(-1) for idx, *_ in items])[None]
-        hidden, exit_hidden = self._cached_trunk(flat, segments)
+        hidden, exit_hidden, _ = self._cached_trunk(flat, segments)
         # The head only for the rows that need it: every row, or the last one.
         keep = [torch.arange(s.rows.stop - 1 if last else s.rows.start, s.rows.stop, device=device)
                 for s, (*_, last) in zip(segments, items)]
@@ -428,12 +430,15 @@ class GPT(nn.Module):
         mask = torch.arange(end, device=device)[None, :] <= pos[:, None] if T > 1 else None
         return _Segment(cache, pos, end, mask, slice(offset, offset + T))
 
-    def _cached_trunk(self, idx: torch.Tensor, segments: list[_Segment]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _cached_trunk(self, idx: torch.Tensor, segments: list[_Segment], head_from: int | None = None):
         """The trunk over KV caches: the final exit's normalised hidden state
-        and the intermediate exits' residual streams, for every input row."""
+        and the intermediate exits' residual streams, for every input row, and
+        the final exit's logits for rows ``head_from``.. where the fused trunk
+        computes them in the same call (else None: the caller runs the head)."""
+        logits = None
         if (self.fused_trunk is not None and not torch.is_grad_enabled()
                 and self.fused_trunk.handles(idx.shape[1], segments)):
-            hidden, exit_hidden = self.fused_trunk(idx, segments)
+            hidden, exit_hidden, logits = self.fused_trunk(idx, segments, head_from)
         else:
             pos = segments[0].pos if len(segments) == 1 else torch.cat([s.pos for s in segments])
             exit_hidden, n_exits = [], len(self.config.exit_layers)
@@ -444,7 +449,7 @@ class GPT(nn.Module):
                     hidden = self.exit_ln[e](h)
         for s in segments:
             s.cache.length = s.end
-        return hidden, exit_hidden
+        return hidden, exit_hidden, logits
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         p = self.wte.weight

@@ -158,7 +158,8 @@ class _Skinny:
         self.lib.rows_argmax_lse.restype = None
         self.lib.race_argmax.argtypes = [P, L, ctypes.c_uint64]
         self.lib.gelu_erf_rows.argtypes = [P, L]
-        self.lib.gpt_trunk.argtypes = [P, P, P, P, L, L, L, L, I, F_, I, P, Wp, P, P, I, P, L, P, P, P, P, P, P, I]
+        self.lib.gpt_trunk.argtypes = [P, P, P, P, L, L, L, L, I, F_, I, P, Wp, P, P, I, P, L, P, P, P, P, P,
+                                       Wp, I, L, L, P, P, I]
         self.lib.round_bf16.argtypes = [P, P, L]
         self.lib.round_bf16.restype = None
         self.lib.gpt_trunk.restype = None
@@ -404,13 +405,15 @@ class FusedBlock:
 
 
 class FusedTrunk:
-    """The embedding, every block and the final exit's LayerNorm of a decode
-    step in one call (csrc/skinny.c's ``gpt_trunk``), over the blocks'
+    """The embedding, every block, the final exit's LayerNorm and, where the
+    plan runs the head with the C kernel for that many rows, the head of a
+    decode step in one call (csrc/skinny.c's ``gpt_trunk``), over the blocks'
     ``FusedBlock`` weights. Installed where every block is fused and the
     model has nothing between blocks but the residual stream (no DWA, no
-    skips)."""
+    skips). Each Python step of a forward costs more than its nominal time:
+    streaming the weights evicts the interpreter's own data from the caches."""
 
-    def __init__(self, model, blocks: list[FusedBlock]):
+    def __init__(self, model, blocks: list[FusedBlock], head: "LinearKernel | None" = None):
         c = model.config
         self.blocks = blocks
         self.C, self.H, self.L = c.n_embd, c.n_head, c.n_layer
@@ -424,7 +427,19 @@ class FusedTrunk:
         self.lnf = [lnf.weight.detach().float().contiguous(),
                     None if lnf.bias is None else lnf.bias.detach().float().contiguous()]
         self.eps, self.tanh, self.wtype = blocks[0].eps, blocks[0].tanh, blocks[0].wtype
+        self.head = head
+        if head is not None:
+            p = head.packed
+            self.head_weight = _Weight(p.weight.data_ptr(), None if p.scale is None else p.scale.data_ptr(),
+                                       None if p.bias is None else p.bias.data_ptr())
+            self.head_ref = ctypes.byref(self.head_weight)
+            self.head_wtype, self.V = _WTYPE[p.precision], p.shape[0]
         self._work: torch.Tensor | None = None
+
+    def runs_head(self, rows: int) -> bool:
+        """Whether the plan runs the head with the C kernel for ``rows`` rows."""
+        return (self.head is not None and rows <= ROW_BUCKETS[-1]
+                and self.head.table[next(b for b in ROW_BUCKETS if b >= rows)] == "skinny")
 
     @staticmethod
     def fits(model) -> bool:
@@ -436,8 +451,12 @@ class FusedTrunk:
     def handles(self, rows: int, segments) -> bool:
         return self.blocks[0].handles(rows, segments)
 
-    def __call__(self, idx: torch.Tensor, segments) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def __call__(self, idx: torch.Tensor, segments, head_from: int | None = None):
+        """(hidden (1, T, C), [exit stream (1, T, C)], logits (1, T - head_from, V) or None):
+        logits for rows head_from.. when asked and the plan runs the head in C for them."""
         T, C = idx.numel(), self.C
+        if head_from is not None and not self.runs_head(T - head_from):
+            head_from = None
         ids = idx.reshape(T).to(torch.long).contiguous()
         pos = torch.cat([s.pos for s in segments]) if len(segments) > 1 else segments[0].pos
         kc, vc = [], []
@@ -453,13 +472,18 @@ class FusedTrunk:
         exits = torch.empty(max(self.n_exits - 1, 1), T, C)
         P = ctypes.c_void_p * (self.L * T)
         g, b = self.lnf
+        logits = None if head_from is None else torch.empty(T - head_from, self.V)
         SKINNY.lib.gpt_trunk(
             ids.data_ptr(), self.wte.data_ptr(), self.wpe.data_ptr(), x.data_ptr(), T, C, self.H, self.L,
             self.wtype, self.eps, self.tanh, self.ln, self.weights, P(*kc), P(*vc),
             KV_DTYPES[segments[0].cache.dtype], pos.data_ptr(),
             segments[0].cache.max_len, self.exit_slot, exits.data_ptr(), g.data_ptr(),
-            None if b is None else b.data_ptr(), hidden.data_ptr(), self._work.data_ptr(), torch.get_num_threads())
-        return hidden[None], [exits[e][None] for e in range(self.n_exits - 1)]
+            None if b is None else b.data_ptr(), hidden.data_ptr(),
+            None if logits is None else self.head_ref, self.head_wtype if logits is not None else 0,
+            self.V if logits is not None else 0, head_from or 0, None if logits is None else logits.data_ptr(),
+            self._work.data_ptr(), torch.get_num_threads())
+        return hidden[None], [exits[e][None] for e in range(self.n_exits - 1)], \
+            (None if logits is None else logits[None])
 
 
 # --- the plan -------------------------------------------------------------------------
@@ -684,7 +708,7 @@ def _install(model, groups, packed, choices) -> None:
     fused = {}
     if SKINNY.lib is not None and "skinny" in choices["trunk"].values():
         fused = {block: FusedBlock(block, kernels, model.config) for block in model.blocks}
-    trunk = FusedTrunk(model, list(fused.values())) if fused and FusedTrunk.fits(model) else None
+    trunk = FusedTrunk(model, list(fused.values()), kernels["head"]) if fused and FusedTrunk.fits(model) else None
     model.set_kernels(kernels, fused, trunk)
     model.kv_dtype = KV_CACHE[packed["head"][0].precision]
 

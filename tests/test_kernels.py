@@ -382,7 +382,12 @@ def test_the_fused_trunk_computes_what_the_fused_blocks_compute(precision):
         return outs
 
     trunk = m.fused_trunk
-    for a, b in zip(run(trunk), run(None)):
+    with_trunk = run(trunk)
+    for out in with_trunk:  # the head ran in the same C call, with the head's own kernel
+        assert torch.equal(out.logits, m.head_kernel(out.hidden))
+    last = m.forward_step(ids, 0, m.new_cache(), last_only=True)  # a prefill: the last row's logits only
+    assert last.logits.shape == (1, 1, m.config.vocab_size) and torch.equal(last.logits, m.head_kernel(last.hidden))
+    for a, b in zip(with_trunk, run(None)):
         for ha, hb in zip(a.exit_hidden, b.exit_hidden):
             assert torch.equal(ha, hb)
         torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-5, atol=1e-5)

@@ -518,12 +518,14 @@ void gpt_block(float *x, long R, long C, long H, int wtype, float eps, int gelu_
  * ln[4 l .. 4 l + 3] and w[4 l .. 4 l + 3] for block l, kc[l R + r] and
  * vc[l R + r] for row r's caches at block l (bf16 when kv_bf16). After block l, when
  * exit_slot[l] >= 0, the residual stream is copied to exits + slot R C (an
- * intermediate exit's input); hidden gets the final LayerNorm's output.
+ * intermediate exit's input); hidden gets the final LayerNorm's output, and with a
+ * head, logits get its rows head_from..R-1 through the head's weights (V outputs).
  */
 void gpt_trunk(const long *idx, const float *wte, const float *wpe, float *x, long R, long C, long H, long L,
                int wtype, float eps, int gelu_tanh, const float *const *ln, const Weight *w,
                void *const *kc, void *const *vc, int kv_bf16, const long *pos, long max_len,
                const long *exit_slot, float *exits, const float *lnf_g, const float *lnf_b, float *hidden,
+               const Weight *head, int head_wtype, long V, long head_from, float *logits,
                float *work, int threads) {
     for (long r = 0; r < R; r++) {
         const float *te = wte + idx[r] * C, *pe = wpe + pos[r] * C;
@@ -536,6 +538,8 @@ void gpt_trunk(const long *idx, const float *wte, const float *wpe, float *x, lo
         if (exit_slot[l] >= 0) memcpy(exits + exit_slot[l] * R * C, x, (size_t)(R * C) * sizeof(float));
     }
     layer_norm(x, lnf_g, lnf_b, hidden, R, C, eps);
+    if (head)  /* the final exit's logits for rows head_from..R-1 (a prefill wants its last row only) */
+        matmul(hidden + head_from * C, head, logits, R - head_from, V, C, head_wtype, threads);
 }
 
 /* ---- the sampling race of a decode step ------------------------------------
