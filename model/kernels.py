@@ -119,6 +119,14 @@ class _Weight(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
 
 
+class _Mixing(ctypes.Structure):
+    """csrc/skinny.c's Mixing: what a model has between its blocks (skips, DWA)."""
+    _fields_ = [("embed", ctypes.c_void_p), ("a", ctypes.c_void_p), ("b", ctypes.c_void_p),
+                ("unet_src", ctypes.c_void_p), ("unet_w", ctypes.c_void_p), ("dwa_n", ctypes.c_void_p),
+                ("dwa_off", ctypes.c_void_p), ("dwa_idx", ctypes.c_void_p), ("dwa_w", ctypes.c_void_p),
+                ("hist", ctypes.c_void_p)]
+
+
 class _Skinny:
     """csrc/skinny.c, compiled once per source and CPU into a cache directory."""
 
@@ -159,7 +167,7 @@ class _Skinny:
         self.lib.race_argmax.argtypes = [P, L, ctypes.c_uint64]
         self.lib.gelu_erf_rows.argtypes = [P, L]
         self.lib.gpt_trunk.argtypes = [P, P, P, P, L, L, L, L, I, F_, I, P, Wp, P, P, I, P, L, P, P, P, P, P,
-                                       Wp, I, L, L, P, P, I]
+                                       Wp, I, L, L, P, ctypes.POINTER(_Mixing), P, I]
         self.lib.round_bf16.argtypes = [P, P, L]
         self.lib.round_bf16.restype = None
         self.lib.gpt_trunk.restype = None
@@ -408,9 +416,9 @@ class FusedTrunk:
     """The embedding, every block, the final exit's LayerNorm and, where the
     plan runs the head with the C kernel for that many rows, the head of a
     decode step in one call (csrc/skinny.c's ``gpt_trunk``), over the blocks'
-    ``FusedBlock`` weights. Installed where every block is fused and the
-    model has nothing between blocks but the residual stream (no DWA, no
-    skips). Each Python step of a forward costs more than its nominal time:
+    ``FusedBlock`` weights, with the model's skip connections and DWA
+    between the blocks (their learned weights copied at plan time, like the
+    rest). Each Python step of a forward costs more than its nominal time:
     streaming the weights evicts the interpreter's own data from the caches."""
 
     def __init__(self, model, blocks: list[FusedBlock], head: "LinearKernel | None" = None):
@@ -434,7 +442,45 @@ class FusedTrunk:
                                        None if p.bias is None else p.bias.data_ptr())
             self.head_ref = ctypes.byref(self.head_weight)
             self.head_wtype, self.V = _WTYPE[p.precision], p.shape[0]
+        self._mixing_arrays = self._mixing(model)
         self._work: torch.Tensor | None = None
+
+    def _mixing(self, model) -> dict[str, torch.Tensor] | None:
+        """The skips' and DWA's weights as csrc/skinny.c's Mixing arrays (None: a plain model)."""
+        from .gpt import dwa_sources
+
+        c, L = model.config, self.L
+        if not (c.embed_skip or c.unet_skip or c.dwa):
+            return None
+        arrays: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            if c.embed_skip:  # blocks 2..L (0-based 1..L-1) mix in x0
+                ab = torch.stack([torch.tensor([1.0, 0.0])] + [w.detach().float() for w in model.embed_skip_weights])
+                arrays["embed"] = torch.tensor([0] + [1] * (L - 1), dtype=torch.int32)
+                arrays["a"], arrays["b"] = ab[:, 0].contiguous(), ab[:, 1].contiguous()
+            if c.unet_skip:
+                src, w = [-1] * L, [0.0] * L
+                for dst, (j, s) in model._unet_into.items():
+                    src[dst - 1], w[dst - 1] = s - 1, float(model.unet_weights[j])
+                arrays["unet_src"], arrays["unet_w"] = torch.tensor(src, dtype=torch.long), torch.tensor(w)
+            if c.dwa:
+                n, off, idx, w = [0] * L, [0] * L, [], []
+                for block, k in model._dwa_index.items():
+                    srcs = dwa_sources(block, c.dwa_dilation)
+                    n[block - 1], off[block - 1] = len(srcs), len(idx)
+                    idx += srcs
+                    w += model.dwa_weights[k].detach().float().tolist()
+                arrays.update(dwa_n=torch.tensor(n, dtype=torch.long), dwa_off=torch.tensor(off, dtype=torch.long),
+                              dwa_idx=torch.tensor(idx, dtype=torch.long), dwa_w=torch.tensor(w))
+        return arrays
+
+    def _mixing_for(self, T: int):
+        """The Mixing struct with a history buffer for T rows (None for a plain model)."""
+        if self._mixing_arrays is None:
+            return None, None
+        hist = torch.empty((self.L + 1) * T * self.C)
+        m = _Mixing(**{k: v.data_ptr() for k, v in self._mixing_arrays.items()}, hist=hist.data_ptr())
+        return m, hist
 
     def runs_head(self, rows: int) -> bool:
         """Whether the plan runs the head with the C kernel for ``rows`` rows."""
@@ -444,9 +490,7 @@ class FusedTrunk:
     @staticmethod
     def fits(model) -> bool:
         w = (model.wte.weight, model.wpe.weight)
-        c = model.config
-        return (not (c.dwa or c.embed_skip or c.unet_skip)
-                and all(t.dtype == torch.float32 and t.is_contiguous() for t in w))
+        return all(t.dtype == torch.float32 and t.is_contiguous() for t in w)
 
     def handles(self, rows: int, segments) -> bool:
         return self.blocks[0].handles(rows, segments)
@@ -473,6 +517,7 @@ class FusedTrunk:
         P = ctypes.c_void_p * (self.L * T)
         g, b = self.lnf
         logits = None if head_from is None else torch.empty(T - head_from, self.V)
+        mixing, _hist = self._mixing_for(T)  # _hist: alive until the call returns
         SKINNY.lib.gpt_trunk(
             ids.data_ptr(), self.wte.data_ptr(), self.wpe.data_ptr(), x.data_ptr(), T, C, self.H, self.L,
             self.wtype, self.eps, self.tanh, self.ln, self.weights, P(*kc), P(*vc),
@@ -481,7 +526,7 @@ class FusedTrunk:
             None if b is None else b.data_ptr(), hidden.data_ptr(),
             None if logits is None else self.head_ref, self.head_wtype if logits is not None else 0,
             self.V if logits is not None else 0, head_from or 0, None if logits is None else logits.data_ptr(),
-            self._work.data_ptr(), torch.get_num_threads())
+            None if mixing is None else ctypes.byref(mixing), self._work.data_ptr(), torch.get_num_threads())
         return hidden[None], [exits[e][None] for e in range(self.n_exits - 1)], \
             (None if logits is None else logits[None])
 

@@ -360,9 +360,9 @@ def test_the_fused_block_s_gelu_matches_torch_s_erf_gelu():
 
 @pytest.mark.parametrize("precision", kernels.PRECISIONS)
 def test_the_fused_trunk_computes_what_the_fused_blocks_compute(precision):
-    """One C call for the trunk (embedding, blocks, final LayerNorm) against one call per
-    block: the same residual streams at every exit, the same logits, in a decode step, a
-    verify step and a batched forward; a DWA model keeps the per-block path."""
+    """One C call for the trunk (embedding, blocks, final LayerNorm, head) against one call
+    per block: the same residual streams at every exit, the same logits, in a decode step, a
+    verify step and a batched forward; with skips and DWA too."""
     m = tiny_model(seed=7)
     with torch.no_grad():
         for p in m.parameters():
@@ -392,9 +392,20 @@ def test_the_fused_trunk_computes_what_the_fused_blocks_compute(precision):
             assert torch.equal(ha, hb)
         torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
-    dwa = tiny_model(seed=7, dwa=True)
-    plan(dwa, precision, measure=lambda g, rows, c, w: 1.0 if c == "skinny" else 2.0)
-    assert dwa.fused_trunk is None and dwa.blocks[0].fused is not None
+    # What a model has between its blocks (skips, DWA) runs inside the same C call.
+    from test_skips import move_skips
+
+    for kw in (dict(dwa=True), dict(dwa=True, dwa_dilation=2, dwa_period=2), dict(embed_skip=True, unet_skip=True),
+               dict(embed_skip=True, unet_skip=True, dwa=True)):
+        other = tiny_model(seed=7, **kw)
+        move_skips(other)
+        plan(other, precision, measure=lambda g, rows, c, w: 1.0 if c == "skinny" else 2.0)
+        assert other.fused_trunk is not None, kw
+        m, trunk = other, other.fused_trunk
+        for a, b in zip(run(trunk), run(None)):
+            for ha, hb in zip(a.exit_hidden, b.exit_hidden):
+                torch.testing.assert_close(ha, hb, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
 
 
 def test_the_kv_cache_rounds_to_bf16_as_torch_does():

@@ -84,9 +84,9 @@ def test_cached_forwards_match_the_full_forward_with_skips_on(kw):
     for start, n in ((0, 7), (7, 1), (8, 12)):
         out.append(m.forward_step(ids[:, start:start + n], start, cache).logits)
     torch.testing.assert_close(torch.cat(out, dim=1), ref, atol=1e-4, rtol=1e-4)
-    # The decode kernels run the blocks; the skips stay between them (no fused trunk).
+    # The decode kernels: the whole trunk in one C call, the skips between its blocks.
     plan(m, "float32", measure=lambda g, rows, c, w: 1.0 if c == "skinny" else 2.0)
-    assert m.fused_trunk is None and m.blocks[0].fused is not None
+    assert m.fused_trunk is not None and m.fused_trunk._mixing_arrays is not None
     cache, out = m.new_cache(), []
     for start, n in ((0, 7), (7, 1), (8, 12)):
         out.append(m.forward_step(ids[:, start:start + n], start, cache).logits)

@@ -521,21 +521,55 @@ void gpt_block(float *x, long R, long C, long H, int wtype, float eps, int gelu_
  * intermediate exit's input); hidden gets the final LayerNorm's output, and with a
  * head, logits get its rows head_from..R-1 through the head's weights (V outputs).
  */
+/* What a model has between its blocks besides the residual stream (model/gpt.py's
+ * GPT._trunk, in the same order): before block l, x = a x + b x0 (embed_skip) and
+ * x += unet_w h[src] (unet_skip, h[src] the output of 0-based block src); after it,
+ * DenseFormer's x = sum of dwa_w * hist (DWA), hist[0] the embedding output and
+ * hist[k] block k-1's output. NULL arrays mean the model has no such thing. */
+typedef struct {
+    const int *embed;      /* L: 1 where block l's input mixes in x0 */
+    const float *a, *b;    /* L */
+    const long *unet_src;  /* L: -1, or the block whose output joins block l's input */
+    const float *unet_w;   /* L */
+    const long *dwa_n, *dwa_off, *dwa_idx;  /* L, L, and the flat list of history indices */
+    const float *dwa_w;    /* flat, beside dwa_idx */
+    float *hist;           /* (L + 1) x R x C */
+} Mixing;
+
 void gpt_trunk(const long *idx, const float *wte, const float *wpe, float *x, long R, long C, long H, long L,
                int wtype, float eps, int gelu_tanh, const float *const *ln, const Weight *w,
                void *const *kc, void *const *vc, int kv_bf16, const long *pos, long max_len,
                const long *exit_slot, float *exits, const float *lnf_g, const float *lnf_b, float *hidden,
                const Weight *head, int head_wtype, long V, long head_from, float *logits,
-               float *work, int threads) {
+               const Mixing *mix, float *work, int threads) {
+    const long n = R * C;
+    float *hist = mix ? mix->hist : 0;
     for (long r = 0; r < R; r++) {
         const float *te = wte + idx[r] * C, *pe = wpe + pos[r] * C;
         for (long c = 0; c < C; c++) x[r * C + c] = te[c] + pe[c];
     }
+    if (hist) memcpy(hist, x, (size_t)n * sizeof(float));
     for (long l = 0; l < L; l++) {
+        if (mix && mix->embed && mix->embed[l])
+            for (long i = 0; i < n; i++) x[i] = mix->a[l] * x[i] + mix->b[l] * hist[i];
+        if (mix && mix->unet_src && mix->unet_src[l] >= 0) {
+            const float *h = hist + (mix->unet_src[l] + 1) * n;
+            for (long i = 0; i < n; i++) x[i] = x[i] + mix->unet_w[l] * h[i];
+        }
         const float *const *g = ln + 4 * l;
         gpt_block(x, R, C, H, wtype, eps, gelu_tanh, g[0], g[1], g[2], g[3], w + 4 * l, w + 4 * l + 1,
                   w + 4 * l + 2, w + 4 * l + 3, kc + l * R, vc + l * R, kv_bf16, pos, max_len, work, threads);
-        if (exit_slot[l] >= 0) memcpy(exits + exit_slot[l] * R * C, x, (size_t)(R * C) * sizeof(float));
+        if (hist) memcpy(hist + (l + 1) * n, x, (size_t)n * sizeof(float));
+        if (mix && mix->dwa_n && mix->dwa_n[l] > 0) {
+            const long *src = mix->dwa_idx + mix->dwa_off[l];
+            const float *dw = mix->dwa_w + mix->dwa_off[l];
+            for (long i = 0; i < n; i++) {
+                float acc = dw[0] * hist[src[0] * n + i];
+                for (long j = 1; j < mix->dwa_n[l]; j++) acc += dw[j] * hist[src[j] * n + i];
+                x[i] = acc;
+            }
+        }
+        if (exit_slot[l] >= 0) memcpy(exits + exit_slot[l] * n, x, (size_t)n * sizeof(float));
     }
     layer_norm(x, lnf_g, lnf_b, hidden, R, C, eps);
     if (head)  /* the final exit's logits for rows head_from..R-1 (a prefill wants its last row only) */
