@@ -596,6 +596,21 @@ def test_every_dashboard_metric_exists_in_live_metrics(server):
         assert want <= drafters, (name, drafters)
 
 
+@contextmanager
+def running_prometheus(tmp_path: Path):
+    """Debian's Prometheus on a free loopback port with ``tmp_path/prometheus.yml``, once ready:
+    (its URL, the process, its log)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "prometheus.log"
+    cmd = [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+           f"--web.listen-address=127.0.0.1:{port}"]
+    with running(cmd, log) as proc:
+        wait_until(lambda: httpx.get(base + "/-/ready", timeout=2).status_code == 200, 60,
+                   "prometheus to be ready", proc, log)
+        yield base, proc, log
+
+
 def prom_query(base: str, promql: str) -> list[dict]:
     r = httpx.get(base + "/api/v1/query", params={"query": promql}, timeout=10)
     body = r.json()
@@ -627,15 +642,7 @@ def test_real_prometheus_answers_the_dashboard_queries(server, tmp_path):
     # Series with the ngram label exist before the first scrape, so rate() has a baseline.
     server.generate(PROMPT, max_new_tokens=8, drafter="ngram", seed=100)
     before = server.metrics()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tmp_path / "prometheus.log"
-    cmd = [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-           f"--web.listen-address=127.0.0.1:{port}"]
-    with running(cmd, log) as proc:
-        wait_until(lambda: httpx.get(base + "/-/ready", timeout=2).status_code == 200, 60,
-                   "prometheus to be ready", proc, log)
-
+    with running_prometheus(tmp_path) as (base, proc, log):
         def scraped_up() -> bool:
             res = prom_query(base, 'up{job="treespec"}')
             return bool(res) and res[0]["value"][1] == "1"

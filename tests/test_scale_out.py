@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from conftest import tiny_model
-from test_deploy import (COMPOSE, DASHBOARD, DOCKER, PROMETHEUS, as_promql, free_port, needs_prometheus,
-                         prom_query, running, total, wait_until)
+from test_deploy import (COMPOSE, DASHBOARD, DOCKER, as_promql, free_port, needs_prometheus, prom_query,
+                         running, running_prometheus, total, wait_until)
 from test_server import start_server, stop_server
 
 NGINX_CONF = DOCKER / "nginx" / "nginx.conf"
@@ -354,14 +354,7 @@ def test_prometheus_scrapes_every_replica(fleet, tmp_path):
     del job["dns_sd_configs"]  # Docker's DNS lists the replicas; here the test does
     job["static_configs"] = [{"targets": [f"127.0.0.1:{port_of(r)}" for r in fleet.replicas]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tmp_path / "prometheus.log"
-    cmd = [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-           f"--web.listen-address=127.0.0.1:{port}"]
-    with running(cmd, log) as proc:
-        wait_until(lambda: httpx.get(base + "/-/ready", timeout=2).status_code == 200, 60, "prometheus", proc, log)
-
+    with running_prometheus(tmp_path) as (base, proc, log):
         def both_up() -> bool:
             res = prom_query(base, 'sum(up{job="treespec"})')
             return bool(res) and float(res[0]["value"][1]) == 2
