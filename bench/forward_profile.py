@@ -6,7 +6,8 @@
 Profile: the model is planned as ``treespec serve`` plans it, then ``csrc/skinny.c`` is rebuilt
 with ``-DTREESPEC_PROFILE`` (its per-phase timers; they compile to nothing otherwise) and
 ``forward_step`` runs ``--calls`` times per row count at ``--ctx`` tokens of context: per
-forward, each block phase summed over the blocks, the head, and the rest (embedding, Python).
+forward, each block phase summed over the blocks, the head (run apart from the trunk's C call
+here, to time it), and the rest (embedding, Python).
 
 A/B (``--against REV``): the working tree's ``csrc/skinny.c`` and the one at git revision REV,
 both built as the server builds them, called alternately (one forward each, ``--calls`` pairs),
@@ -56,6 +57,8 @@ def profile(model, kernels, args) -> dict:
         return out
 
     model.head_kernel = timed_head
+    if model.fused_trunk is not None:  # the head runs apart from the trunk's C call, so it can be timed
+        model.fused_trunk.head = None
     cache = prefilled(model, args.ctx)
     out = {}
     for rows in args.rows:
