@@ -426,3 +426,39 @@ def test_the_kv_cache_rounds_to_bf16_as_torch_does():
     assert w.to_dict()["kv_cache"] == "bfloat16"
     m.set_kernels(None)
     assert m.kv_dtype is None and m.new_cache().k[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("precision", ["float32", "w8a8"])
+@pytest.mark.parametrize("n_embd", [128, 32, 24])
+def test_verify_rows_equal_one_token_forwards_bit_for_bit(precision, n_embd):
+    """The C trunk's attention reads a sequence's cache once for all its rows (widening a bf16
+    cache once); each row must still get exactly what a one-token forward gives, or a verify
+    step could flip a token that vanilla decoding keeps. Head sizes 64 and 16 take the vector
+    path (64 its eight-register sums), 12 the plain loop; fp32 has an fp32 cache, w8a8 bf16."""
+    m = tiny_model(seed=9, n_embd=n_embd, n_head=2)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    plan(m, precision, measure=lambda g, rows, c, w: 1.0 if c == "skinny" else 2.0)
+    assert m.fused_trunk is not None
+    ids = torch.randint(0, 50257, (1, 28), generator=torch.Generator().manual_seed(2))
+    one = m.new_cache()
+    m.forward_step(ids[:, :20], 0, one)
+    singles = torch.cat([m.forward_step(ids[:, i:i + 1], i, one).logits for i in range(20, 28)], dim=1)
+    rows = m.new_cache()
+    m.forward_step(ids[:, :20], 0, rows)
+    verify = m.forward_step(ids[:, 20:], 20, rows).logits
+    assert torch.equal(verify, singles)
+    # and in a batched forward beside another sequence's rows
+    other = m.new_cache()
+    m.forward_step(ids[:, :7], 0, other)
+    rows.length = 20
+    batched = m.forward_batch([(ids[:, 7:12], 7, other, False), (ids[:, 20:], 20, rows, False)])
+    assert torch.equal(batched[1].logits, singles)
+    # and what torch's attention gives, within rounding
+    m.fused_trunk = None
+    for b in m.blocks:
+        b.fused = None
+    ref = m.new_cache()
+    m.forward_step(ids[:, :20], 0, ref)
+    torch.testing.assert_close(m.forward_step(ids[:, 20:], 20, ref).logits, verify, rtol=1e-3, atol=1e-3)

@@ -398,11 +398,99 @@ static inline float exp_shifted_sum(float *s, long n, float mx) {
     return z;
 }
 
-/* Row r's new key and value go into its caches at pos[r]; then every row
- * attends over its cache's positions 0..pos[r]. KT is the caches' element
- * type (float, or uint16_t for bf16: half the bytes that a long context's
- * attention reads), LD widens one element to float. */
-#define ATTEND(NAME, KT, LD, ST)                                                          \
+/* Attention of rows over their caches. Row r's new key and value go into its
+ * caches at pos[r]; then every row attends over its cache's positions
+ * 0..pos[r]. Rows of one sequence (a verify step, a prompt chunk) share the
+ * cache they read, so the work is split by (sequence, head): each task reads
+ * its head's keys and values once for all its rows. A bf16 cache is widened
+ * once per task when several rows read it (widening is exact, so a row's
+ * sums are the same whichever way it was read). Each row's scores and sums
+ * are the same sequence of operations whatever rows came with it, so a
+ * verify row equals a one-token forward bit for bit. */
+#if defined(__AVX2__) && defined(__FMA__)
+#define ATT_VEC 1
+static inline __m256 ld8_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline __m256 ld8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+/* The eight sums of a0..a7's lanes, as one vector (sum of a_i in lane i). */
+static inline __m256 sum8x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+    const __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3);
+    const __m256 t2 = _mm256_hadd_ps(a4, a5), t3 = _mm256_hadd_ps(a6, a7);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+static inline float sum8(__m256 a) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+/* s[j] = (q . K_j) sm for j < n, eight positions at a time (one horizontal
+ * sum per eight); returns the largest. D is a multiple of 8. */
+#define DEFINE_SCORES(NAME, KT, LD8)                                                    \
+static float NAME(const float *q, const KT *K, long n, long D, float sm, float *s) {   \
+    const __m256 vsm = _mm256_set1_ps(sm);                                              \
+    __m256 vmx = _mm256_set1_ps(-INFINITY);                                             \
+    long j = 0;                                                                         \
+    for (; j + 8 <= n; j += 8) {                                                        \
+        __m256 a[8];                                                                    \
+        for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();                         \
+        for (long c = 0; c < D; c += 8) {                                               \
+            const __m256 qv = _mm256_loadu_ps(q + c);                                   \
+            for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(qv, LD8(K + (j + t) * D + c), a[t]); \
+        }                                                                               \
+        const __m256 v = _mm256_mul_ps(sum8x8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]), vsm); \
+        _mm256_storeu_ps(s + j, v);                                                     \
+        vmx = _mm256_max_ps(vmx, v);                                                    \
+    }                                                                                   \
+    float mx = -INFINITY;                                                               \
+    for (int t = 0; t < 8; t++) mx = fmaxf(mx, ((float *)&vmx)[t]);                     \
+    for (; j < n; j++) {                                                                \
+        __m256 a = _mm256_setzero_ps();                                                 \
+        for (long c = 0; c < D; c += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), LD8(K + j * D + c), a); \
+        s[j] = sum8(a) * sm;                                                            \
+        mx = fmaxf(mx, s[j]);                                                           \
+    }                                                                                   \
+    return mx;                                                                          \
+}                                                                                       \
+/* o = sum_j p[j] V_j / z: the head's output. */                                        \
+static void NAME##_mix(const float *p, const KT *V, long n, long D, float z, float *o) { \
+    const __m256 vz = _mm256_set1_ps(z);                                                \
+    long c = 0;                                                                         \
+    for (; c + 64 <= D; c += 64) {                                                      \
+        __m256 a[8];                                                                    \
+        for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();                         \
+        for (long j = 0; j < n; j++) {                                                  \
+            const __m256 pj = _mm256_set1_ps(p[j]);                                     \
+            for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(pj, LD8(V + j * D + c + 8 * t), a[t]); \
+        }                                                                               \
+        for (int t = 0; t < 8; t++) _mm256_storeu_ps(o + c + 8 * t, _mm256_div_ps(a[t], vz)); \
+    }                                                                                   \
+    for (; c < D; c += 8) {                                                             \
+        __m256 a = _mm256_setzero_ps();                                                 \
+        for (long j = 0; j < n; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), LD8(V + j * D + c), a); \
+        _mm256_storeu_ps(o + c, _mm256_div_ps(a, vz));                                  \
+    }                                                                                   \
+}
+DEFINE_SCORES(scores_f32, float, ld8_f32)
+DEFINE_SCORES(scores_bf16, uint16_t, ld8_bf16)
+
+/* Per-thread room for a head's keys and values widened from bf16. */
+static __thread float *widened;
+static __thread long widened_cap;
+static float *widen_room(long n) {
+    if (n > widened_cap) {
+        free(widened);
+        widened = (float *)malloc((size_t)n * sizeof(float));
+        widened_cap = widened ? n : 0;
+    }
+    return widened;
+}
+#else
+#define ATT_VEC 0
+#endif
+
+#define ATTEND(NAME, KT, LD, ST, ROWS)                                                  \
 static void NAME(const float *qkv, float *out, void *const *kc_, void *const *vc_,        \
                  const long *pos, long R, long C, long H, long max_len, int threads) {   \
     KT *const *kc = (KT *const *)kc_, *const *vc = (KT *const *)vc_;                     \
@@ -414,44 +502,72 @@ static void NAME(const float *qkv, float *out, void *const *kc_, void *const *vc
             const float *nk = qkv + r * 3 * C + C + hd * D, *nv = nk + C;                 \
             for (long d = 0; d < D; d++) { k[d] = ST(nk[d]); v[d] = ST(nv[d]); }          \
         }                                                                                 \
-    _Pragma("omp parallel for num_threads(threads) schedule(static) collapse(2)")        \
+    /* runs of rows that read the same cache: one sequence each */                        \
+    long start[R + 1], G = 0;                                                             \
     for (long r = 0; r < R; r++)                                                          \
-        for (long hd = 0; hd < H; hd++) {                                                 \
-            const float *q = qkv + r * 3 * C + hd * D;                                    \
-            const KT *K = kc[r] + hd * max_len * D, *V = vc[r] + hd * max_len * D;        \
-            const long n = pos[r] + 1;                                                    \
-            float s[n];                                                                   \
-            float mx = -INFINITY;                                                         \
-            for (long j = 0; j < n; j++) {                                                \
-                float a = 0.0f;                                                           \
-                _Pragma("omp simd reduction(+:a)")                                        \
-                for (long d = 0; d < D; d++) a += q[d] * LD(K[j * D + d]);                \
-                s[j] = a * sm;                                                            \
-                if (s[j] > mx) mx = s[j];                                                 \
-            }                                                                             \
-            const float z = exp_shifted_sum(s, n, mx);                                    \
-            float *o = out + r * C + hd * D;                                              \
-            if (D == 64) { /* the usual head size: the sums stay in registers */          \
-                float acc[64] = {0};                                                      \
-                for (long j = 0; j < n; j++) {                                            \
-                    const float p = s[j];                                                 \
-                    _Pragma("omp simd")                                                   \
-                    for (long d = 0; d < 64; d++) acc[d] += p * LD(V[j * 64 + d]);        \
-                }                                                                         \
-                for (long d = 0; d < 64; d++) o[d] = acc[d] / z;                          \
-                continue;                                                                 \
-            }                                                                             \
-            for (long d = 0; d < D; d++) o[d] = 0.0f;                                     \
-            for (long j = 0; j < n; j++) {                                                \
-                const float p = s[j] / z;                                                 \
-                _Pragma("omp simd")                                                       \
-                for (long d = 0; d < D; d++) o[d] += p * LD(V[j * D + d]);                \
-            }                                                                             \
-        }                                                                                 \
+        if (r == 0 || kc[r] != kc[r - 1]) start[G++] = r;                                 \
+    start[G] = R;                                                                         \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                     \
+    for (long task = 0; task < G * H; task++) {                                           \
+        const long g = task / H, hd = task % H, r0 = start[g], r1 = start[g + 1];         \
+        const KT *K = kc[r0] + hd * max_len * D, *V = vc[r0] + hd * max_len * D;          \
+        long n_max = 0;                                                                   \
+        for (long r = r0; r < r1; r++) n_max = pos[r] + 1 > n_max ? pos[r] + 1 : n_max;   \
+        float s[n_max];                                                                   \
+        ROWS                                                                              \
+    }                                                                                     \
 }
+
+/* Without AVX2: each row's scores and sum one position at a time. */
+#define PLAIN_ROWS(KT, LD)                                                                \
+    for (long r = r0; r < r1; r++) {                                                      \
+        const float *q = qkv + r * 3 * C + hd * D;                                        \
+        const long n = pos[r] + 1;                                                        \
+        float mx = -INFINITY;                                                             \
+        for (long j = 0; j < n; j++) {                                                    \
+            float a = 0.0f;                                                               \
+            _Pragma("omp simd reduction(+:a)")                                            \
+            for (long d = 0; d < D; d++) a += q[d] * LD(K[j * D + d]);                    \
+            s[j] = a * sm;                                                                \
+            if (s[j] > mx) mx = s[j];                                                     \
+        }                                                                                 \
+        const float z = exp_shifted_sum(s, n, mx);                                        \
+        float *o = out + r * C + hd * D;                                                  \
+        for (long d = 0; d < D; d++) o[d] = 0.0f;                                         \
+        for (long j = 0; j < n; j++) {                                                    \
+            const float p = s[j] / z;                                                     \
+            _Pragma("omp simd")                                                           \
+            for (long d = 0; d < D; d++) o[d] += p * LD(V[j * D + d]);                    \
+        }                                                                                 \
+    }
+
+/* Each row of a run: its scores, their softmax, and its output for this head. */
+#define VEC_ROWS(SCORES, KS, VS)                                                          \
+    for (long r = r0; r < r1; r++) {                                                      \
+        const long n = pos[r] + 1;                                                        \
+        const float mx = SCORES(qkv + r * 3 * C + hd * D, KS, n, D, sm, s);               \
+        SCORES##_mix(s, VS, n, D, exp_shifted_sum(s, n, mx), out + r * C + hd * D);       \
+    }
+#if ATT_VEC
+#define ROWS_F32                                                                          \
+    if (D % 8 == 0) { VEC_ROWS(scores_f32, K, V) } else { PLAIN_ROWS(float, SAME) }
+#define ROWS_BF16                                                                         \
+    if (D % 8 != 0) {                                                                     \
+        PLAIN_ROWS(uint16_t, bf16_to_f32)                                                 \
+    } else if (r1 - r0 > 1 && widen_room(2 * n_max * D)) { /* several rows read this head: widen it once */ \
+        float *Kw = widen_room(2 * n_max * D), *Vw = Kw + n_max * D;                      \
+        for (long i = 0; i < n_max * D; i++) { Kw[i] = bf16_to_f32(K[i]); Vw[i] = bf16_to_f32(V[i]); } \
+        VEC_ROWS(scores_f32, Kw, Vw)                                                      \
+    } else {                                                                              \
+        VEC_ROWS(scores_bf16, K, V)                                                       \
+    }
+#else
+#define ROWS_F32 PLAIN_ROWS(float, SAME)
+#define ROWS_BF16 PLAIN_ROWS(uint16_t, bf16_to_f32)
+#endif
 #define SAME(v) (v)
-ATTEND(attend_f32, float, SAME, SAME)
-ATTEND(attend_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+ATTEND(attend_f32, float, SAME, SAME, ROWS_F32)
+ATTEND(attend_bf16, uint16_t, bf16_to_f32, f32_to_bf16, ROWS_BF16)
 
 /* Exported for the test that holds f32_to_bf16 to torch's rounding. */
 void round_bf16(const float *x, uint16_t *y, long n) {
