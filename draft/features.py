@@ -44,6 +44,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..model.kernels import exit_scores, logit_stats
 from .ngram import ngram_candidate
 
 FEATURE_VERSION = 2  # 2: top-A and the softmax computed in NumPy
@@ -210,8 +211,12 @@ def state_features(spec: FeatureSpec, model, logits: torch.Tensor, hidden: torch
     """
     l = logits[:, :spec.n_vocab].detach().float().cpu().numpy()
     N = l.shape[0]
-    # (N, A) top columns and values, (N,) log-normalisers and entropies
-    top, top_val, log_s, entropy = map(np.array, zip(*(_vocab_stats(row, spec.agree_top) for row in l)))
+    # (N, A) top columns and values, (N,) log-normalisers and entropies: compiled
+    # where csrc/skinny.c is built (the same quantities, to float rounding), else NumPy
+    stats = logit_stats(l, spec.agree_top)
+    if stats is None:
+        stats = map(np.array, zip(*(_vocab_stats(row, spec.agree_top) for row in l)))
+    top, top_val, log_s, entropy = stats
     lp1 = -log_s  # the top-1 logit is the max, so its z is 0
     margin = top_val[:, 0] - top_val[:, 1]
     cols = [lp1, entropy, margin]
@@ -230,11 +235,17 @@ def state_features(spec: FeatureSpec, model, logits: torch.Tensor, hidden: torch
 
 def _exit_scores(model, e: int, h: torch.Tensor, top: torch.Tensor) -> np.ndarray:
     """Exit ``e``'s logits for each row's own top-A tokens, (N, A) float64:
-    ``GPT.exit_logits`` restricted to N*A head rows, in NumPy. As torch ops
-    on a few rows, dispatch overhead was most of their cost in the decode
-    loop; only the N*A head rows and the N residual rows leave the device."""
+    ``GPT.exit_logits`` restricted to N*A head rows, compiled on the CPU
+    (model.kernels.exit_scores), else in NumPy. As torch ops on a few rows,
+    dispatch overhead was most of their cost in the decode loop; only the
+    N*A head rows and the N residual rows leave the device."""
     N = h.shape[0]
     ln, head = model.exit_ln[e], model.exit_heads[e].weight
+    with torch.no_grad():
+        fast = exit_scores(h.contiguous(), ln.weight, ln.bias, ln.eps, head, top.reshape(N, -1).numpy()) \
+            if top.device.type == "cpu" else None
+    if fast is not None:
+        return fast
     x = h.detach().float().cpu().numpy().astype(np.float64)
     d = x - x.mean(axis=1, keepdims=True)
     z = d / np.sqrt((d * d).mean(axis=1, keepdims=True) + ln.eps) * ln.weight.detach().cpu().numpy()

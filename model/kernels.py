@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -168,6 +169,10 @@ class _Skinny:
         self.lib.gelu_erf_rows.argtypes = [P, L]
         self.lib.gpt_trunk.argtypes = [P, P, P, P, L, L, L, L, I, F_, I, P, Wp, P, P, I, P, L, P, P, P, P, P,
                                        Wp, I, L, L, P, ctypes.POINTER(_Mixing), P, I]
+        self.lib.logit_stats.argtypes = [P, L, L, L, L, P, P, P, P]
+        self.lib.logit_stats.restype = None
+        self.lib.exit_scores.argtypes = [P, L, L, P, P, ctypes.c_double, P, P, L, P]
+        self.lib.exit_scores.restype = None
         self.lib.round_bf16.argtypes = [P, P, L]
         self.lib.round_bf16.restype = None
         self.lib.gpt_trunk.restype = None
@@ -227,6 +232,39 @@ def argmax_logsumexp(logits: torch.Tensor) -> tuple[list[int], torch.Tensor]:
         return idx.tolist(), lse
     return logits.argmax(dim=-1).tolist(), torch.logsumexp(logits.float(), dim=-1)
 
+
+
+def logit_stats(logits: np.ndarray, a: int):
+    """For rows (R, V) of float32 logits: each row's ``a`` largest columns (largest
+    first, ties to the lower column) and their values, log sum exp(l - max), and the
+    entropy of its softmax, as ``(top (R, a) int64, values (R, a), log_s (R,),
+    entropy (R,))`` in float64; None where csrc/skinny.c is not built (the caller
+    computes them in NumPy). What the tree drafter reads once a proposal."""
+    if not (a <= logits.shape[1] and SKINNY.load()):
+        return None
+    x = np.ascontiguousarray(logits, dtype=np.float32)
+    rows = x.shape[0]
+    top, vals = np.empty((rows, a), dtype=np.int64), np.empty((rows, a))
+    log_s, entropy = np.empty(rows), np.empty(rows)
+    SKINNY.lib.logit_stats(x.ctypes.data, rows, x.shape[1], x.shape[1], a, top.ctypes.data, vals.ctypes.data,
+                           log_s.ctypes.data, entropy.ctypes.data)
+    return top, vals, log_s, entropy
+
+
+def exit_scores(h: torch.Tensor, g: torch.Tensor, b: torch.Tensor | None, eps: float, head: torch.Tensor,
+                top: np.ndarray):
+    """An exit's logits for each row's own few tokens: ``LayerNorm(h[r]) . head[top[r, j]]``
+    in float64, (N, a), for fp32 CPU tensors h (N, C), the LayerNorm's g and b, head (V, C)
+    and int64 top (N, a); None where csrc/skinny.c is not built."""
+    ts = (h, g, head) + ((b,) if b is not None else ())
+    if not (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in ts)
+            and SKINNY.load()):
+        return None
+    top = np.ascontiguousarray(top, dtype=np.int64)
+    out = np.empty(top.shape)
+    SKINNY.lib.exit_scores(h.data_ptr(), h.shape[0], h.shape[1], g.data_ptr(), None if b is None else b.data_ptr(),
+                           float(eps), head.data_ptr(), top.ctypes.data, top.shape[1], out.ctypes.data)
+    return out
 
 # --- packed weights and the candidates ----------------------------------------------
 

@@ -462,3 +462,56 @@ def test_verify_rows_equal_one_token_forwards_bit_for_bit(precision, n_embd):
     ref = m.new_cache()
     m.forward_step(ids[:, :20], 0, ref)
     torch.testing.assert_close(m.forward_step(ids[:, 20:], 20, ref).logits, verify, rtol=1e-3, atol=1e-3)
+
+
+def test_logit_stats_match_the_numpy_reference():
+    """The tree drafter's per-proposal statistics of a logits row (top columns with ties to the
+    lower column, log-normaliser, entropy) computed in C equal the NumPy reference: the same
+    columns and values (NumPy orders the ties of a flat row, an untrained model's, its own
+    way), the sums within float rounding."""
+    import numpy as np
+
+    from treespec.draft.features import _vocab_stats
+
+    rng = np.random.default_rng(0)
+    rows = rng.normal(0, 3, size=(6, 50257)).astype(np.float32)
+    rows[1, [7, 900, 4000]] = rows[1].max() + 1.0  # a three-way tie at the top: lower columns first
+    rows[2] = 0.0  # flat: every column ties
+    rows[3, 50250:] = 40.0  # the largest at the tail, past the last full vector
+    rows[4, :3] = 40.0  # and at the head
+    got = kernels.logit_stats(rows, 4)
+    assert got is not None
+    top, vals, log_s, entropy = got
+    for r in range(rows.shape[0]):
+        want = _vocab_stats(rows[r], 4)
+        exact = np.lexsort((np.arange(rows.shape[1]), -rows[r]))[:4]  # by value, then by column
+        assert top[r].tolist() == exact.tolist(), r
+        assert vals[r].tolist() == rows[r, exact].astype(np.float64).tolist()
+        if r != 2:  # NumPy's flat-row search breaks ties in its own (deterministic) order
+            assert top[r].tolist() == want[0].tolist(), r
+        assert abs(log_s[r] - want[2]) <= 1e-5 * max(1.0, abs(want[2]))
+        assert abs(entropy[r] - want[3]) <= 1e-4 * max(1.0, abs(want[3]))
+    assert top[1, :3].tolist() == [7, 900, 4000] and top[2].tolist() == [0, 1, 2, 3]
+    assert kernels.logit_stats(rows[:, :3], 4) is None  # fewer columns than asked: the caller's NumPy path
+
+
+def test_exit_scores_match_the_numpy_reference(monkeypatch):
+    """An intermediate exit's logits for a few tokens per row, compiled, equal the NumPy path
+    (float64 LayerNorm and dot products) and the model's own exit_logits."""
+    import numpy as np
+
+    from treespec.draft import features
+
+    m = tiny_model(seed=4)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    h = torch.randn(3, m.config.n_embd)
+    top = torch.tensor([[5, 9, 100, 2000], [1, 1, 50256, 7], [0, 3, 4, 5]])
+    got = features._exit_scores(m, 0, h, top)
+    monkeypatch.setattr(features, "exit_scores", lambda *a, **k: None)
+    want = features._exit_scores(m, 0, h, top)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        full = m.exit_logits(0, h).double().numpy()
+    np.testing.assert_allclose(got, np.take_along_axis(full, top.numpy(), axis=1), rtol=1e-4, atol=1e-4)
