@@ -15,8 +15,8 @@ The Hugging Face and GGUF models are exported from the bundle (``treespec export
 runs at a time: for each repetition and prompt the engines go in a rotating order. Reported per
 engine: tokens/s (median over repetitions of the suite's total, with the range), the one-token
 forward at a mid-length context (median ms), tokens per forward where the engine says, and
-greedy agreement with treespec float32 without a drafter. Also the CPU model and flags and the
-copy bandwidth measured here. JSON and a PNG go to ``--out``.
+greedy agreement with treespec float32 without a drafter. Also the CPU model and flags, the
+copy bandwidth (best of the run) and the read bandwidth measured just before each forward timing. JSON and a PNG go to ``--out``.
 
 It is a benchmark, not a test: it lives outside ``make test``.
 """
@@ -200,6 +200,23 @@ def copy_bandwidth_gbs(threads: int) -> float:
     return 2 * a.numel() * 4 / min(ts) / 1e9
 
 
+def read_bandwidth_gbs(threads: int) -> float:
+    """GB/s of reading 256 MB (a sum, which a forward's weight stream resembles more than a
+    copy does), best of three: timed right before each engine's forward timing, so each
+    forward is held to the bandwidth of its own moment on a machine whose neighbours come
+    and go (a best-of-run copy flatters no one but can sit 1.6x above a busy spell)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.ones(64 << 20)
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        a.sum()
+        ts.append(time.perf_counter() - t)
+    return a.numel() * 4 / min(ts) / 1e9
+
+
 def weights_read_mb(model) -> dict[str, float]:
     """MB of weights one decode step reads at each precision: every matrix of the
     blocks and the head (the embedding is one row, the norms and biases stay fp32)."""
@@ -333,8 +350,10 @@ def main(argv=None) -> int:
         fwd_ctx = fwd_ctx + items[(len(fwd_ctx) // 7) % len(items)][2]
     fwd_ctx = fwd_ctx[: min(args.forward_ctx, bundle.config.block_size - 64)]
     forward = {e: [] for e in names}
+    read_bw = {e: [] for e in names}  # GB/s read just before each of the engine's forward timings
     for rep in range(3):  # interleaved too
         for e in names[rep % len(names):] + names[:rep % len(names)]:
+            read_bw[e].append(read_bandwidth_gbs(args.threads))
             forward[e].append(run(e, ("fwd", fwd_ctx, 30)))
     for e in names:
         workers[e][1].send(("quit",))
@@ -350,6 +369,7 @@ def main(argv=None) -> int:
                  "by_suite": {kind: {"tokens_per_s": statistics.median(v), "range": [min(v), max(v)]}
                               for kind, v in rates.items()},
                  "forward_ms": statistics.median(forward[e]), "forward_ms_all": forward[e],
+                 "read_bandwidth_gbs_before": [round(b, 1) for b in read_bw[e]],
                  "tokens_per_forward": statistics.mean(per_fwd[e]) if per_fwd[e] else None, **info[e]}
         if ref in outputs and args.temperature == 0:
             same, prefix = 0, []
@@ -412,6 +432,9 @@ def targets(report: dict) -> dict:
             bound = mb / report["copy_bandwidth_gbs"]  # ms: MB over GB/s of a copy (bytes read + written)
             t["memory_bound_ms"] = bound
             t["forward_vs_bound"] = E[mine]["forward_ms"] / bound
+            if E[mine].get("read_bandwidth_gbs_before"):  # each forward against the read bandwidth of its moment
+                t["forward_vs_adjacent_read_bound"] = statistics.median(
+                    f / (mb / bw) for f, bw in zip(E[mine]["forward_ms_all"], E[mine]["read_bandwidth_gbs_before"]))
         modes = [e for e in (f"llama:{q}:plain", f"llama:{q}:pld") if e in E]
         tree = f"treespec:tree:{p}"
         if tree in E and modes:
@@ -442,6 +465,8 @@ def table(report: dict) -> str:
         bits = [f"forward {t['forward_ms']:.2f} ms = {t['forward_vs_llama']:.2f}x llama.cpp's"]
         if "memory_bound_ms" in t:
             bits.append(f"{t['forward_vs_bound']:.2f}x the memory bound ({t['memory_bound_ms']:.2f} ms)")
+        if "forward_vs_adjacent_read_bound" in t:
+            bits.append(f"{t['forward_vs_adjacent_read_bound']:.2f}x the bound at the read bandwidth measured just before")
         bits.append(f"vanilla {t['vanilla_vs_llama_plain']:.2f}x llama.cpp plain")
         if "tree_vs_best_llama" in t:
             bits.append(f"tree {t['tree_vs_best_llama']['geomean_code_prose']:.2f}x {t['tree_vs_best_llama']['llama']}")
