@@ -304,6 +304,39 @@ class Packed:
         return self._full
 
 
+
+HUGE_PAGE = 2 << 20
+
+
+def _in_huge_pages(packed: dict[str, list[Packed]]) -> bool:
+    """Move the packed weights into one block of memory that the kernel may back with
+    2 MB pages (Linux's transparent huge pages, asked for with madvise). A decode step
+    streams every weight once, and with 4 KB pages that is a TLB miss every 4 KB
+    (bench/huge_pages.py; bench/results/huge-pages-*.json). False, and nothing moved,
+    where the system cannot."""
+    import mmap
+
+    if not hasattr(mmap, "MADV_HUGEPAGE") or platform.system() != "Linux":
+        return False
+    items = [p for ps in packed.values() for p in ps]
+    sizes = [p.weight.numel() * p.weight.element_size() for p in items]
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += -(-n // 64) * 64  # each weight on a cache line of its own
+    try:
+        block = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        block.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError):
+        return False
+    raw = torch.frombuffer(block, dtype=torch.uint8)  # keeps the mapping alive while any view is
+    start = (-raw.data_ptr()) % HUGE_PAGE  # the first huge page boundary in the block
+    for p, off, n in zip(items, offsets, sizes):
+        home = raw[start + off:start + off + n].view(p.weight.dtype).view(p.weight.shape)
+        home.copy_(p.weight)
+        p.weight = home
+    return True
+
 def _add_bias(y: torch.Tensor, p: Packed) -> torch.Tensor:
     return y if p.bias is None else y + p.bias
 
@@ -588,6 +621,7 @@ class KernelPlan:
     precision_ms: dict[str, float] = field(default_factory=dict)  # with auto: one-row pass per precision
     kv_cache: str = "float32"  # the KV cache's element type (KV_CACHE)
     fused: str = "none"  # "trunk" (one C call a decode step), "blocks" (one per block) or "none"
+    huge_pages: bool = False  # the packed weights asked for 2 MB pages (_in_huge_pages)
 
     def describe(self) -> str:
         one = {g: self.choices[g][1] for g in self.choices}
@@ -595,6 +629,7 @@ class KernelPlan:
         return (f"kernels: {self.precision} on {self.threads} thread(s) of {self.cpu['model']} "
                 f"({', '.join(self.cpu['flags']) or 'no AVX'}); 1 row: {one}, 8 rows: {many}; "
                 f"fused: {self.fused}; KV cache {self.kv_cache}; "
+                f"weights in {'2 MB' if self.huge_pages else '4 KB'} pages; "
                 f"chosen by timing in {self.seconds:.1f} s" + (f"; {self.reason}" if self.reason else ""))
 
     def to_dict(self) -> dict:
@@ -602,7 +637,8 @@ class KernelPlan:
                 "choices": {g: {str(b): c for b, c in t.items()} for g, t in self.choices.items()},
                 "timings_ms": {g: {str(b): t for b, t in bt.items()} for g, bt in self.timings.items()},
                 "skinny": self.skinny, "seconds": round(self.seconds, 2), "reason": self.reason,
-                "precision_ms": self.precision_ms, "kv_cache": self.kv_cache, "fused": self.fused}
+                "precision_ms": self.precision_ms, "kv_cache": self.kv_cache, "fused": self.fused,
+                "huge_pages": self.huge_pages}
 
 
 Measure = Callable[[str, int, str, list[Packed]], float]
@@ -768,16 +804,16 @@ def plan(model, precision: str = "auto", *, measure: Measure | None = None, samp
             notes.append("int8 and w8a8 only with a quality check (--dtype to force one)")
         reason = "auto: " + "; ".join(notes)
         packed = results[precision][0]
-        choices, timings = _choose(packed, precision, measure)
     else:
         packed = {g: [Packed.of(w, b, precision) for _, w, b in items] for g, items in groups.items()}
-        choices, timings = _choose(packed, precision, measure)
+    huge = _in_huge_pages(packed)
+    choices, timings = _choose(packed, precision, measure)
     _install(model, groups, packed, choices)
     fused = "trunk" if model.fused_trunk is not None else "blocks" if model.blocks[0].fused is not None else "none"
     result = KernelPlan(precision, torch.get_num_threads(), cpu_summary(), choices, timings,
                         f"ok: {SKINNY.path()}" if SKINNY.lib is not None else (SKINNY.error or "not built"),
                         time.perf_counter() - t0, reason, precision_ms,
-                        str(model.kv_dtype).removeprefix("torch."), fused)
+                        str(model.kv_dtype).removeprefix("torch."), fused, huge)
     if log:
         log(result.describe())
     return result

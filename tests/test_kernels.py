@@ -515,3 +515,24 @@ def test_exit_scores_match_the_numpy_reference(monkeypatch):
     with torch.no_grad():
         full = m.exit_logits(0, h).double().numpy()
     np.testing.assert_allclose(got, np.take_along_axis(full, top.numpy(), axis=1), rtol=1e-4, atol=1e-4)
+
+
+def test_packed_weights_move_into_one_huge_page_block():
+    """The plan moves the served weights into one block of memory that asks for 2 MB pages:
+    the same values, each weight on its own cache line, the first on a 2 MB boundary, and
+    the kernels read the moved copies (the logits do not change)."""
+    m = tiny_model(seed=2)
+    ids = torch.randint(0, 50257, (1, 6), generator=torch.Generator().manual_seed(0))
+    ref = m.forward_step(ids, 0, m.new_cache()).logits
+    weights = [torch.randn(48, 32), torch.randn(7, 5), torch.randn(300, 32)]
+    packed = {"trunk": [Packed.of(w, None, "int8") for w in weights[:2]], "head": [Packed.of(weights[2], None, "bfloat16")]}
+    before = [p.weight.clone() for ps in packed.values() for p in ps]
+    assert kernels._in_huge_pages(packed)  # Linux (what treespec serves on) has madvise(MADV_HUGEPAGE)
+    after = [p.weight for ps in packed.values() for p in ps]
+    assert all(torch.equal(a, b) and a.dtype == b.dtype and a.shape == b.shape for a, b in zip(after, before))
+    assert after[0].data_ptr() % kernels.HUGE_PAGE == 0
+    assert all(a.data_ptr() % 64 == 0 and a.is_contiguous() for a in after)
+    assert len({a.untyped_storage().data_ptr() for a in after}) == 1  # one block
+    p = plan(m, "float32")
+    assert p.huge_pages and p.to_dict()["huge_pages"] and "2 MB pages" in p.describe()
+    torch.testing.assert_close(m.forward_step(ids, 0, m.new_cache()).logits, ref, rtol=1e-5, atol=1e-5)
