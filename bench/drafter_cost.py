@@ -2,12 +2,15 @@
 
 Times, on a bundle's vocabulary width, the work a proposal does once over the
 final logits (the top-4 tokens, and exp/sum for the log-normaliser and
-entropy) as torch ops and as NumPy (``draft.features._vocab_stats``), on a
+entropy) as torch ops, as NumPy (``draft.features._vocab_stats``) and compiled
+(``model.kernels.logit_stats``, what serving uses where the C kernel builds), on a
 strided row and a contiguous one; then ``TreeDrafter.state`` and a whole
 ``TreeDrafter.propose`` when the bundle has a fitted drafter; then each piece
 of a proposal where it really runs, inside the decode loop right after a
 verify forward. ``--busy`` runs a 2-thread torch matmul loop in another
-process meanwhile, as a server's other work or a training job would:
+process meanwhile, as a server's other work or a training job would. The model's
+kernels are planned as ``treespec serve`` plans them (``--dtype``). Writes
+bench/results/drafter-cost-<bundle>-<cpu>[-busy].json.
 
     python bench/drafter_cost.py --bundle models/default --threads 2
     python bench/drafter_cost.py --bundle models/default --threads 2 --busy
@@ -22,7 +25,22 @@ import time
 
 import numpy as np
 import torch
-from head_matmul import median_ms  # bench/ is on sys.path when run as a script
+import json
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
 
 BUSY = ("import torch; torch.set_num_threads(2); a = torch.randn(512, 512)\n"
         "while True: a = (a @ a).clamp_(-1, 1)")
@@ -34,7 +52,7 @@ def main() -> None:
     from treespec.draft.registry import DrafterUnavailable, make_drafter
     from treespec.draft.tree import DrafterError
     from treespec.draft.types import SamplingParams
-    from treespec.model import load_bundle
+    from treespec.model.kernels import cpu_slug, cpu_summary, load_for_inference, logit_stats
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", default="models/default")
@@ -43,10 +61,14 @@ def main() -> None:
     ap.add_argument("--busy", action="store_true", help="load the CPU from another process meanwhile")
     ap.add_argument("--prompts", type=int, default=4, help="held-out code prompts for the in-loop timings")
     ap.add_argument("--data-dir", default="data/default", help="prepared corpus whose test split gives them")
+    ap.add_argument("--dtype", default="auto", help="precision the kernels are planned in, as for serve")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    bundle = load_bundle(args.bundle)
+    bundle, kplan = load_for_inference(args.bundle, args.dtype)
+    report = {"bundle": args.bundle, "cpu": cpu_summary(), "threads": args.threads, "precision": kplan.precision,
+              "busy": args.busy, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "isolated_ms": {}}
     V = bundle.tokenizer.n_vocab
     busy = subprocess.Popen([sys.executable, "-c", BUSY]) if args.busy else None
     try:
@@ -64,19 +86,25 @@ def main() -> None:
             ez = z.exp()
             return ez.sum(-1), (ez * z).sum(-1)
 
-        def numpy_way(logits):  # what state_features runs per row
+        def numpy_way(logits):  # what state_features runs per row without the C kernel
             return [_vocab_stats(row, 4) for row in logits.numpy()]
+
+        def compiled_way(logits):  # and with it
+            return logit_stats(logits.numpy(), 4)
 
         print(f"{args.bundle}: vocabulary {V}, {args.threads} torch threads, "
               f"{'busy CPU' if busy else 'idle CPU'}, median of {args.reps}")
         print("| what | ms |\n| --- | --- |")
         for layout, logits in rows.items():
-            for how, fn in (("torch ops", torch_way), ("NumPy", numpy_way)):
-                print(f"| top-4 + softmax sums, {how}, {layout} | {median_ms(lambda: fn(logits), args.reps):.3f} |")
+            for how, fn in (("torch ops", torch_way), ("NumPy", numpy_way), ("compiled", compiled_way)):
+                what = f"top-4 + softmax sums, {how}, {layout}"
+                report["isolated_ms"][what] = median_ms(lambda: fn(logits), args.reps)
+                print(f"| {what} | {report['isolated_ms'][what]:.3f} |")
         try:
             drafter = make_drafter("tree", bundle)
         except (DrafterUnavailable, DrafterError) as e:
             print(f"(no tree drafter timings: {e})")
+            write(report, args)
             return
         seen = []
         propose = drafter.propose
@@ -85,18 +113,31 @@ def main() -> None:
         generate_all(bundle.model, prompt, SamplingParams(max_new_tokens=48), drafter, tokenizer=bundle.tokenizer)
         drafter.propose = propose
         ctx, feats = seen[len(seen) // 2]
-        print(f"| TreeDrafter.state (once per proposal) | {median_ms(lambda: drafter.state(feats), args.reps):.3f} |")
+        report["isolated_ms"]["TreeDrafter.state"] = median_ms(lambda: drafter.state(feats), args.reps)
+        print(f"| TreeDrafter.state (once per proposal) | {report['isolated_ms']['TreeDrafter.state']:.3f} |")
         n = len(drafter.propose(ctx, feats, drafter.k_max).tokens)
-        print(f"| TreeDrafter.propose ({n} tokens drafted) | "
-              f"{median_ms(lambda: drafter.propose(ctx, feats, drafter.k_max), args.reps):.3f} |")
-        in_loop(bundle, drafter, args.prompts, args.data_dir)
+        report["isolated_ms"]["TreeDrafter.propose"] = median_ms(lambda: drafter.propose(ctx, feats, drafter.k_max),
+                                                                 args.reps)
+        print(f"| TreeDrafter.propose ({n} tokens drafted) | {report['isolated_ms']['TreeDrafter.propose']:.3f} |")
+        report["in_loop"] = in_loop(bundle, drafter, args.prompts, args.data_dir)
+        write(report, args)
     finally:
         if busy:
             busy.kill()
             busy.wait()
 
 
-def in_loop(bundle, drafter, n_prompts: int, data_dir: str) -> None:
+def write(report: dict, args) -> None:
+    from treespec.model.kernels import cpu_slug
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"drafter-cost-{Path(args.bundle).name}-{cpu_slug()}{'-busy' if args.busy else ''}.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+def in_loop(bundle, drafter, n_prompts: int, data_dir: str) -> dict:
     """The same work timed where it really runs: inside the decode loop,
     right after each verify forward (greedy, held-out code prompts)."""
     from collections import defaultdict
@@ -140,8 +181,12 @@ def in_loop(bundle, drafter, n_prompts: int, data_dir: str) -> None:
     steps = calls["whole proposal"]
     print(f"\nIn the decode loop ({len(prompts)} held-out code prompts, greedy, {steps} proposals):")
     print("| piece | ms per proposal | calls per proposal |\n| --- | --- | --- |")
+    out = {"proposals": steps, "ms_per_proposal": {}, "calls_per_proposal": {}}
     for _, _, label in pieces:
         print(f"| {label} | {total[label] / steps * 1e3:.3f} | {calls[label] / steps:.2f} |")
+        out["ms_per_proposal"][label] = total[label] / steps * 1e3
+        out["calls_per_proposal"][label] = calls[label] / steps
+    return out
 
 
 if __name__ == "__main__":
