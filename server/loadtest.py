@@ -225,6 +225,18 @@ class SpawnedServer:
                 self.proc.kill()
 
 
+def _server_info(url: str, api_key: str | None) -> dict | None:
+    """The server's /info (model, precision and kernels, drafter), kept beside the figures:
+    a throughput means little without the machine and the kernels it was measured with."""
+    import httpx
+
+    try:
+        r = httpx.get(url + "/info", timeout=10, headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
+        return r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="load-test a treespec server: concurrent streaming clients for a bounded time",
                        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -254,6 +266,7 @@ def run(args) -> int:
     url = server.url if server else args.url.rstrip("/")
     results = []
     try:
+        info = _server_info(url, args.api_key)
         for drafter in args.drafter:
             for c in args.concurrency:
                 print(f"load: {c} clients, {args.duration:.0f}s, drafter {drafter or 'default'}, "
@@ -272,6 +285,6 @@ def run(args) -> int:
         print(f"\nerrors, e.g.: {bad[:3]}", file=sys.stderr)
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"command": sys.argv, "results": results}, f, indent=2)
+            json.dump({"command": sys.argv, "server_info": info, "results": results}, f, indent=2)
     return 1 if any(r["errors"] for r in results) else 0
 

@@ -913,6 +913,11 @@ def test_load_benchmark_reports_what_the_server_counted(srv):
     assert r["tokens_per_s"] * r["wall_s"] == pytest.approx(4 * r["ok"])
     p = r["e2e_s"]
     assert 0 < r["ttft_s"]["p50"] <= p["p99"] and p["p50"] <= p["p95"] <= p["p99"]
+    # The JSON keeps what the figures were measured with: the server's /info (kernels, model).
+    from treespec.server.loadtest import _server_info
+
+    info = _server_info(srv.url, API_KEY)
+    assert info is not None and info["kernels"]["precision"] and info == srv.client().get("/info").json()
 
 
 # ---------------------------------------------------------------- the tree drafter, live
