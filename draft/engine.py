@@ -84,16 +84,20 @@ class DraftGate:
     A proposal costs the drafter's time and a longer verify, and saves a
     forward for every accepted token. Where drafts are rarely accepted (free
     sampling on prose) a costly drafter makes decoding slower than vanilla.
-    After each proposal the gate books, from the drafter's own cost model,
+    After each proposal the gate books
 
         earned = accepted * forward_ms - step_cost_ms(drafted)
 
-    into a running mean, and the tokens the step produced into another.
+    from the drafter's own cost model (where the drafter has a verify curve,
+    its part of the cost is at least the proposal's measured time), into a
+    running mean, and the tokens the step produced into another.
     When the mean turns negative (slower than vanilla), or, with a fallback
     and a verify curve, saves less per token than the fallback is expected
     to (``fallback_saving``), the gate closes for one step, then asks for one
     proposal (a probe): a probe that beats both reopens it, one that does
-    not closes it for twice as long (up to ``max_backoff`` steps). While it
+    not closes it for twice as long (up to ``max_backoff`` steps). A gate
+    that closes again before its proposals have paid waits half as long as
+    the probe that reopened it had waited, not one step. While it
     is closed the drafter's cheap ``fallback`` drafter proposes instead when
     it has one (the tree's is prompt lookup, its own __COPY__ path), else
     the step is a vanilla step. A fallback draft costs next to nothing to
@@ -126,6 +130,7 @@ class DraftGate:
     has_fallback: bool = False
     k_cap: int = 8  # the longest fallback draft the comparison considers
     tokens: float | None = None  # tokens per proposal (accepted + 1), exponentially averaged
+    reopened_from: int = 0  # the wait a successful probe ended, until the gate next closes
 
     FALLBACK_PRIOR = 0.5  # a position not seen yet
     FALLBACK_ALPHA = 0.1
@@ -204,11 +209,24 @@ class DraftGate:
             return False
         return True
 
-    def record(self, drafted: int, accepted: int) -> None:
-        earned = accepted * self.forward_ms - self.step_cost_ms(drafted)
+    def record(self, drafted: int, accepted: int, drafter_ms: float | None = None) -> None:
+        """Book a proposal: ``drafted`` tokens, ``accepted`` of them, and what
+        proposing took where the engine timed it. With a verify curve the
+        drafter's part of the cost is the larger of its own estimate and that
+        measured time: the estimate is an average over proposals, and where
+        most proposals walk the whole tree (sampled prose) instead of copying
+        a match, it priced them at a fifth of what they took
+        (bench/drafter_cost.py)."""
+        cost = self.step_cost_ms(drafted)
+        if drafter_ms is not None and self.verify_ms is not None:
+            v = extend_costs(self.verify_ms, drafted + 1)
+            longer_verify = v[drafted] - v[0]
+            cost = max(cost - longer_verify, drafter_ms) + longer_verify
+        earned = accepted * self.forward_ms - cost
         floor = self.fallback_saving()  # ms a token the fallback would save; 0: vanilla
         if self.backoff:  # a probe
             if earned > 0 and earned / (accepted + 1) > floor:
+                self.reopened_from = self.backoff
                 self.backoff, self.mean, self.tokens = 0, earned, accepted + 1.0
             else:
                 self.backoff = min(2 * self.backoff, self.max_backoff)
@@ -217,8 +235,14 @@ class DraftGate:
         a = self.alpha
         self.mean = earned if self.mean is None else (1 - a) * self.mean + a * earned
         self.tokens = accepted + 1.0 if self.tokens is None else (1 - a) * self.tokens + a * (accepted + 1)
+        if earned > 0:  # proposals that pay wear the memory of the last close away
+            self.reopened_from //= 2
         if self.mean < 0 or self.mean / self.tokens < floor:
-            self.backoff = self.wait = 1
+            # Closing again soon after a lucky probe: start from half the wait that
+            # probe ended, not from one step, so that a drafter that loses on
+            # average (sampled prose) is not asked again every few steps.
+            self.backoff = self.wait = max(1, self.reopened_from // 2)
+            self.reopened_from = 0
 
 
 def _snapshot(stats: SpecStats) -> SpecStats:
@@ -417,7 +441,8 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
         if proposer is not None:
             td = time.perf_counter()
             draft: Draft = proposer.propose(context, features, k)
-            stats.drafter_time_s += time.perf_counter() - td
+            drafter_s = time.perf_counter() - td
+            stats.drafter_time_s += drafter_s
             for d in draft.tokens[:k]:
                 d = int(d)
                 if not 0 <= d < n_vocab:  # cannot be a model token: the draft ends here
@@ -436,7 +461,7 @@ def _decode(model, prompt: list[int], params: SamplingParams, drafter: Drafter |
         if asked and gate is not None:
             if draft.fallback is not None:
                 gate.record_counterfactual(draft.fallback, new)
-            gate.record(len(drafts), n)
+            gate.record(len(drafts), n, drafter_s * 1e3)
         elif proposer is not None and gate is not None:
             gate.record_fallback(len(drafts), n)
         cache.rollback(pos + n + 1)  # [last] + the accepted drafts stay; the bonus is not run yet

@@ -833,3 +833,54 @@ def test_a_costly_drafter_gives_way_to_a_free_fallback_that_is_as_right(tok, wan
         # Both save 3 forwards (12 ms) a step, but the drafter costs 3 ms of them:
         # where the fallback would have been as right, the gate hands the steps to it.
         assert runs["right"].skipped_proposals > 0 and runs["wrong"].skipped_proposals == 0
+
+
+def test_gate_books_what_a_proposal_took_where_it_has_a_verify_curve():
+    """A drafter that prices its proposals low but takes long (a whole tree walk on prose)
+    is closed off on its measured time; a proposal faster than estimated is still booked at
+    the estimate; without a verify curve the gate keeps the estimate."""
+    from treespec.draft.engine import DraftGate
+
+    cheap = lambda n: 0.2 + 0.3 * n  # noqa: E731 - what the drafter thinks a proposal costs
+    g = DraftGate(forward_ms=3.0, step_cost_ms=cheap, verify_ms=[3.0, 3.3, 3.6])
+    g.record(drafted=1, accepted=0, drafter_ms=0.1)  # its estimate, 0.2 (> 0.1), + 0.3 ms: a loss, closed
+    assert not g.open()
+    g.record(drafted=2, accepted=1, drafter_ms=0.2)  # a probe that earns 3 - 0.2 - 0.6 = 2.2: open again
+    assert g.mean == pytest.approx(2.2) and g.open()
+    slow = DraftGate(forward_ms=3.0, step_cost_ms=cheap, verify_ms=[3.0, 3.3, 3.6])
+    slow.record(drafted=2, accepted=1, drafter_ms=3.0)  # took 3 ms: 3 - 3 - 0.6 < 0, closed
+    assert slow.mean == pytest.approx(-0.6) and not slow.open()
+    estimate = DraftGate(forward_ms=3.0, step_cost_ms=cheap)  # no curve: the estimate, 3 - 0.8
+    estimate.record(drafted=2, accepted=1, drafter_ms=3.0)
+    assert estimate.mean == pytest.approx(2.2) and estimate.open()
+
+
+def test_a_gate_that_closes_again_after_a_lucky_probe_waits_long():
+    """A drafter that loses on average but sometimes gets a probe right: after closing
+    again it waits half the reopening probe's wait, not one step; a run of paying
+    proposals wears that memory away."""
+    from treespec.draft.engine import DraftGate
+
+    g = DraftGate(forward_ms=10.0, step_cost_ms=lambda n: 1.0, max_backoff=32)
+    g.record(drafted=3, accepted=0)  # closes: wait 1
+    for want in (2, 4, 8, 16):  # failed probes double the wait
+        while g.wait:
+            assert not g.open()
+        g.record(drafted=3, accepted=0)
+        assert g.wait == want
+    while g.wait:
+        assert not g.open()
+    g.record(drafted=3, accepted=1)  # a lucky probe after waiting 16: open, mean 9
+    assert g.open() and g.backoff == 0
+    while not g.wait:
+        g.record(drafted=3, accepted=0)  # losses until it closes
+    assert g.wait == 8  # half of 16, not 1
+    # after the memory wears off (paying proposals), a close starts at one step again
+    while g.wait:
+        assert not g.open()
+    g.record(drafted=3, accepted=1)  # probe succeeds (after waiting 8)
+    for _ in range(4):
+        g.record(drafted=3, accepted=1)  # paying: 8 -> 4 -> 2 -> 1 -> 0
+    while not g.wait:
+        g.record(drafted=3, accepted=0)
+    assert g.wait == 1
