@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn as nn
@@ -70,8 +71,15 @@ class _Segment:
     cache: KVCache
     pos: torch.Tensor  # (T,) positions of the new tokens
     end: int  # attend over cache positions 0..end-1
-    mask: torch.Tensor | None  # (T, end) bool, None when T == 1
     rows: slice  # its new tokens among the forward's input rows
+
+    @cached_property
+    def mask(self) -> torch.Tensor | None:
+        """(T, end) bool, None when T == 1: for torch's attention only (the C trunk
+        reads the positions), so built when first asked."""
+        if self.pos.numel() == 1:
+            return None
+        return torch.arange(self.end, device=self.pos.device)[None, :] <= self.pos[:, None]
 
 
 @dataclass
@@ -427,8 +435,7 @@ class GPT(nn.Module):
             raise ValueError(f"{end} tokens exceed the KV cache's {cache.max_len} positions "
                              f"(block_size {self.config.block_size})")
         pos = torch.arange(start, end, device=device)
-        mask = torch.arange(end, device=device)[None, :] <= pos[:, None] if T > 1 else None
-        return _Segment(cache, pos, end, mask, slice(offset, offset + T))
+        return _Segment(cache, pos, end, slice(offset, offset + T))
 
     def _cached_trunk(self, idx: torch.Tensor, segments: list[_Segment], head_from: int | None = None):
         """The trunk over KV caches: the final exit's normalised hidden state
