@@ -169,6 +169,8 @@ class _Skinny:
             "round_bf16": ([P, P, L], None),
             "logit_stats": ([P, L, L, L, L, P, P, P, P], None),
             "exit_scores": ([P, L, L, P, P, D_, P, P, L, P], None),
+            "skinny_set_prefetch": ([L, L], None),
+            "skinny_get_prefetch": ([L], L),
         }
         for name, (args, res) in signatures.items():
             if not hasattr(self.lib, name):
@@ -624,6 +626,9 @@ class KernelPlan:
     kv_cache: str = "float32"  # the KV cache's element type (KV_CACHE)
     fused: str = "none"  # "trunk" (one C call a decode step), "blocks" (one per block) or "none"
     huge_pages: bool = False  # the packed weights asked for 2 MB pages (_in_huge_pages)
+    # decode bucket -> how many weight rows ahead its C products ask for (_choose_prefetch)
+    prefetch: dict[int, int] = field(default_factory=dict)
+    prefetch_ms: dict = field(default_factory=dict)  # bucket -> rows ahead -> best pass, ms
 
     def describe(self) -> str:
         one = {g: self.choices[g][1] for g in self.choices}
@@ -632,6 +637,7 @@ class KernelPlan:
                 f"({', '.join(self.cpu['flags']) or 'no AVX'}); 1 row: {one}, 8 rows: {many}; "
                 f"fused: {self.fused}; KV cache {self.kv_cache}; "
                 f"weights in {'2 MB' if self.huge_pages else '4 KB'} pages; "
+                f"prefetch ahead at rows {[b for b, a in self.prefetch.items() if a] or 'none'}; "
                 f"chosen by timing in {self.seconds:.1f} s" + (f"; {self.reason}" if self.reason else ""))
 
     def to_dict(self) -> dict:
@@ -640,7 +646,8 @@ class KernelPlan:
                 "timings_ms": {g: {str(b): t for b, t in bt.items()} for g, bt in self.timings.items()},
                 "skinny": self.skinny, "seconds": round(self.seconds, 2), "reason": self.reason,
                 "precision_ms": self.precision_ms, "kv_cache": self.kv_cache, "fused": self.fused,
-                "huge_pages": self.huge_pages}
+                "huge_pages": self.huge_pages, "prefetch": {str(b): a for b, a in self.prefetch.items()},
+                "prefetch_ms": {str(b): {str(a): v for a, v in t.items()} for b, t in self.prefetch_ms.items()}}
 
 
 Measure = Callable[[str, int, str, list[Packed]], float]
@@ -737,6 +744,38 @@ def sample_loss(model, samples: dict[str, list[int]]) -> dict[str, float]:
     return out
 
 
+# The distance tried. 2, 4, 8 and 16 rows measured alike on the AVX2 EPYC
+# (0.92-0.95x a one-row forward against none, paired, ad-hoc); whether to ask
+# at all, for how many input rows, is timed on the serving machine.
+PREFETCH_ROWS = 4
+_PREFETCH_TABLE = 65  # csrc/skinny.c's PREFETCH_TABLE: products of up to 64 rows
+
+
+def _choose_prefetch(packed: dict[str, list[Packed]], choices, measure: Measure,
+                     reps: int = 2) -> tuple[dict[int, int], dict[int, dict[int, float]]]:
+    """For each decode bucket where the C kernel runs every group, whether its products
+    should ask for weight rows PREFETCH_ROWS ahead: a pass over the groups timed with and
+    without (alternating, best of ``reps``), and the faster set for the rows of that bucket
+    (larger products never prefetch). Results are the same either way. Returns (bucket ->
+    rows ahead, bucket -> rows ahead -> ms)."""
+    buckets = [b for b in ROW_BUCKETS if b <= DECODE_ROWS and all(choices[g][b] == "skinny" for g in packed)]
+    for r in range(_PREFETCH_TABLE):
+        SKINNY.lib.skinny_set_prefetch(r, 0)
+    chosen, timed, lo = {}, {}, 0
+    for b in buckets:
+        ms: dict[int, list[float]] = {0: [], PREFETCH_ROWS: []}
+        for _ in range(reps):
+            for ahead in ms:
+                SKINNY.lib.skinny_set_prefetch(b, ahead)
+                ms[ahead].append(sum(measure(g, b, "skinny", packed[g]) for g in packed))
+        timed[b] = {k: round(min(v), 4) for k, v in ms.items()}
+        chosen[b] = PREFETCH_ROWS if timed[b][PREFETCH_ROWS] < timed[b][0] else 0
+        for r in range(lo + 1, b + 1):
+            SKINNY.lib.skinny_set_prefetch(r, chosen[b])
+        lo = b
+    return chosen, timed
+
+
 def plan(model, precision: str = "auto", *, measure: Measure | None = None, samples: dict[str, list[int]] | None = None,
          log: Callable[[str], None] | None = None) -> KernelPlan:
     """Choose and install the inference kernels of ``model`` on this machine.
@@ -763,6 +802,9 @@ def plan(model, precision: str = "auto", *, measure: Measure | None = None, samp
                           reason=f"on {device.type} the model runs torch's kernels in its own dtype",
                           kv_cache=str(model.wte.weight.dtype).removeprefix("torch."))
     groups = _groups(model)
+    if SKINNY.load():  # precisions and buckets are timed without prefetching; it is chosen last
+        for r in range(_PREFETCH_TABLE):
+            SKINNY.lib.skinny_set_prefetch(r, 0)
     if precision == "bfloat16" and not native_bf16() and not SKINNY.load():
         warnings.warn("treespec: this CPU has no native bf16 dot products (AVX-512 BF16 or AMX) and the "
                       "skinny kernel did not build: bfloat16 weights run through fp32 arithmetic here, "
@@ -810,12 +852,13 @@ def plan(model, precision: str = "auto", *, measure: Measure | None = None, samp
         packed = {g: [Packed.of(w, b, precision) for _, w, b in items] for g, items in groups.items()}
     huge = _in_huge_pages(packed)
     choices, timings = _choose(packed, precision, measure)
+    prefetch, prefetch_ms = _choose_prefetch(packed, choices, measure) if SKINNY.lib is not None else ({}, {})
     _install(model, groups, packed, choices)
     fused = "trunk" if model.fused_trunk is not None else "blocks" if model.blocks[0].fused is not None else "none"
     result = KernelPlan(precision, torch.get_num_threads(), cpu_summary(), choices, timings,
                         f"ok: {SKINNY.path()}" if SKINNY.lib is not None else (SKINNY.error or "not built"),
                         time.perf_counter() - t0, reason, precision_ms,
-                        str(model.kv_dtype).removeprefix("torch."), fused, huge)
+                        str(model.kv_dtype).removeprefix("torch."), fused, huge, prefetch, prefetch_ms)
     if log:
         log(result.describe())
     return result

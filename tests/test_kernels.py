@@ -536,3 +536,34 @@ def test_packed_weights_move_into_one_huge_page_block():
     p = plan(m, "float32")
     assert p.huge_pages and p.to_dict()["huge_pages"] and "2 MB pages" in p.describe()
     torch.testing.assert_close(m.forward_step(ids, 0, m.new_cache()).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", kernels.PRECISIONS)
+def test_prefetching_changes_no_result_and_is_chosen_by_timing(precision):
+    """Asking for weight rows ahead changes only when bytes arrive: the same products bit for
+    bit. The plan sets it for each decode bucket where a pass timed faster with it (a stub
+    timing here: faster ahead at 1 and 2 rows, slower beyond), for every row count in it."""
+    assert SKINNY.load()
+    x = torch.randn(5, 64)
+    p = Packed.of(torch.randn(200, 64), torch.randn(200), precision)
+    ahead = kernels.PREFETCH_ROWS
+    try:
+        SKINNY.lib.skinny_set_prefetch(5, 0)
+        plain = CANDIDATES["skinny"](x, p)
+        SKINNY.lib.skinny_set_prefetch(5, ahead)
+        assert torch.equal(CANDIDATES["skinny"](x, p), plain)
+
+        def stub(g, rows, c, w):
+            if c != "skinny":
+                return 3.0
+            on = SKINNY.lib.skinny_get_prefetch(rows) > 0
+            return (1.0 if on else 2.0) if rows <= 2 else (2.0 if on else 1.0)
+
+        got = plan(tiny_model(seed=1), precision, measure=stub)
+        assert got.prefetch == {1: ahead, 2: ahead, 4: 0, 8: 0, 16: 0}
+        assert got.prefetch_ms[1] == {0: 2.0 * len(got.choices), ahead: 1.0 * len(got.choices)}
+        assert [SKINNY.lib.skinny_get_prefetch(r) for r in (1, 2, 3, 8, 16, 17, 64)] == [ahead, ahead, 0, 0, 0, 0, 0]
+        assert "prefetch ahead at rows [1, 2]" in got.describe() and got.to_dict()["prefetch"]["1"] == ahead
+    finally:
+        for r in range(65):
+            SKINNY.lib.skinny_set_prefetch(r, 0)

@@ -26,6 +26,31 @@ static inline float bf16_to_f32(uint16_t u) {
     return f;
 }
 
+/* How many weight rows ahead a product of R input rows asks the memory for
+ * (0: leave it to the hardware prefetcher), for R up to PREFETCH_TABLE - 1.
+ * A one-row decode step is bound by streaming the weights, and asking ahead
+ * kept more of them in flight on the AVX2 EPYC; with several rows the
+ * products are arithmetic, and there it helped fp32 and slowed w8a8
+ * (bench/results/prefetch-*.json). So the plan (model/kernels.py) times each
+ * decode bucket both ways on the serving machine and sets this table. It
+ * changes no result, only when bytes arrive. */
+#define PREFETCH_TABLE 65
+static long prefetch_for_rows[PREFETCH_TABLE];
+void skinny_set_prefetch(long rows, long ahead) {
+    if (rows >= 0 && rows < PREFETCH_TABLE) prefetch_for_rows[rows] = ahead < 0 ? 0 : ahead;
+}
+long skinny_get_prefetch(long rows) { return rows >= 0 && rows < PREFETCH_TABLE ? prefetch_for_rows[rows] : 0; }
+/* Ask for the cache lines that start in bytes [FROM, FROM + N) of the row
+ * AHEAD rows after W0 (rows of K elements). */
+#define PREFETCH_AHEAD(AHEAD, W0, K, FROM, N)                                        \
+    do {                                                                             \
+        if (AHEAD) {                                                                 \
+            const char *ahead_ = (const char *)((W0) + (AHEAD) * (K));                \
+            for (long at_ = ((FROM) + 63) & ~63L; at_ < (FROM) + (N); at_ += 64)      \
+                _mm_prefetch(ahead_ + at_, _MM_HINT_T0);                             \
+        }                                                                            \
+    } while (0)
+
 /* Without a vector ISA we know (or when K is not a multiple of the vector
  * width), the compiler vectorises this loop for the machine: one output at a
  * time, each the same loop whatever R is, so a row's result does not depend
@@ -99,11 +124,12 @@ static inline vec ld_i8(const int8_t *p) {
  * so the sums live in registers. */
 #define DEFINE_TILE(NAME, WT, LD)                                                     \
 static inline __attribute__((always_inline)) void NAME(                              \
-        const float *x, const WT *w0, long K, float *out, const int RR) {            \
+        const float *x, const WT *w0, long K, float *out, const int RR, const long ahead) { \
     vec a[RB], b[RB];                                                                \
     for (int j = 0; j < RR; j++) a[j] = b[j] = vzero();                              \
     long k = 0;                                                                      \
     for (; k + 2 * VLEN <= K; k += 2 * VLEN) {                                       \
+        PREFETCH_AHEAD(ahead, w0, K, (long)(k * sizeof(WT)), (long)(2 * VLEN * sizeof(WT))); \
         const vec v0 = LD(w0 + k), v1 = LD(w0 + k + VLEN);                          \
         for (int j = 0; j < RR; j++) {                                               \
             a[j] = vfma(v0, vload(x + j * K + k), a[j]);                             \
@@ -120,6 +146,7 @@ static inline __attribute__((always_inline)) void NAME(                         
 #define DEFINE_PRODUCT(NAME, TILE, WT)                                               \
 static void NAME(const float *x, const WT *w, const float *scale, const float *bias, float *y, \
                  long R, long N, long K, int threads) {                             \
+    const long ahead = skinny_get_prefetch(R);                                      \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")              \
     for (long n = 0; n < N; n++) {                                                  \
         const WT *w0 = w + n * K;                                                   \
@@ -129,14 +156,14 @@ static void NAME(const float *x, const WT *w, const float *scale, const float *b
             const float *xr = x + r0 * K;                                           \
             const long rr = R - r0 < RB ? R - r0 : RB;                              \
             switch (rr) { /* a constant tile height for the compiler */             \
-                case 1: TILE(xr, w0, K, o, 1); break;                               \
-                case 2: TILE(xr, w0, K, o, 2); break;                               \
-                case 3: TILE(xr, w0, K, o, 3); break;                               \
-                case 4: TILE(xr, w0, K, o, 4 <= RB ? 4 : 1); break;                 \
-                case 5: TILE(xr, w0, K, o, 5 <= RB ? 5 : 1); break;                 \
-                case 6: TILE(xr, w0, K, o, 6 <= RB ? 6 : 1); break;                 \
-                case 7: TILE(xr, w0, K, o, 7 <= RB ? 7 : 1); break;                 \
-                default: TILE(xr, w0, K, o, RB); break;                             \
+                case 1: TILE(xr, w0, K, o, 1, ahead); break;                               \
+                case 2: TILE(xr, w0, K, o, 2, ahead); break;                               \
+                case 3: TILE(xr, w0, K, o, 3, ahead); break;                               \
+                case 4: TILE(xr, w0, K, o, 4 <= RB ? 4 : 1, ahead); break;                 \
+                case 5: TILE(xr, w0, K, o, 5 <= RB ? 5 : 1, ahead); break;                 \
+                case 6: TILE(xr, w0, K, o, 6 <= RB ? 6 : 1, ahead); break;                 \
+                case 7: TILE(xr, w0, K, o, 7 <= RB ? 7 : 1, ahead); break;                 \
+                default: TILE(xr, w0, K, o, RB, ahead); break;                             \
             }                                                                       \
             for (long j = 0; j < rr; j++) y[(r0 + j) * N + n] = o[j] * s0 + b0;     \
         }                                                                           \
@@ -212,6 +239,7 @@ static inline int32_t hsum_epi32(__m256i v) {
         __m256i acc[RR];                                                             \
         for (int j = 0; j < RR; j++) acc[j] = _mm256_setzero_si256();                \
         for (long k = 0; k < K; k += 32) {                                           \
+            PREFETCH_AHEAD(ahead, w0, K, k, 32L);                                    \
             const __m256i wv = _mm256_loadu_si256((const __m256i *)(w0 + k));        \
             const __m256i aw = _mm256_sign_epi8(wv, wv);                             \
             for (int j = 0; j < RR; j++) {                                           \
@@ -230,6 +258,7 @@ void skinny_w8a8(const float *x, const int8_t *w, const float *scale, const floa
         skinny_int8(x, w, scale, bias, y, R, N, K, threads);
         return;
     }
+    const long ahead = skinny_get_prefetch(R);
     int8_t *xq = (int8_t *)malloc((size_t)(R * K));
     float *xs = (float *)malloc((size_t)R * sizeof(float));
     for (long r = 0; r < R; r++) {
