@@ -756,8 +756,9 @@ def _choose_prefetch(packed: dict[str, list[Packed]], choices, measure: Measure,
     """For each decode bucket where the C kernel runs every group, whether its products
     should ask for weight rows PREFETCH_ROWS ahead: a pass over the groups timed with and
     without (alternating, best of ``reps``), and the faster set for the rows of that bucket
-    (larger products never prefetch). Results are the same either way. Returns (bucket ->
-    rows ahead, bucket -> rows ahead -> ms)."""
+    (larger products never prefetch). Results are the same either way. The setting is the C
+    library's, process-wide: with several models in one process the last plan's holds for
+    all (a server plans one). Returns (bucket -> rows ahead, bucket -> rows ahead -> ms)."""
     buckets = [b for b in ROW_BUCKETS if b <= DECODE_ROWS and all(choices[g][b] == "skinny" for g in packed)]
     for r in range(_PREFETCH_TABLE):
         SKINNY.lib.skinny_set_prefetch(r, 0)
