@@ -13,7 +13,7 @@ A/B (``--against REV``): the working tree's ``csrc/skinny.c`` and the one at git
 both built as the server builds them, called alternately (one forward each, ``--calls`` pairs),
 so drift on a shared machine hits both alike; the median of the paired ratios and its quartiles.
 
-Writes bench/results/forward-profile-<bundle>-<cpu>.json (or forward-ab-...).
+Writes bench/results/forward-profile-<bundle>-<cpu>-<precision>.json (or forward-ab-...-vs-<revision>.json).
 """
 
 from __future__ import annotations
@@ -93,6 +93,13 @@ def ab(model, kernels, args) -> dict:
             sk = kernels._Skinny(source=src)
             assert sk.load(), sk.error
             libs[name] = sk.lib
+    # Settings the plan made in the served build (which the working tree's shares, being the same
+    # file) hold for the other build too, where it has them: the A/B is of the source alone.
+    main, other = libs["working tree"], libs[args.against]
+    if hasattr(main, "skinny_get_prefetch") and hasattr(other, "skinny_set_prefetch"):
+        other.skinny_set_prefetch.argtypes = [ctypes.c_long, ctypes.c_long]
+        for r in range(65):
+            other.skinny_set_prefetch(r, main.skinny_get_prefetch(r))
     cache = prefilled(model, args.ctx)
     out = {}
     names = list(libs)
@@ -143,8 +150,12 @@ def main(argv=None) -> int:
               "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # An A/B is named by the revision it was against (resolved: "HEAD" moves), so one does not
+    # overwrite another's figures.
+    vs = ("-vs-" + subprocess.run(["git", "rev-parse", "--short", args.against], cwd=REPO, check=True,
+                                  capture_output=True, text=True).stdout.strip()) if args.against else ""
     kind = "forward-ab" if args.against else "forward-profile"
-    path = out / f"{kind}-{Path(args.bundle).name}-{cpu_slug()}-{kp.precision}.json"
+    path = out / f"{kind}-{Path(args.bundle).name}-{cpu_slug()}-{kp.precision}{vs}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")
     return 0

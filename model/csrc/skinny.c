@@ -252,6 +252,33 @@ static inline int32_t hsum_epi32(__m256i v) {
             y[(r0 + j) * N + n] = (float)hsum_epi32(acc[j]) * xs[r0 + j] * s0 + b0;  \
     } while (0)
 
+/* One activation row to int8 with its own scale (largest magnitude / 127),
+ * rounding half to even as lrintf does (and torch.round): 32 at a time, four
+ * conversions packed to bytes, on the thread that then waits for none. The
+ * same bytes as the one-at-a-time loop: max is exact in any order, and the
+ * vector conversion rounds in the same mode. K is a multiple of 32. */
+static void quantize_row(const float *xr, long K, int8_t *q, float *scale) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 vm = _mm256_setzero_ps();
+    for (long k = 0; k < K; k += 8) vm = _mm256_max_ps(vm, _mm256_and_ps(_mm256_loadu_ps(xr + k), absmask));
+    float m8[8], m = 0.0f;
+    _mm256_storeu_ps(m8, vm);
+    for (int j = 0; j < 8; j++) m = fmaxf(m, m8[j]);
+    const float inv = m > 0.0f ? 127.0f / m : 0.0f;
+    *scale = m / 127.0f;
+    const __m256 vi = _mm256_set1_ps(inv);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (long k = 0; k < K; k += 32) {
+        const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), vi));
+        const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8), vi));
+        const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 16), vi));
+        const __m256i d = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 24), vi));
+        /* packs work within 128-bit lanes; the permute puts the 4-byte groups back in order */
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+        _mm256_storeu_si256((__m256i *)(q + k), _mm256_permutevar8x32_epi32(bytes, order));
+    }
+}
+
 void skinny_w8a8(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
                  long R, long N, long K, int threads) {
     if (K % 32 != 0) {  /* no byte tiles: the int8 weights with fp32 activations */
@@ -261,14 +288,8 @@ void skinny_w8a8(const float *x, const int8_t *w, const float *scale, const floa
     const long ahead = skinny_get_prefetch(R);
     int8_t *xq = (int8_t *)malloc((size_t)(R * K));
     float *xs = (float *)malloc((size_t)R * sizeof(float));
-    for (long r = 0; r < R; r++) {
-        const float *xr = x + r * K;
-        float m = 0.0f;
-        for (long k = 0; k < K; k++) m = fmaxf(m, fabsf(xr[k]));
-        const float inv = m > 0.0f ? 127.0f / m : 0.0f;
-        xs[r] = m / 127.0f;
-        for (long k = 0; k < K; k++) xq[r * K + k] = (int8_t)lrintf(xr[k] * inv);
-    }
+    for (long r = 0; r < R; r++)
+        quantize_row(x + r * K, K, xq + r * K, xs + r);
     const __m256i ones = _mm256_set1_epi16(1);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (long n = 0; n < N; n++) {
