@@ -744,11 +744,16 @@ def sample_loss(model, samples: dict[str, list[int]]) -> dict[str, float]:
     return out
 
 
-# The distance tried. 2, 4, 8 and 16 rows measured alike on the AVX2 EPYC
-# (0.92-0.95x a one-row forward against none, paired, ad-hoc); whether to ask
-# at all, for how many input rows, is timed on the serving machine.
+# The distance tried: the gain did not depend on it between 2 and 16 rows on the
+# AVX2 EPYC; whether to ask at all, for how many input rows, is timed on the
+# serving machine (bench/prefetch.py, bench/results/prefetch-*.json).
 PREFETCH_ROWS = 4
 _PREFETCH_TABLE = 65  # csrc/skinny.c's PREFETCH_TABLE: products of up to 64 rows
+
+
+def _prefetch_none() -> None:
+    for r in range(_PREFETCH_TABLE):
+        SKINNY.lib.skinny_set_prefetch(r, 0)
 
 
 def _choose_prefetch(packed: dict[str, list[Packed]], choices, measure: Measure,
@@ -756,12 +761,11 @@ def _choose_prefetch(packed: dict[str, list[Packed]], choices, measure: Measure,
     """For each decode bucket where the C kernel runs every group, whether its products
     should ask for weight rows PREFETCH_ROWS ahead: a pass over the groups timed with and
     without (alternating, best of ``reps``), and the faster set for the rows of that bucket
-    (larger products never prefetch). Results are the same either way. The setting is the C
-    library's, process-wide: with several models in one process the last plan's holds for
-    all (a server plans one). Returns (bucket -> rows ahead, bucket -> rows ahead -> ms)."""
+    (larger products never prefetch: ``plan`` turned it off everywhere before timing
+    anything). Results are the same either way. The setting is the C library's,
+    process-wide: with several models in one process the last plan's holds for all (a
+    server plans one). Returns (bucket -> rows ahead, bucket -> rows ahead -> ms)."""
     buckets = [b for b in ROW_BUCKETS if b <= DECODE_ROWS and all(choices[g][b] == "skinny" for g in packed)]
-    for r in range(_PREFETCH_TABLE):
-        SKINNY.lib.skinny_set_prefetch(r, 0)
     chosen, timed, lo = {}, {}, 0
     for b in buckets:
         ms: dict[int, list[float]] = {0: [], PREFETCH_ROWS: []}
@@ -804,8 +808,7 @@ def plan(model, precision: str = "auto", *, measure: Measure | None = None, samp
                           kv_cache=str(model.wte.weight.dtype).removeprefix("torch."))
     groups = _groups(model)
     if SKINNY.load():  # precisions and buckets are timed without prefetching; it is chosen last
-        for r in range(_PREFETCH_TABLE):
-            SKINNY.lib.skinny_set_prefetch(r, 0)
+        _prefetch_none()
     if precision == "bfloat16" and not native_bf16() and not SKINNY.load():
         warnings.warn("treespec: this CPU has no native bf16 dot products (AVX-512 BF16 or AMX) and the "
                       "skinny kernel did not build: bfloat16 weights run through fp32 arithmetic here, "

@@ -602,10 +602,11 @@ static void NAME(const float *qkv, float *out, void *const *kc_, void *const *vc
 #define ROWS_F32                                                                          \
     if (D % 8 == 0) { VEC_ROWS(scores_f32, K, V) } else { PLAIN_ROWS(float, SAME) }
 #define ROWS_BF16                                                                         \
+    float *Kw;                                                                            \
     if (D % 8 != 0) {                                                                     \
         PLAIN_ROWS(uint16_t, bf16_to_f32)                                                 \
-    } else if (r1 - r0 > 1 && widen_room(2 * n_max * D)) { /* several rows read this head: widen it once */ \
-        float *Kw = widen_room(2 * n_max * D), *Vw = Kw + n_max * D;                      \
+    } else if (r1 - r0 > 1 && (Kw = widen_room(2 * n_max * D))) { /* several rows read this head: widen it once */ \
+        float *Vw = Kw + n_max * D;                                                       \
         for (long i = 0; i < n_max * D; i++) { Kw[i] = bf16_to_f32(K[i]); Vw[i] = bf16_to_f32(V[i]); } \
         VEC_ROWS(scores_f32, Kw, Vw)                                                      \
     } else {                                                                              \
