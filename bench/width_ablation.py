@@ -17,16 +17,22 @@ blocks 4, 5, 6; loss weights 0.05/0.15/0.8), the same token budget and seed:
   w384_dwa       w384 + DWA
 
 Each (row, seed) is an ordinary resumable ``treespec train`` in ``OUT/ROW-sSEED``: run the
-same command again and finished runs are skipped, interrupted ones resume from their
-checkpoint. Training runs in fp32 on every CPU (``--autocast_bf16=off``), so a run resumed on
-another machine computes the same way.
+same command again and interrupted runs resume from their checkpoint. Training runs in fp32
+on every CPU (``--autocast_bf16=off``), so a run resumed on another machine computes the same
+way. A finished run's summary and metrics are copied to ``RESULTS/ROW-sSEED`` (default
+``bench/results/width``, kept in git): a few kilobytes that outlive ``runs/``, so the
+ablation goes on, row by row, from any checkout that has them, and the report is built from
+them alone.
 
 ``--speed`` times every finished row on this machine, interleaved with rotating order:
 the trainer's own step (tokens/s, as ``bench/train_throughput.py``) and ``treespec bench``
 with no drafter at each ``--dtype`` (vanilla tokens/s and the one-token forward). The
 training summaries' own tokens/s come from whichever machine trained each run, so the
-comparable figures are these. Results go to ``OUT/speed.json``; the report to
-``OUT/width.json``, ``OUT/width.png`` and a markdown table.
+comparable figures are these. A row whose bundle is not in ``OUT`` (trained in another
+checkout) is timed on a bundle of its configuration with fresh random weights: the time of a
+forward depends on the shapes, not on the values (denormals are flushed). Results go to
+``RESULTS/speed.json``; the report to ``RESULTS/width.json``, ``RESULTS/width.png`` and a
+markdown table.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,10 +69,24 @@ def run_dir(out: Path, row: str, seed: int) -> Path:
     return out / f"{row}-s{seed}"
 
 
-def finished(out: Path, row: str) -> dict[int, dict]:
+KEPT = ("training_summary.json", "metrics.jsonl")  # what outlives a run's folder
+
+
+def keep_finished(out: Path, results: Path) -> None:
+    """Copy each finished run's summary and metrics from OUT to RESULTS, once."""
+    for summary in sorted(out.glob("*-s*/training_summary.json")):
+        dest = results / summary.parent.name
+        if not (dest / KEPT[0]).exists():
+            dest.mkdir(parents=True, exist_ok=True)
+            for name in reversed(KEPT):  # the summary last: its presence marks a complete copy
+                shutil.copyfile(summary.parent / name, dest / name)
+            print(f"kept {dest}", flush=True)
+
+
+def finished(results: Path, row: str) -> dict[int, dict]:
     """seed -> training summary, for the row's finished runs."""
     runs = {}
-    for d in sorted(out.glob(f"{row}-s*")):
+    for d in sorted(results.glob(f"{row}-s*")):
         summary = d / "training_summary.json"
         if d.name[len(row) + 2:].isdigit() and summary.exists():
             runs[int(d.name[len(row) + 2:])] = json.loads(summary.read_text())
@@ -78,23 +99,23 @@ def mean_final_loss(runs: dict[int, dict]) -> float:
     return sum(vals) / len(vals)
 
 
-def better_skip(out: Path) -> str:
+def better_skip(results: Path) -> str:
     """The skip row (embedding or U-Net) with the lower held-out loss, from its finished runs."""
-    done = {row: finished(out, row) for row in SKIP_ROWS}
+    done = {row: finished(results, row) for row in SKIP_ROWS}
     missing = [row for row, runs in done.items() if not runs]
     if missing:
         raise SystemExit(f"w256_skip_dwa takes the better of {', '.join(SKIP_ROWS)}: train {', '.join(missing)} first")
     return min(SKIP_ROWS, key=lambda row: mean_final_loss(done[row]))
 
 
-def row_overrides(row: str, args, out: Path) -> list[str]:
+def row_overrides(row: str, args, results: Path) -> list[str]:
     width = args.wide if row.startswith("w384") else args.narrow
     layers = seed_exit_layers(N_LAYER)
     weights = default_exit_weights(len(layers))
     flags = [f"--model.n_layer={N_LAYER}", f"--model.n_embd={width}", f"--model.n_head={width // HEAD_DIM}",
              f"--model.exit_layers={json.dumps(list(layers), separators=(',', ':'))}",
              f"--model.exit_loss_weights={json.dumps([round(w, 6) for w in weights], separators=(',', ':'))}"]
-    skip = better_skip(out) if row == "w256_skip_dwa" else row
+    skip = better_skip(results) if row == "w256_skip_dwa" else row
     flags += {"w256_embed": ["--model.embed_skip=true"], "w256_unet": ["--model.unet_skip=true"]}.get(skip, [])
     if row.endswith("_dwa"):
         flags.append("--model.dwa=true")
@@ -109,9 +130,9 @@ def shared_overrides(args, seed: int) -> list[str]:
             f"--data_dir={args.data_dir}", f"--seed={seed}", "--autocast_bf16=off", "--progress=false"]
 
 
-def row_command(args, out: Path, row: str, seed: int, extra: list[str]) -> list[str]:
+def row_command(args, row: str, seed: int, extra: list[str]) -> list[str]:
     return ["treespec", "train", "--preset", "cpu-default", *shared_overrides(args, seed),
-            *row_overrides(row, args, out), f"--out_dir={run_dir(out, row, seed)}", *extra]
+            *row_overrides(row, args, Path(args.results)), f"--out_dir={run_dir(Path(args.out), row, seed)}", *extra]
 
 
 # --- speed: every finished row timed on this machine ------------------------------------
@@ -143,28 +164,51 @@ def time_decoding(bundle: Path, dtype: str, args) -> dict:
             "precision": report["kernels"]["precision"]}
 
 
-def speed(args, out: Path, rows: list[str]) -> dict:
+def timing_bundle(out: Path, row: str, seed: int, summary: dict, scratch: Path) -> Path:
+    """The run's own bundle if this checkout trained it, else one of its configuration with
+    fresh random weights (a forward's time depends on the shapes, not the values)."""
+    bundle = run_dir(out, row, seed) / "bundle"
+    if (bundle / "config.json").exists():
+        return bundle
+    from treespec.model.bundle import save_bundle
+    from treespec.model.config import GPTConfig
+    from treespec.model.gpt import GPT
+
+    bundle = scratch / f"{row}-random"
+    if not (bundle / "config.json").exists():
+        save_bundle(bundle, GPT(GPTConfig(**summary["model_config"])).eval())
+        print(f"{row}: no trained bundle in {out}; timing random weights of its shape ({bundle})", flush=True)
+    return bundle
+
+
+def speed(args, out: Path, results: Path, rows: list[str]) -> dict:
     import torch
 
     from treespec.model.kernels import cpu_summary
 
     torch.set_num_threads(args.threads)
-    seed = {row: min(finished(out, row)) for row in rows if finished(out, row)}
+    torch.set_flush_denormal(True)
+    seed = {row: min(finished(results, row)) for row in rows if finished(results, row)}
     rows = [r for r in rows if r in seed]
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     train = {r: [] for r in rows}
     decode = {r: {d: [] for d in dtypes} for r in rows}
+    scratch = Path(tempfile.mkdtemp(prefix="width-speed-"))
+    summaries = {row: finished(results, row)[seed[row]] for row in rows}
+    bundles = {row: timing_bundle(out, row, seed[row], summaries[row], scratch) for row in rows}
     for rep in range(args.reps):
         order = rows[rep % len(rows):] + rows[:rep % len(rows)]  # a new first row each repetition
         for row in order:
-            summary = finished(out, row)[seed[row]]
-            train[row].append(time_training(summary, args.train_steps, 1))
+            train[row].append(time_training(summaries[row], args.train_steps, 1))
             for d in dtypes:
-                decode[row][d].append(time_decoding(run_dir(out, row, seed[row]) / "bundle", d, args))
+                decode[row][d].append(time_decoding(bundles[row], d, args))
             print(f"[speed {rep + 1}/{args.reps}] {row}: train {train[row][-1]:.0f} tokens/s; "
                   + "; ".join(f"{d} {decode[row][d][-1]['forward_ms']:.2f} ms/forward, "
                               f"{decode[row][d][-1]['tokens_per_s']:.0f} tokens/s" for d in dtypes), flush=True)
-    result = {"cpu": cpu_summary(), "threads": args.threads, "reps": args.reps, "seed_timed": seed, "rows": {}}
+    shutil.rmtree(scratch, ignore_errors=True)
+    result = {"cpu": cpu_summary(), "threads": args.threads, "reps": args.reps, "seed_timed": seed,
+              "weights_timed": {row: "trained" if b.parent != scratch else "random, same shape"
+                                for row, b in bundles.items()}, "rows": {}}
     for row in rows:
         result["rows"][row] = {
             "train_tokens_per_s": {"median": statistics.median(train[row]), "runs": train[row]},
@@ -179,11 +223,11 @@ def speed(args, out: Path, rows: list[str]) -> dict:
 REFERENCE = {"w256": "w384", "w256_embed": "w256", "w256_unet": "w256", "w384_dwa": "w384"}
 
 
-def collect(out: Path, rows: list[str]) -> list[dict]:
-    speeds = json.loads((out / "speed.json").read_text())["rows"] if (out / "speed.json").exists() else {}
+def collect(results: Path, rows: list[str]) -> list[dict]:
+    speeds = json.loads((results / "speed.json").read_text())["rows"] if (results / "speed.json").exists() else {}
     table = []
     for row in rows:
-        runs = finished(out, row)
+        runs = finished(results, row)
         if not runs:
             continue
         first = runs[min(runs)]
@@ -191,7 +235,7 @@ def collect(out: Path, rows: list[str]) -> list[dict]:
         domains = sorted(first["final_val_loss"][final])
         val = {e: {d: statistics.mean(s["final_val_loss"][e][d] for s in runs.values()) for d in domains}
                for e in first["final_val_loss"]}
-        recs = [json.loads(l) for l in (run_dir(out, row, min(runs)) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        recs = [json.loads(l) for l in (run_dir(results, row, min(runs)) / "metrics.jsonl").read_text().splitlines() if l.strip()]
         mc = first["model_config"]
         table.append({
             "row": row, "description": ROWS[row], "seeds": sorted(runs),
@@ -305,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--data-dir", default="data/default", help="from `treespec prepare-data`")
     ap.add_argument("--out", default="runs/width", help="one sub-folder per row and seed")
+    ap.add_argument("--results", default="bench/results/width",
+                    help="finished runs' summaries and metrics (kept in git), speed.json and the report")
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of the rows, in training order")
     ap.add_argument("--seeds", default="1337", help="comma-separated training seeds")
     ap.add_argument("--tokens", type=int, default=1_500_000, help="training tokens per run")
@@ -331,32 +377,38 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"unknown row(s) {unknown}; choose from {list(ROWS)}")
-    out = Path(args.out)
+    out, results = Path(args.out), Path(args.results)
     if args.narrow % HEAD_DIM or args.wide % HEAD_DIM:
         ap.error(f"widths must be multiples of the head size {HEAD_DIM}")
 
+    keep_finished(out, results)
     if args.speed:
-        (out / "speed.json").write_text(json.dumps(speed(args, out, rows), indent=1) + "\n")
+        results.mkdir(parents=True, exist_ok=True)
+        (results / "speed.json").write_text(json.dumps(speed(args, out, results, rows), indent=1) + "\n")
     elif not args.report_only:
         for seed in [int(s) for s in args.seeds.split(",")]:
             for row in rows:
-                if args.dry_run and row == "w256_skip_dwa" and not all(finished(out, r) for r in SKIP_ROWS):
+                if seed in finished(results, row):
+                    print(f"[{row} seed {seed}] done already: {run_dir(results, row, seed)}")
+                    continue
+                if args.dry_run and row == "w256_skip_dwa" and not all(finished(results, r) for r in SKIP_ROWS):
                     print(f"[{row} seed {seed}] waits for {' and '.join(SKIP_ROWS)}: it takes the better skip")
                     continue
-                train_row(run_dir(out, row, seed), row_command(args, out, row, seed, [f"--threads={args.threads}", *extra]),
+                train_row(run_dir(out, row, seed), row_command(args, row, seed, [f"--threads={args.threads}", *extra]),
                           args.dry_run, f"{row} seed {seed}")
+                keep_finished(out, results)
         if args.dry_run:
             return 0
-    table = collect(out, list(ROWS))
+    table = collect(results, list(ROWS))
     if not table:
         print("no finished runs yet", file=sys.stderr)
         return 1
-    speeds = json.loads((out / "speed.json").read_text()) if (out / "speed.json").exists() else None
-    (out / "width.json").write_text(json.dumps({"rows": table, "speed": speeds}, indent=1) + "\n")
-    plot(table, speeds, out / "width.png")
+    speeds = json.loads((results / "speed.json").read_text()) if (results / "speed.json").exists() else None
+    (results / "width.json").write_text(json.dumps({"rows": table, "speed": speeds}, indent=1) + "\n")
+    plot(table, speeds, results / "width.png")
     print()
     print(markdown(table))
-    print(f"\nwrote {out / 'width.json'} and {out / 'width.png'}")
+    print(f"\nwrote {results / 'width.json'} and {results / 'width.png'}")
     return 0
 
 
