@@ -4,6 +4,7 @@ new tokens at a context of ``--context`` cached positions.
 
     python bench/batch_forward.py --bundle models/default --threads 2
     python bench/batch_forward.py --batch 1 2 4 8 --tokens 1 4 --reps 20
+    python bench/batch_forward.py --dtype w8a8      # with the kernels `serve --dtype w8a8` plans
 
 Prints, per (B, T), the median ms of one batched forward, of the B lone
 forwards it replaces, and the ratio; ``--json`` keeps the figures. The
@@ -41,18 +42,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=200, help="cached positions before the new tokens")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", default=None, help="plan the serving kernels in this precision (auto, float32, "
+                    "bfloat16, int8, w8a8) as `treespec serve` does; default: the plain torch model")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args(argv)
 
     from treespec.model import load_bundle
+    from treespec.model.kernels import load_for_inference
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    model = load_bundle(args.bundle).model
+    if args.dtype:
+        bundle, plan = load_for_inference(args.bundle, args.dtype)
+        kernels = plan.to_dict()
+    else:
+        bundle, kernels = load_bundle(args.bundle), None
+    model = bundle.model
     g = torch.Generator().manual_seed(0)
     rows = []
-    print(f"{args.bundle}: context {args.context}, {torch.get_num_threads()} threads, median of {args.reps}")
+    print(f"{args.bundle}: {args.dtype or 'plain torch'}, context {args.context}, {torch.get_num_threads()} threads, "
+          f"median of {args.reps}")
     print("| sequences | new tokens each | one batched forward ms | lone forwards ms | lone / batched |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     with torch.inference_mode():
@@ -69,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"sequences": B, "tokens": T, "batched_ms": batched, "lone_ms": lone})
                 print(f"| {B} | {T} | {batched:.1f} | {lone:.1f} | {lone / batched:.2f}x |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"bundle": args.bundle, "context": args.context,
-                                               "threads": torch.get_num_threads(), "rows": rows}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"bundle": args.bundle, "dtype": args.dtype, "kernels": kernels,
+                                               "context": args.context, "threads": torch.get_num_threads(),
+                                               "rows": rows}, indent=1) + "\n")
     return 0
 
 

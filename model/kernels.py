@@ -53,9 +53,12 @@ import torch.nn.functional as F
 
 PRECISIONS = ("float32", "bfloat16", "int8", "w8a8")
 # Row counts a decode step has: vanilla (1), verify steps (2-10), a batch of
-# several requests' verify steps (up to tens). Beyond the last bucket torch's
-# GEMM is used: that is a prefill, compute-bound, where BLAS is at home.
-ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# several requests' verify steps (up to tens); the last bucket stands for every
+# product of more rows than the one before it (a prompt, a large batch) and is
+# timed at its own size. Its choice is not torch's GEMM by default: with int8
+# weights BLAS multiplies an fp32 copy, slower than the C kernel on bytes
+# (bench/results/prefill-*.json).
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 SKINNY_SOURCE = Path(__file__).with_name("csrc") / "skinny.c"
 # The most rows one sequence's decode step has: [last token] + up to 15 drafts.
 DECODE_ROWS = 16
@@ -350,7 +353,7 @@ def _torch(x: torch.Tensor, p: Packed) -> torch.Tensor:
     bf16 (elsewhere it is a reference loop, 0.03x fp32); otherwise, and for int8
     (PyTorch's _weight_int8pack_mm took 11-140 ms for the head on the CPUs we
     tried), it multiplies the rounded weights in fp32: the same model, at fp32's
-    speed, which is right for a prefill's many rows."""
+    speed."""
     if p.precision == "bfloat16" and _NATIVE_BF16:
         return _add_bias(F.linear(x.to(torch.bfloat16), p.weight).float(), p)
     if p.precision == "float32":
@@ -401,26 +404,26 @@ def available(precision: str) -> list[str]:
     return names
 
 
+def bucket(rows: int) -> int:
+    """The row bucket whose kernel runs a product of ``rows`` rows: the
+    smallest that holds them, or the last for more."""
+    return next((b for b in ROW_BUCKETS if b >= rows), ROW_BUCKETS[-1])
+
+
 class LinearKernel:
     """One weight, packed once, with the kernel chosen for each row bucket."""
 
     def __init__(self, packed: Packed, table: dict[int, str]):
         self.packed = packed
         self.table = table
-        self._by_rows = [CANDIDATES[table[b]] for b in ROW_BUCKETS]
+        self._by_rows = {b: CANDIDATES[table[b]] for b in ROW_BUCKETS}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         h = x.reshape(rows, x.shape[-1])
         if h.dtype != torch.float32:
             h = h.float()
-        if rows > ROW_BUCKETS[-1]:
-            y = _torch(h, self.packed)
-        else:
-            i = 0
-            while ROW_BUCKETS[i] < rows:
-                i += 1
-            y = self._by_rows[i](h, self.packed)
+        y = self._by_rows[bucket(rows)](h, self.packed)
         return y.reshape(*x.shape[:-1], self.packed.shape[0])
 
 
@@ -455,11 +458,10 @@ class FusedBlock:
                    for t in (block.ln_1.weight, block.ln_1.bias, block.ln_2.weight, block.ln_2.bias)]
         self.ln_ptr = [None if t is None else t.data_ptr() for t in self.ln]
         self.rows = {b for b, c in kernels[mods[0]].table.items() if c == "skinny"}
-        self.max_rows = max(self.rows, default=0)
         self._work: torch.Tensor | None = None
 
     def handles(self, rows: int, segments) -> bool:
-        if rows > self.max_rows or next(b for b in ROW_BUCKETS if b >= rows) not in self.rows:
+        if bucket(rows) not in self.rows:
             return False
         first = segments[0].cache
         return all(s.cache.max_len == first.max_len and s.cache.batch_size == 1
@@ -559,8 +561,7 @@ class FusedTrunk:
 
     def runs_head(self, rows: int) -> bool:
         """Whether the plan runs the head with the C kernel for ``rows`` rows."""
-        return (self.head is not None and rows <= ROW_BUCKETS[-1]
-                and self.head.table[next(b for b in ROW_BUCKETS if b >= rows)] == "skinny")
+        return self.head is not None and self.head.table[bucket(rows)] == "skinny"
 
     @staticmethod
     def fits(model) -> bool:
@@ -653,9 +654,12 @@ class KernelPlan:
 Measure = Callable[[str, int, str, list[Packed]], float]
 
 
-def time_pass(group: str, rows: int, candidate: str, weights: list[Packed], reps: int = 7) -> float:
+def time_pass(group: str, rows: int, candidate: str, weights: list[Packed], reps: int | None = None) -> float:
     """Median ms of one pass of ``candidate`` over ``weights`` (in forward order,
-    so each weight comes from memory as in a real forward) with ``rows`` rows."""
+    so each weight comes from memory as in a real forward) with ``rows`` rows.
+    The last bucket's passes are long (tens of ms), and fewer of them bound the
+    time a load spends timing."""
+    reps = reps or (7 if rows < ROW_BUCKETS[-1] else 3)
     fn = CANDIDATES[candidate]
     xs = {K: torch.randn(rows, K) for K in {p.shape[1] for p in weights}}
     for p in weights:  # warm-up: page in, build caches
@@ -904,5 +908,5 @@ def load_for_inference(path, dtype: str = "auto", device: str = "cpu", log: Call
     return bundle, plan(bundle.model, dtype, samples=samples, log=log)
 
 
-__all__ = ["DTYPE_CHOICES", "load_for_inference", "PRECISIONS", "QUALITY_BOUNDS", "quality_samples", "sample_loss", "ROW_BUCKETS", "KernelPlan", "LinearKernel", "Packed", "plan", "native_bf16",
+__all__ = ["bucket", "DTYPE_CHOICES", "load_for_inference", "PRECISIONS", "QUALITY_BOUNDS", "quality_samples", "sample_loss", "ROW_BUCKETS", "KernelPlan", "LinearKernel", "Packed", "plan", "native_bf16",
            "cpu_summary", "cpu_model", "cpu_slug", "available", "time_pass", "SKINNY"]

@@ -66,9 +66,14 @@ def test_every_candidate_equals_f_linear(precision, layout, bias):
                 want = w8a8_reference(x, p) if precision == "w8a8" else F.linear(x, ref_w, b)
                 tol = 1e-4 if precision != "bfloat16" or name == "skinny" else 5e-2
                 torch.testing.assert_close(y, want, rtol=tol, atol=tol)
+        # Past the last bucket (a prompt), the last bucket's choice runs: here the C kernel, so
+        # w8a8 rounds a prompt's activations as it rounds a decode step's.
         k = LinearKernel(p, {bk: "skinny" for bk in ROW_BUCKETS})
-        x = torch.randn(1, 100, K, generator=g)  # past the last bucket: torch's GEMM, fp32 activations
-        tol = 5e-2 if precision == "bfloat16" else 1e-4
+        x = torch.randn(1, 3 * ROW_BUCKETS[-1] // 2, K, generator=g)
+        want = w8a8_reference(x[0], p)[None] if precision == "w8a8" else F.linear(x, ref_w, b)
+        torch.testing.assert_close(k(x), want, rtol=1e-4, atol=1e-4)
+        k = LinearKernel(p, {**{bk: "skinny" for bk in ROW_BUCKETS}, ROW_BUCKETS[-1]: "torch"})
+        tol = 5e-2 if precision == "bfloat16" else 1e-4  # torch's GEMM: fp32 activations
         torch.testing.assert_close(k(x), F.linear(x, ref_w, b), rtol=tol, atol=tol)
 
 
@@ -128,6 +133,8 @@ def test_chooser_picks_the_fastest_on_a_stub_timing(monkeypatch):
 
     def measure(group, rows, cand, weights):
         assert weights and all(isinstance(w, Packed) for w in weights)
+        if rows == ROW_BUCKETS[-1]:  # a prompt's bucket, timed like the others
+            return {"skinny": 0.2}.get(cand, 9.0)
         if rows >= 32:
             return {"torch": 0.5}.get(cand, 9.0)
         if rows == 2:
@@ -136,14 +143,18 @@ def test_chooser_picks_the_fastest_on_a_stub_timing(monkeypatch):
 
     kp = plan(m, "float32", measure=measure)
     decode = {1: "skinny", 2: "skinny", 4: "skinny", 8: "skinny", 16: "skinny"}
-    assert kp.choices["head"] == {**decode, 32: "torch", 64: "torch"}
-    assert kp.choices["trunk"] == {**decode, 32: "torch", 64: "torch"}
+    assert ROW_BUCKETS[-1] == 128
+    assert kp.choices["head"] == {**decode, 32: "torch", 64: "torch", 128: "skinny"}
+    assert kp.choices["trunk"] == {**decode, 32: "torch", 64: "torch", 128: "skinny"}
     # Where the skinny kernel takes a bucket by construction, only it is timed there.
     assert kp.timings["trunk"][2] == {"skinny": 9.0}
     assert kp.timings["trunk"][32] == {"torch": 0.5, "torch_wt": 9.0, "skinny": 9.0}
     assert m.blocks[0].mlp.c_fc.kernel.table == kp.choices["trunk"]
     assert m.head_kernel.table == kp.choices["head"]
-    assert m.blocks[0].fused is not None and m.blocks[0].fused.rows == set(decode)
+    assert m.blocks[0].fused is not None and m.blocks[0].fused.rows == set(decode) | {128}
+    # Rows past the last bucket run with its choice (a long prompt).
+    assert kernels.bucket(200) == 128 and kernels.bucket(65) == 128 and kernels.bucket(33) == 64
+    assert kernels.bucket(1) == 1
     # The trunk group is every Linear of every block, in forward order.
     n_linear = sum(isinstance(x, gpt.Linear) for x in m.blocks.modules())
     assert n_linear == 4 * m.config.n_layer
@@ -153,7 +164,7 @@ def test_chooser_picks_the_fastest_on_a_stub_timing(monkeypatch):
     monkeypatch.setattr(kernels, "available", lambda precision: ["torch", "torch_wt"])
     kp = plan(m, "float32", measure=measure)
     assert kp.choices["trunk"] == {1: "torch_wt", 2: "torch_wt", 4: "torch_wt", 8: "torch_wt", 16: "torch_wt",
-                                   32: "torch", 64: "torch"}
+                                   32: "torch", 64: "torch", 128: "torch"}
     assert m.blocks[0].fused is None
 
 
@@ -406,6 +417,39 @@ def test_the_fused_trunk_computes_what_the_fused_blocks_compute(precision):
             for ha, hb in zip(a.exit_hidden, b.exit_hidden):
                 torch.testing.assert_close(ha, hb, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("precision", kernels.PRECISIONS)
+def test_a_prompt_past_the_last_bucket_runs_in_one_c_call_as_decode_chunks_would(precision):
+    """A prompt longer than the last row bucket takes that bucket's kernel, here the C one:
+    the whole trunk in one call, and each row's result is what feeding the prompt in decode
+    steps of 16 gives, bit for bit (w8a8 rounds a prompt's activations as a decode step's)."""
+    T = ROW_BUCKETS[-1] + 40
+    m = tiny_model(seed=3, block_size=T + 8)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    plan(m, precision, measure=lambda g, rows, c, w: 1.0 if c == "skinny" else 2.0)
+    calls = []
+    trunk = m.fused_trunk
+
+    def counted(idx, *a, **kw):
+        calls.append(idx.shape[-1])
+        return trunk(idx, *a, **kw)
+
+    m.fused_trunk = counted
+    m.fused_trunk.handles = trunk.handles
+    ids = torch.randint(0, 50257, (1, T), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        whole = m.forward_step(ids, 0, m.new_cache(), last_only=True)
+        assert calls == [T]
+        cache = m.new_cache()
+        for s in range(0, T, 16):
+            step = m.forward_step(ids[:, s:s + 16], s, cache)
+    assert torch.equal(whole.hidden[0, -1], step.hidden[0, -1])
+    for a, b in zip(whole.exit_hidden, step.exit_hidden):
+        assert torch.equal(a[0, -1], b[0, -1])
+    assert torch.equal(whole.logits[0, -1], step.logits[0, -1])
 
 
 def test_the_kv_cache_rounds_to_bf16_as_torch_does():
