@@ -1,5 +1,7 @@
 """Training throughput: tokens/s of the trainer's own optimizer step, fp32 against bf16 autocast.
 
+    python bench/train_throughput.py --preset cpu-default --losses fused,logits --modes fp32
+
     python bench/train_throughput.py --preset cpu-default
     python bench/train_throughput.py --preset cpu-default --steps 3 -- --model.n_layer=2 --batch_size=2
 
@@ -8,6 +10,10 @@ preset's ``exit_sample_frac``, clipping, AdamW), on random tokens written to a
 temporary data folder, so the figure is what ``treespec train`` gets, minus
 evaluation and checkpoints. Anything after ``--`` is a ``--key=value``
 TrainConfig override, exactly as ``treespec train`` takes them.
+
+The modes run interleaved, one step each in rotating order. ``--losses
+logits`` times the loss as it was before the chunked ``LinearCrossEntropy``
+(whole logits, then F.cross_entropy), for an A/B of that change.
 
 bf16 autocast pays on CPUs with native bf16 dot products (AVX-512 BF16 or
 AMX); elsewhere it can be slower than fp32. The CPU flags are printed so the
@@ -18,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,16 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from treespec.model.kernels import cpu_summary
 from treespec.training.config import build_train_config
 from treespec.training.train import Run
-
-
-def cpu_features() -> list[str]:
-    try:
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in set(flags) if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
 
 
 def fake_data_dir(root: Path, n_tokens: int, seed: int = 0) -> Path:
@@ -52,22 +50,46 @@ def fake_data_dir(root: Path, n_tokens: int, seed: int = 0) -> Path:
     return root
 
 
-def time_mode(cfg, bf16: bool, steps: int, warmup: int) -> dict:
+def logits_loss(model):
+    """Make ``model``'s training forward materialise the logits and take
+    F.cross_entropy of them, as it did before ``LinearCrossEntropy``."""
+    plain = type(model).forward
+
+    def forward(*args, **kwargs):
+        return plain(model, *args, **{**kwargs, "return_logits": True})
+    model.forward = forward
+
+
+def build(cfg, bf16: bool, loss: str) -> dict:
     run = Run(replace(cfg, autocast_bf16="on" if bf16 else "off"), command_line="bench")
     run.model.train()
-    for _ in range(warmup):  # first steps allocate, and on CUDA compile
-        run.train_step()
-    times = []
-    for _ in range(steps):
-        if run.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run.train_step()  # ends in .item(): the step is finished when it returns
-        times.append(time.perf_counter() - t0)
+    if loss == "logits":
+        logits_loss(run.model)
+    name = ("bf16 autocast" if bf16 else "fp32") + ("" if loss == "fused" else ", logits loss")
+    return {"name": name, "run": run, "times": []}
+
+
+def time_interleaved(modes: list[dict], steps: int, warmup: int) -> None:
+    """One step of each mode in turn, the order rotating every round, so a
+    slow spell of the machine falls on every mode alike."""
+    for m in modes:
+        for _ in range(warmup):  # first steps allocate, and on CUDA compile
+            m["run"].train_step()
+    for r in range(steps):
+        for m in modes[r % len(modes):] + modes[:r % len(modes)]:
+            run = m["run"]
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run.train_step()  # ends in .item(): the step is finished when it returns
+            m["times"].append(time.perf_counter() - t0)
+
+
+def summary(m: dict, cfg) -> dict:
     tokens = cfg.tokens_per_step()
-    med = statistics.median(times)
-    return {"mode": "bf16 autocast" if bf16 else "fp32", "tokens_per_step": tokens, "s_per_step": med,
-            "tokens_per_s": tokens / med, "steps_timed": steps, "device": str(run.device),
+    med = statistics.median(m["times"])
+    return {"mode": m["name"], "tokens_per_step": tokens, "s_per_step": med, "tokens_per_s": tokens / med,
+            "s_per_step_all": m["times"], "steps_timed": len(m["times"]), "device": str(m["run"].device),
             "threads": torch.get_num_threads()}
 
 
@@ -77,12 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per mode (median is reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--modes", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    ap.add_argument("--losses", default="fused", help="comma-separated: fused (the trainer's chunked "
+                    "LinearCrossEntropy), logits (whole logits, then F.cross_entropy)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args, overrides = ap.parse_known_args(argv)
     overrides = [o for o in overrides if o != "--"]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"fp32", "bf16"}:
         ap.error(f"--modes must be fp32 and/or bf16, got {args.modes!r}")
+    losses = [m.strip() for m in args.losses.split(",") if m.strip()]
+    if not losses or set(losses) - {"fused", "logits"}:
+        ap.error(f"--losses must be fused and/or logits, got {args.losses!r}")
 
     with tempfile.TemporaryDirectory() as tmp:
         base = build_train_config(args.preset, None, overrides)
@@ -93,20 +120,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preset {args.preset}: {g.n_layer} layers x {g.n_embd}, exits {list(g.exit_layers)}, "
               f"dwa={g.dwa}, batch {cfg.batch_size} x {cfg.seq_len} x accum {cfg.grad_accum}, "
               f"exit_sample_frac={cfg.exit_sample_frac}, lr_schedule={cfg.lr_schedule}")
-        print(f"cpu: {platform.processor() or platform.machine()}, flags {' '.join(cpu_features()) or '?'}; "
+        cpu = cpu_summary()
+        print(f"cpu: {cpu['model']}, {cpu['cores']} cores, flags {' '.join(cpu['flags']) or '?'}; "
               f"torch {torch.__version__}")
-        results = [time_mode(cfg, m == "bf16", args.steps, args.warmup) for m in modes]
+        runs = [build(cfg, m == "bf16", loss) for m in modes for loss in losses]
+        time_interleaved(runs, args.steps, args.warmup)
+        results = [summary(m, cfg) for m in runs]
 
     print(f"\n| mode | device | threads | tokens/step | s/step (median of {args.steps}) | tokens/s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results:
         print(f"| {r['mode']} | {r['device']} | {r['threads']} | {r['tokens_per_step']} | "
               f"{r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} |")
-    if len(results) == 2:
-        print(f"\nbf16 autocast / fp32: {results[1]['tokens_per_s'] / results[0]['tokens_per_s']:.2f}x")
+    for r in results[1:]:
+        print(f"{r['mode']} / {results[0]['mode']}: {r['tokens_per_s'] / results[0]['tokens_per_s']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"preset": args.preset, "overrides": overrides,
-                                               "cpu_flags": cpu_features(), "results": results}, indent=2) + "\n")
+                                               "cpu": cpu_summary(), "results": results}, indent=2) + "\n")
     return 0
 
 

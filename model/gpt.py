@@ -163,6 +163,64 @@ def dwa_sources(block: int, dilation: int) -> list[int]:
     return list(range(block % dilation, block + 1, dilation))
 
 
+LOSS_CHUNK_ROWS = 1024  # rows of logits alive at once (200 MB at a 50k vocabulary); 256-4096 timed alike (bench/results/train_loss_*.json)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """``F.cross_entropy(F.linear(z, w), targets, ignore_index=-1)`` (the mean
+    over non-ignored rows), run ``chunk`` rows at a time.
+
+    The whole (rows x vocab) logits never exist: with a 50k vocabulary they
+    are hundreds of MB per micro-batch, and their log_softmax, its backward
+    and the zero-filled gradient buffers were about a quarter of a CPU
+    training step. The gradient is taken in the forward, chunk by chunk,
+    while each chunk's probabilities are at hand (as Liger-Kernel's fused
+    linear cross-entropy does); backward only scales it.
+    """
+
+    @staticmethod
+    def forward(ctx, z, w, targets, chunk, grad_enabled):
+        dev = z.device.type
+        # Under autocast the products run in its dtype, as F.linear's would.
+        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else z.dtype
+        # (grad mode is always off in here, so the caller says whether it was on)
+        need_grad = grad_enabled and any(ctx.needs_input_grad[:2])
+        with torch.autocast(dev, enabled=False):
+            wc = w.to(cd)
+            keep = targets != -1
+            count = keep.sum()
+            total = torch.zeros((), dtype=torch.float32, device=z.device)
+            gz = torch.empty_like(z) if need_grad else None
+            gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad else None
+            for s in range(0, z.shape[0], chunk):
+                zc, tc, kc = z[s:s + chunk].to(cd), targets[s:s + chunk].clamp(min=0), keep[s:s + chunk]
+                logits = (zc @ wc.T).float()
+                picked = logits.gather(1, tc[:, None]).squeeze(1)
+                peak = logits.amax(dim=-1, keepdim=True)
+                e = logits.sub_(peak).exp_()  # in place: one pass of exp over the chunk
+                norm = e.sum(dim=-1, keepdim=True)
+                total += ((peak + norm.log()).squeeze(1) - picked).mul(kc).sum()
+                if need_grad:
+                    # d(mean loss)/d(logits) = (softmax - onehot(target)) / count on kept rows
+                    scale = kc[:, None] / count
+                    p = e.mul_(scale / norm)
+                    p[torch.arange(len(tc), device=z.device), tc] -= scale.squeeze(1)
+                    pc = p.to(cd)
+                    gz[s:s + chunk] = pc @ wc
+                    if cd == torch.float32:
+                        gw.addmm_(pc.T, zc)
+                    else:
+                        gw.add_(pc.T @ zc)
+        ctx.save_for_backward(gz, gw.to(w.dtype) if need_grad else None)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        gz, gw = ctx.saved_tensors
+        return (gz * grad_loss if gz is not None else None,
+                gw * grad_loss if gw is not None else None, None, None, None)
+
+
 @dataclass
 class GPTOutput:
     """What the training forward returns.
@@ -308,7 +366,8 @@ class GPT(nn.Module):
     # --- training forward ------------------------------------------------
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                exit_sample_frac: float = 1.0, generator: torch.Generator | None = None) -> GPTOutput:
+                exit_sample_frac: float = 1.0, generator: torch.Generator | None = None,
+                return_logits: bool = True) -> GPTOutput:
         """Training/evaluation forward over whole sequences.
 
         ``exit_sample_frac`` < 1 computes each intermediate exit's loss on
@@ -316,6 +375,9 @@ class GPT(nn.Module):
         the most expensive layer of a small model, and the intermediate exits
         carry small weights, so a sampled (unbiased but noisier) estimate of
         their loss costs little quality for a large saving.
+
+        ``return_logits=False`` (with targets; what the trainer uses) computes
+        the losses with ``LinearCrossEntropy`` and returns no logits.
         """
         B, T = idx.shape
         if T > self.config.block_size:
@@ -324,19 +386,24 @@ class GPT(nn.Module):
         n_exits = len(self.config.exit_layers)
         logits: list[torch.Tensor | None] = [None] * n_exits
         losses: list[torch.Tensor] = []
+        fused = targets is not None and not return_logits
         for e, h in self._trunk(idx, pos, None):
             final = e == n_exits - 1
-            if targets is None or final or exit_sample_frac >= 1.0:
-                logits[e] = self.exit_logits(e, h)
-                if targets is not None:
-                    losses.append(F.cross_entropy(logits[e].view(-1, logits[e].size(-1)),
-                                                  targets.reshape(-1), ignore_index=-1))
-            else:
-                n = B * T
-                k = max(1, int(round(exit_sample_frac * n)))
-                rows = torch.randperm(n, device=idx.device, generator=generator)[:k]
-                sub = self.exit_logits(e, h.reshape(n, -1)[rows])
-                losses.append(F.cross_entropy(sub, targets.reshape(-1)[rows], ignore_index=-1))
+            h, tgt = h.reshape(B * T, -1), None if targets is None else targets.reshape(-1)
+            sampled = not (targets is None or final or exit_sample_frac >= 1.0)
+            if sampled:
+                k = max(1, int(round(exit_sample_frac * B * T)))
+                rows = torch.randperm(B * T, device=idx.device, generator=generator)[:k]
+                h, tgt = h[rows], tgt[rows]
+            if fused:
+                losses.append(LinearCrossEntropy.apply(self.exit_ln[e](h), self.exit_heads[e].weight,
+                                                       tgt, LOSS_CHUNK_ROWS, torch.is_grad_enabled()))
+                continue
+            z = self.exit_logits(e, h)
+            if not sampled:  # every position: keep the logits
+                logits[e] = z.view(B, T, -1)
+            if targets is not None:
+                losses.append(F.cross_entropy(z, tgt, ignore_index=-1))
         if targets is None:
             return GPTOutput(logits=logits)
         weights = self.config.exit_loss_weights

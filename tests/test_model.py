@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from treespec.model import GPT, ConfigError, GPTConfig, KVCache, preset
 from treespec.model.config import default_exit_weights, seed_exit_layers
+from treespec.model.gpt import LinearCrossEntropy
 
 from conftest import tiny_config, tiny_model
 
@@ -174,6 +175,54 @@ def test_exit_loss_is_weighted_sum_of_per_exit_cross_entropies():
         torch.testing.assert_close(a, b)
     expect = sum(w * c for w, c in zip(model.config.exit_loss_weights, ces))
     torch.testing.assert_close(out.loss, expect)
+
+
+@pytest.mark.parametrize("chunk", [1000, 64, 7])  # one chunk; several with a remainder; many
+def test_linear_cross_entropy_equals_cross_entropy_of_linear_in_loss_and_gradients(chunk):
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(300, 48, generator=g, requires_grad=True)
+    w = (0.1 * torch.randn(1000, 48, generator=g)).requires_grad_()
+    tgt = torch.randint(0, 1000, (300,), generator=g)
+    tgt[::7] = -1  # ignored rows count neither in the mean nor in the gradient
+    ref = F.cross_entropy(F.linear(z, w), tgt, ignore_index=-1)
+    gz, gw = torch.autograd.grad(3 * ref, (z, w))
+    out = LinearCrossEntropy.apply(z, w, tgt, chunk, True)
+    fz, fw = torch.autograd.grad(3 * out, (z, w))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(fz, gz)
+    torch.testing.assert_close(fw, gw)
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(LinearCrossEntropy.apply(z, w, tgt, chunk, False), ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # products in bf16, as F.linear's would be
+        ref16 = F.cross_entropy(F.linear(z, w), tgt, ignore_index=-1)
+        out16 = LinearCrossEntropy.apply(z, w, tgt, chunk, True)
+    torch.testing.assert_close(out16, ref16, atol=1e-3, rtol=1e-3)
+    assert abs(out16.item() - ref.item()) > 1e-6  # it really ran in bf16
+
+
+@pytest.mark.parametrize("kw", DWA_VARIANTS[:2] + [dict(embed_skip=True, unet_skip=True)])
+def test_training_forward_without_logits_gives_the_same_losses_and_gradients(kw):
+    """What the trainer runs (return_logits=False: the chunked loss) against
+    the plain logits and F.cross_entropy, tied head included."""
+    model = tiny_model(**kw)
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 50257, (2, 16), generator=g)
+    tgt = torch.randint(0, 50257, (2, 16), generator=g)
+    tgt[0, :3] = -1
+    grads = []
+    for return_logits in (True, False):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, tgt, exit_sample_frac=0.5, generator=torch.Generator().manual_seed(0),
+                    return_logits=return_logits)
+        out.loss.backward()
+        grads.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (ref, ref_grads), (fused, fused_grads) = grads
+    assert all(l is None for l in fused.logits) and ref.logits[-1] is not None
+    for a, b in zip(fused.exit_losses, ref.exit_losses):
+        torch.testing.assert_close(a, b)
+    assert ref_grads.keys() == fused_grads.keys() and "wte.weight" in ref_grads
+    for name in ref_grads:
+        torch.testing.assert_close(fused_grads[name], ref_grads[name], atol=1e-6, rtol=1e-4)
 
 
 def test_sampled_intermediate_exit_loss_uses_a_subset_but_full_final_loss():

@@ -83,7 +83,7 @@ def evaluate(model: GPT, data, split_meta: dict, cfg: TrainConfig, device: torch
         sums = [0.0] * len(layers)
         for i in range(0, len(windows), cfg.batch_size):
             xy = windows[i:i + cfg.batch_size].to(device)
-            res = model(xy[:, :-1], xy[:, 1:])
+            res = model(xy[:, :-1], xy[:, 1:], return_logits=False)
             for e, l in enumerate(res.exit_losses):
                 sums[e] += l.item() * len(xy)
         for e, l in enumerate(layers):
@@ -337,7 +337,8 @@ class Run:
             amp = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16
                    else contextlib.nullcontext())
             with sync, amp:
-                out = self.train_model(x, y, exit_sample_frac=cfg.exit_sample_frac, generator=self.exit_gen)
+                out = self.train_model(x, y, exit_sample_frac=cfg.exit_sample_frac, generator=self.exit_gen,
+                                       return_logits=False)
                 (out.loss / cfg.grad_accum).backward()
             total += out.loss.item() / cfg.grad_accum
             el = [l.item() / cfg.grad_accum for l in out.exit_losses]
