@@ -139,7 +139,7 @@ def row_command(args, row: str, seed: int, extra: list[str]) -> list[str]:
 
 def time_training(summary: dict, steps: int, warmup: int) -> float:
     """tokens/s of the trainer's step for this run's configuration, on random tokens."""
-    from train_throughput import fake_data_dir, time_mode
+    from train_throughput import build, fake_data_dir, summary as throughput, time_interleaved
 
     from treespec.training.config import TrainConfig
 
@@ -147,7 +147,9 @@ def time_training(summary: dict, steps: int, warmup: int) -> float:
         cfg = TrainConfig(**{**summary["train_config"], "progress": False})
         n = max(4 * cfg.batch_size * (cfg.seq_len + 1), 65536)
         cfg = replace(cfg, data_dir=str(fake_data_dir(Path(tmp), n)), out_dir=str(Path(tmp) / "out"), max_steps=10**6)
-        return time_mode(cfg, False, steps, warmup)["tokens_per_s"]
+        mode = build(cfg, bf16=False, loss="fused")
+        time_interleaved([mode], steps, warmup)
+        return throughput(mode, cfg)["tokens_per_s"]
 
 
 def time_decoding(bundle: Path, dtype: str, args) -> dict:
