@@ -163,7 +163,9 @@ def dwa_sources(block: int, dilation: int) -> list[int]:
     return list(range(block % dilation, block + 1, dilation))
 
 
-LOSS_CHUNK_ROWS = 1024  # rows of logits alive at once (200 MB at a 50k vocabulary); 256-4096 timed alike (bench/results/train_loss_*.json)
+# Rows of logits alive at once in LinearCrossEntropy (200 MB at a 50k vocabulary). Chunks of
+# 256-4096 rows timed alike (docs/training.md, bench/results/train_loss_*.json).
+LOSS_CHUNK_ROWS = 1024
 
 
 class LinearCrossEntropy(torch.autograd.Function):
