@@ -28,7 +28,7 @@ import torch
 def main() -> None:
     from treespec.draft.bench import corpus_suite
     from treespec.draft.corpus import CorpusBigram
-    from treespec.draft.engine import generate_all
+    from treespec.draft.loop import generate_all
     from treespec.draft.ngram import ngram_candidate
     from treespec.draft.types import SamplingParams
     from treespec.model import load_bundle

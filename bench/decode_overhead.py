@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
 
-    from treespec.draft.engine import generate_all
+    from treespec.draft.loop import generate_all
     from treespec.draft.types import SamplingParams
     from treespec.model.kernels import cpu_slug, cpu_summary, load_for_inference
 

@@ -47,7 +47,7 @@ BUSY = ("import torch; torch.set_num_threads(2); a = torch.randn(512, 512)\n"
 
 
 def main() -> None:
-    from treespec.draft.engine import generate_all
+    from treespec.draft.loop import generate_all
     from treespec.draft.features import _vocab_stats
     from treespec.draft.registry import DrafterUnavailable, make_drafter
     from treespec.draft.tree import DrafterError
@@ -144,7 +144,7 @@ def in_loop(bundle, drafter, n_prompts: int, data_dir: str) -> dict:
 
     from treespec.draft import tree
     from treespec.draft.bench import corpus_suite
-    from treespec.draft.engine import generate_all
+    from treespec.draft.loop import generate_all
     from treespec.draft.types import SamplingParams
 
     total, calls = defaultdict(float), defaultdict(int)

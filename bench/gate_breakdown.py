@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     from treespec.draft.bench import corpus_suite
-    from treespec.draft.engine import generate
+    from treespec.draft.loop import generate
     from treespec.draft.registry import make_drafter
     from treespec.draft.types import SamplingParams
     from treespec.model.kernels import cpu_slug, cpu_summary, load_for_inference

@@ -49,7 +49,7 @@ class TreespecEngine:
         self.cache = self.model.new_cache()
 
     def generate(self, prompt, max_new, temperature, seed):
-        from treespec.draft.engine import generate_all
+        from treespec.draft.loop import generate_all
         from treespec.draft.types import SamplingParams
 
         p = SamplingParams(max_new_tokens=max_new, temperature=temperature, seed=seed)

@@ -193,7 +193,7 @@ def run_bench(bundle, prompts: list[dict], drafter_names: list[str], params_for,
 
     from tqdm import tqdm
 
-    from .engine import generate_all
+    from .loop import generate_all
     from .registry import make_drafter
 
     model, tok = bundle.model, bundle.tokenizer

@@ -692,7 +692,7 @@ def _time_in_loop(bundle_path, data_dir, threads: int, n: int = 6, prompt_len: i
     ``n`` validation windows, at the serving thread count."""
     from ..model import load_bundle
     from ..training.data import load_split
-    from .engine import generate_all
+    from .loop import generate_all
     from .types import Draft, SamplingParams
 
     bundle = load_bundle(bundle_path)

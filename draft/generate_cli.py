@@ -48,7 +48,7 @@ def run(args) -> int:
 
     from ..model import BundleError
     from ..model.kernels import load_for_inference
-    from .engine import generate
+    from .loop import generate
     from .registry import DrafterUnavailable, auto_drafter, make_drafter
     from .types import SamplingParams
 

@@ -40,7 +40,7 @@ from treespec.model.tokenizer import EOT_TEXT
 
 from . import protocol as P
 from .chat import ChatTemplateError
-from .engine import Engine, GenerationFailed, InvalidRequest, Job, NotReady, Overloaded, Prepared
+from .scheduler import Scheduler, GenerationFailed, InvalidRequest, Job, NotReady, Overloaded, Prepared
 from .metrics import CONTENT_TYPE, Metrics
 from .settings import Settings
 
@@ -94,14 +94,14 @@ def _check_strings(value: Any, where: str = "body") -> None:
             _check_strings(v, where)
 
 
-def build_app(settings: Settings, *, engine: Engine | None = None, metrics: Metrics | None = None,
+def build_app(settings: Settings, *, engine: Scheduler | None = None, metrics: Metrics | None = None,
               load: bool = True, on_load_failed: Callable[[], None] | None = None,
               on_ready: Callable[[], None] | None = None) -> FastAPI:
     """The app. With ``load`` the lifespan loads the bundle in a thread (so
     /health answers 503 until it is ready, and ``on_ready`` runs once it is)
     and stops the engine on shutdown."""
     metrics = metrics or (engine.metrics if engine else Metrics())
-    engine = engine or Engine(settings, metrics)
+    engine = engine or Scheduler(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -747,7 +747,7 @@ def _sse_error(error: str, error_type: str, sep: str = "", path: str = "") -> st
     return f"data:{sep}" + json.dumps(_error_body(error, error_type, None, path)) + "\n\n"
 
 
-def engine_info(engine: Engine, settings: Settings) -> dict:
+def engine_info(engine: Scheduler, settings: Settings) -> dict:
     b = engine.bundle
     cfg = b.config
     drafters = {}

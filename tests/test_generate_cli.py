@@ -77,7 +77,7 @@ def test_generate_json(tiny_bundle, capsys):
 
 
 def test_generate_passes_the_penalties(tiny_bundle, capsys):
-    from treespec.draft.engine import generate_all
+    from treespec.draft.loop import generate_all
     from treespec.draft.types import SamplingParams
     from treespec.model.kernels import load_for_inference
 

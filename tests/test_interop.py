@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
 from treespec.cli import main as cli_main
-from treespec.draft.engine import generate_all
+from treespec.draft.loop import generate_all
 from treespec.draft.types import SamplingParams
 from treespec.model import load_bundle, save_bundle
 from treespec.model.gguf_export import export_gguf

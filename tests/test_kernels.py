@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from treespec.draft.engine import generate_all
+from treespec.draft.loop import generate_all
 from treespec.draft.ngram import NgramDrafter
 from treespec.draft.types import SamplingParams
 from treespec.model import Tokenizer, gpt, kernels

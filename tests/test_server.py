@@ -379,7 +379,7 @@ def test_openai_stop_and_seeded_sampling(srv, client):
 
 def test_penalties_reach_the_engine_on_both_apis(srv, client, bundle):
     """The server's penalised greedy text is the engine's, run here on the same bundle."""
-    from treespec.draft.engine import generate_all
+    from treespec.draft.loop import generate_all
     from treespec.draft.types import SamplingParams
     from treespec.model.kernels import load_for_inference
 
@@ -434,7 +434,7 @@ def test_openai_prompt_as_token_ids(srv, client, bundle):
 
 
 def test_tgi_top_tokens_and_prefill_details(srv, client, bundle):
-    from treespec.draft.engine import generate_all
+    from treespec.draft.loop import generate_all
     from treespec.draft.types import SamplingParams
     from treespec.model.kernels import load_for_inference
 

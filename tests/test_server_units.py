@@ -148,10 +148,10 @@ def _served_bundle(tmp_path, fitted, ranks_path, tree: str) -> Path:
     ("fitted", "none", "none", None),
 ])
 def test_default_drafter(tmp_path, fitted, ranks_path, monkeypatch, tree, setting, default, why):
-    """The real registry and the real drafter through Engine.load, and what /info says."""
+    """The real registry and the real drafter through Scheduler.load, and what /info says."""
     from treespec.draft import registry
     from treespec.server.app import engine_info
-    from treespec.server.engine import Engine
+    from treespec.server.scheduler import Scheduler
     from treespec.server.metrics import Metrics
 
     real = registry.make_drafter
@@ -164,7 +164,7 @@ def test_default_drafter(tmp_path, fitted, ranks_path, monkeypatch, tree, settin
     monkeypatch.setattr(registry, "make_drafter", spy)
     settings = Settings(bundle=str(_served_bundle(tmp_path, fitted, ranks_path, tree)), default_drafter=setting,
                         dtype="float32")
-    engine = Engine(settings, Metrics())
+    engine = Scheduler(settings, Metrics())
     engine.load()
     try:
         assert engine.default_drafter == default
@@ -180,10 +180,10 @@ def test_default_drafter(tmp_path, fitted, ranks_path, monkeypatch, tree, settin
 
 
 def test_default_drafter_tree_without_a_tree_fails_the_load(tiny_bundle):
-    from treespec.server.engine import Engine
+    from treespec.server.scheduler import Scheduler
     from treespec.server.metrics import Metrics
 
-    engine = Engine(Settings(bundle=str(tiny_bundle), default_drafter="tree"), Metrics())
+    engine = Scheduler(Settings(bundle=str(tiny_bundle), default_drafter="tree"), Metrics())
     with pytest.raises(ValueError, match="default_drafter 'tree' is not available"):
         engine.load()
     assert engine.state == "failed" and "not available" in engine.load_error

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_config, tiny_model
-from treespec.draft.engine import generate_all
+from treespec.draft.loop import generate_all
 from treespec.draft.ngram import NgramDrafter
 from treespec.draft.tree import TreeDrafter
 from treespec.draft.types import SamplingParams

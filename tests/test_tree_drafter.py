@@ -369,7 +369,7 @@ def test_choose_merges_copy_into_the_candidates_token(fitted):
 
 
 def test_fitted_drafter_drafts_in_generation_and_stays_lossless(fitted, draft_corpus):
-    from treespec.draft.engine import generate_all
+    from treespec.draft.loop import generate_all
 
     bundle = load_bundle(fitted[0])
     drafter = TreeDrafter.load(bundle)
@@ -613,7 +613,7 @@ def test_calibrate_replaces_the_fitted_costs_with_this_machines(fitted):
     import time
     from unittest import mock
 
-    from treespec.draft.engine import DraftGate
+    from treespec.draft.loop import DraftGate
 
     drafter = TreeDrafter.load(load_bundle(fitted[0]))
     assert drafter.calibration is None and drafter.verify_ms == [1.9, 1.9, 1.9, 3.2]

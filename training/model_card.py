@@ -26,7 +26,7 @@ REPETITION_PENALTY = 1.3  # the third sample of each prompt: greedy, with this p
 
 def sample_text(bundle, prompt: str, max_new_tokens: int = 80, temperature: float = 0.0,
                 repetition_penalty: float = 1.0) -> str:
-    from ..draft.engine import generate_all
+    from ..draft.loop import generate_all
     from ..draft.types import SamplingParams
 
     ids = bundle.tokenizer.encode(prompt)

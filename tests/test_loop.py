@@ -15,7 +15,7 @@ import torch
 from scipy.stats import chi2
 
 from treespec.draft.corpus import CorpusBigram
-from treespec.draft.engine import generate, generate_all, generate_steps
+from treespec.draft.loop import generate, generate_all, generate_steps
 from treespec.draft.ngram import NgramDrafter
 from treespec.draft.sampling import accept_sampled, probs_from_logits, sample
 from treespec.draft.types import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Draft,
@@ -668,7 +668,7 @@ class CostedOracle(Oracle):
 
 
 def test_gate_skips_a_drafter_that_costs_more_than_it_earns_and_stays_lossless(tok, wandering):
-    from treespec.draft.engine import DraftGate
+    from treespec.draft.loop import DraftGate
 
     params = SamplingParams(max_new_tokens=40)  # the tiny model's context is 64
     for prompt in random_prompts(3, seed=21):
@@ -726,7 +726,7 @@ def test_gate_skips_a_drafter_that_costs_more_than_it_earns_and_stays_lossless(t
 
 
 def test_gate_sets_the_fallbacks_length_from_its_acceptance_and_the_verify_cost(tok, wandering):
-    from treespec.draft.engine import DraftGate
+    from treespec.draft.loop import DraftGate
 
     gate = DraftGate(forward_ms=4.0, step_cost_ms=lambda n: 1.0)
     assert gate.fallback_k(5) == 5  # no verify curve: the fallback's own length
@@ -767,7 +767,7 @@ def test_gate_sets_the_fallbacks_length_from_its_acceptance_and_the_verify_cost(
 
 
 def test_gate_books_the_fallbacks_draft_on_the_tokens_a_step_emitted():
-    from treespec.draft.engine import DraftGate
+    from treespec.draft.loop import DraftGate
 
     gate = DraftGate(forward_ms=4.0, step_cost_ms=lambda n: 1.0, verify_ms=[4.0] * 5, has_fallback=True)
     gate.record_counterfactual([1, 2, 3, 4], [1, 2])  # both known positions right; 3 and 4 unknown
@@ -780,7 +780,7 @@ def test_gate_books_the_fallbacks_draft_on_the_tokens_a_step_emitted():
 
 
 def test_gate_prefers_the_fallback_where_it_saves_more_per_token():
-    from treespec.draft.engine import DraftGate
+    from treespec.draft.loop import DraftGate
 
     def gate_after(fallback_right: bool):
         g = DraftGate(forward_ms=10.0, step_cost_ms=lambda n: 4.0 + n, verify_ms=[10.0] * 9, has_fallback=True,
@@ -839,7 +839,7 @@ def test_gate_books_what_a_proposal_took_where_it_has_a_verify_curve():
     """A drafter that prices its proposals low but takes long (a whole tree walk on prose)
     is closed off on its measured time; a proposal faster than estimated is still booked at
     the estimate; without a verify curve the gate keeps the estimate."""
-    from treespec.draft.engine import DraftGate
+    from treespec.draft.loop import DraftGate
 
     cheap = lambda n: 0.2 + 0.3 * n  # noqa: E731 - what the drafter thinks a proposal costs
     g = DraftGate(forward_ms=3.0, step_cost_ms=cheap, verify_ms=[3.0, 3.3, 3.6])
@@ -859,7 +859,7 @@ def test_a_gate_that_closes_again_after_a_lucky_probe_waits_long():
     """A drafter that loses on average but sometimes gets a probe right: after closing
     again it waits half the reopening probe's wait, not one step; a run of paying
     proposals wears that memory away."""
-    from treespec.draft.engine import DraftGate
+    from treespec.draft.loop import DraftGate
 
     g = DraftGate(forward_ms=10.0, step_cost_ms=lambda n: 1.0, max_backoff=32)
     g.record(drafted=3, accepted=0)  # closes: wait 1

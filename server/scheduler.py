@@ -4,7 +4,7 @@ runs generation on one worker thread, off the event loop.
 The model is not safe for concurrent forwards, so exactly one thread ever
 touches it. That thread keeps up to ``max_running`` requests alive at once,
 each with its own KV cache and its own decode loop from
-``treespec.draft.engine.generate_steps``. Each turn, every running request's
+``treespec.draft.loop.generate_steps``. Each turn, every running request's
 loop goes on until it needs a forward (its prefill, or a verify step of its
 last token plus drafts), and then those forwards run together as one batch
 (``GPT.forward_batch``: the dense layers see all their rows at once,
@@ -139,7 +139,7 @@ def _strict_utf8(name: str, s: str) -> None:
                              f"(it contains a lone surrogate escape)") from None
 
 
-class Engine:
+class Scheduler:
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings = settings
         self.metrics = metrics
@@ -182,7 +182,7 @@ class Engine:
                  sorted(self.drafters), self.default_drafter)
 
     def _load(self) -> None:
-        from treespec.draft.engine import generate_steps
+        from treespec.draft.loop import generate_steps
         from treespec.draft.registry import DRAFTERS, DrafterUnavailable, auto_drafter, make_drafter
         from treespec.model.kernels import load_for_inference
 
