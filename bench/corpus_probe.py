@@ -26,7 +26,7 @@ import torch
 
 
 def main() -> None:
-    from treespec.draft.bench import corpus_suite
+    from treespec.cli.bench import corpus_suite
     from treespec.draft.corpus import CorpusBigram
     from treespec.draft.loop import generate_all
     from treespec.draft.ngram import ngram_candidate

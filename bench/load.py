@@ -2,7 +2,7 @@
 
     python bench/load.py --bundle models/default --concurrency 1 4 16 --duration 60 --drafter tree ngram none
 
-The same as ``treespec loadtest`` (see server/loadtest.py for what it measures):
+The same as ``treespec loadtest`` (see treespec/cli/loadtest.py for what it measures):
 it prints a markdown table (requests/s, tokens/s, TTFT and e2e p50/p95/p99,
 acceptance, 429s, errors) and ``--json FILE`` keeps every figure.
 """

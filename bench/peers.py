@@ -280,7 +280,7 @@ def main(argv=None) -> int:
         print(markdown(report) if args.markdown else table(report))
         return 0
 
-    from treespec.draft.bench import corpus_suite
+    from treespec.cli.bench import corpus_suite
     from treespec.model import load_bundle
     from treespec.model.kernels import cpu_slug, cpu_summary
 

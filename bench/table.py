@@ -6,7 +6,7 @@
 Prints one row per drafter per file, in the files' order, so the docs quote
 what the benchmark wrote rather than numbers copied by hand. ``--versus``
 lines also give the modelled ratio where the JSON has one: the runs' steps
-priced on one verify curve (``draft.bench.modelled_s``), free of the
+priced on one verify curve (``treespec.cli.bench.modelled_s``), free of the
 machine's drift between runs.
 """
 

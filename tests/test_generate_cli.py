@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from treespec.cli import main
-from treespec.draft import engine
+from treespec.draft import loop
 from treespec.model import Tokenizer, save_bundle
 
 from conftest import tiny_model
@@ -98,7 +98,7 @@ def test_generate_passes_the_penalties(tiny_bundle, capsys):
 
 def test_generate_refuses_what_does_not_fit(tiny_bundle, capsys):
     assert main(["generate", "--bundle", str(tiny_bundle), "--prompt", "x", "--max-new-tokens", "999"]) == 2
-    assert "exceeds the model's context" in capsys.readouterr().err
+    assert "max_new_tokens must be <= 63 (the context is 64 tokens)" in capsys.readouterr().err
     assert main(["generate", "--bundle", str(tiny_bundle), "--prompt", "x", "--drafter", "tree"]) == 2
     assert "draft-fit" in capsys.readouterr().err
 
@@ -116,7 +116,7 @@ def bench_args(bundle, corpus, out, *extra):
 
 @pytest.mark.parametrize("suite", ["code", "prose"])
 def test_bench_writes_report_and_plot(long_bundle, corpus, tmp_path, capsys, suite, monkeypatch):
-    from treespec.draft import bench
+    from treespec.cli import bench
 
     # The verify curve the modelled speed is priced on: scripted, so the report must carry it.
     monkeypatch.setattr(bench, "measure_verify_ms", lambda model, k, ctx, **kw: [1.0 + 0.5 * i for i in range(k + 1)])
@@ -175,8 +175,8 @@ def test_bench_jsonl_suite_and_sampling(tiny_bundle, corpus, tmp_path, capsys):
 
 
 def test_bench_fails_when_greedy_outputs_differ(tiny_bundle, corpus, tmp_path, capsys, monkeypatch):
-    # Break the engine: accept every draft. Prompt lookup then changes the text.
-    monkeypatch.setattr(engine, "accept_greedy", lambda argmax, drafts: len(drafts))
+    # Break the decode loop: accept every draft. Prompt lookup then changes the text.
+    monkeypatch.setattr(loop, "accept_greedy", lambda argmax, drafts: len(drafts))
     rc = main(bench_args(tiny_bundle, corpus, tmp_path / "res", "--suite", "code"))
     assert rc == 1
     assert "differ from vanilla" in capsys.readouterr().err
@@ -250,7 +250,7 @@ def test_bench_times_the_tree_costs_on_this_machine_unless_told_not_to(fitted, d
 
 
 def test_ratio_ci_brackets_the_ratio_and_widens_with_disagreeing_prompts():
-    from treespec.draft.bench import ratio_ci
+    from treespec.cli.bench import ratio_ci
 
     def runs(walls):
         return [{"tokens": 100, "wall_s": w} for w in walls]
@@ -267,7 +267,7 @@ def test_ratio_ci_brackets_the_ratio_and_widens_with_disagreeing_prompts():
 
 
 def test_modelled_time_prices_each_step_by_its_length():
-    from treespec.draft.bench import modelled_s
+    from treespec.cli.bench import modelled_s
 
     # 10 steps: 4 drafted nothing, 3 drafted one token, 1 two, 2 three.
     stats = {"verify_steps": 10, "drafted_per_position": [6, 3, 2], "drafter_time_s": 0.5}

@@ -1,4 +1,5 @@
-"""``treespec model-card BUNDLE``: write BUNDLE/README.md from what the bundle records.
+"""A bundle's model card: BUNDLE/README.md, written from what the bundle records
+(the command is ``treespec model-card BUNDLE``, treespec/cli/model_card.py).
 
 Everything in the card is read from the bundle (config.json,
 training_summary.json) or produced on the spot (greedy samples), so it can be
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 # Goals for the shipped model, nats/token on held-out text (issue: training pipeline).
@@ -128,33 +128,30 @@ def render(bundle, summary: dict, samples: dict[str, tuple[str, str]], history: 
     return "\n".join(lines)
 
 
-def add_parser(sub, name: str) -> None:
-    p = sub.add_parser(name, help="write a bundle's README.md model card from its training summary")
-    p.add_argument("bundle")
-    p.add_argument("--loss-png", default=None, help="loss curve PNG to copy into the bundle")
-    p.add_argument("--history", default=None, help="a paragraph on how the run really went (resumes, changes)")
-    p.add_argument("--train-command", action="append", default=None,
-                   help="a `treespec train` command that made these weights, in order; repeat it for a run "
-                        "resumed with other settings (default: one uninterrupted run of the cpu-default preset)")
-    p.set_defaults(func=run)
+class ModelCardError(ValueError):
+    """The bundle lacks what a card is written from (training_summary.json)."""
 
 
-def run(args) -> int:
+def write_model_card(bundle_dir: str | Path, loss_png: str | Path | None = None, history: str | None = None,
+                     train_commands: list[str] | None = None) -> Path:
+    """Write ``bundle_dir/README.md`` (and copy ``loss_png`` beside it as
+    loss.png) from the bundle's training summary and fresh samples; the
+    card's path. ``train_commands``: the ``treespec train`` commands that made
+    the weights, in order (default: one uninterrupted cpu-default run)."""
     from ..model.bundle import load_bundle
 
-    bundle = load_bundle(args.bundle)
-    summary_path = Path(args.bundle) / "training_summary.json"
+    bundle = load_bundle(bundle_dir)
+    summary_path = Path(bundle_dir) / "training_summary.json"
     if not summary_path.is_file():
-        print(f"treespec model-card: error: {summary_path} not found", file=sys.stderr)
-        return 2
+        raise ModelCardError(f"{summary_path} not found")
     summary = json.loads(summary_path.read_text())
-    if args.loss_png:
-        shutil.copyfile(args.loss_png, Path(args.bundle) / "loss.png")
+    if loss_png:
+        shutil.copyfile(loss_png, Path(bundle_dir) / "loss.png")
     samples = {}
     for name, p in SAMPLE_PROMPTS.items():
         samples[(name, "greedy")] = (p, sample_text(bundle, p))
         samples[(name, "penalised")] = (p, sample_text(bundle, p, repetition_penalty=REPETITION_PENALTY))
         samples[(name, "sampled")] = (p, sample_text(bundle, p, temperature=0.8))
-    (Path(args.bundle) / "README.md").write_text(render(bundle, summary, samples, args.history, args.train_command) + "\n")
-    print(f"wrote {Path(args.bundle) / 'README.md'}")
-    return 0
+    card = Path(bundle_dir) / "README.md"
+    card.write_text(render(bundle, summary, samples, history, train_commands) + "\n")
+    return card

@@ -1,4 +1,5 @@
-"""``treespec train``: train a multi-exit GPT from scratch (or on from a bundle), end to end.
+"""Train a multi-exit GPT from scratch (or on from a bundle), end to end (the command is
+``treespec train``, treespec/cli/train.py).
 
 One process on a CPU or GPU, or several under ``torchrun`` (DistributedDataParallel;
 each rank samples its own batches, rank 0 alone evaluates, logs and saves).
@@ -10,7 +11,6 @@ bit for bit), ``metrics.jsonl``, ``loss.png`` and, at the end, ``bundle/``
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ..model.bundle import _DTYPES, BundleError, load_bundle, save_bundle
 from ..model.gpt import GPT
-from .config import TrainConfig, TrainConfigError, build_train_config
+from .config import TrainConfig, TrainConfigError
 from .data import load_meta, load_split
 
 CKPT_FILE = "ckpt.pt"
@@ -519,37 +519,3 @@ def plot_run(out_dir: str | os.PathLike) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-# --- CLI -------------------------------------------------------------------------------
-
-def add_parser(sub, name: str) -> None:
-    from .config import TRAIN_PRESETS, config_help
-
-    p = sub.add_parser(name, help="train a multi-exit GPT (any TrainConfig field as --key=value)",
-                       description="Train a multi-exit GPT from scratch (or on from a bundle), end to end. "
-                                   "Settings: the defaults below, then --preset, then --config, then "
-                                   "--key=value. Presets: " + ", ".join(
-                                       f"{k} ({', '.join(f'{f}={v}' for f, v in p.items())})"
-                                       for k, p in TRAIN_PRESETS.items()) + ".",
-                       epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=None, help="cpu-default | gpt2-small")
-    p.add_argument("--config", default=None, help="JSON file of TrainConfig fields")
-    p.add_argument("--resume", action="store_true", help="continue the run in out_dir from ckpt.pt")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    try:
-        cfg = build_train_config(args.preset, args.config, args.overrides)
-        result = Run(cfg, resume=args.resume).train()
-    except TrainConfigError as e:
-        print(f"treespec train: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if "final_val_loss" in result:
-        print(json.dumps({"bundle": str(Path(cfg.out_dir) / "bundle"), "tokens_seen": result["tokens_seen"],
-                          "final_val_loss": result["final_val_loss"]}, indent=2))
-    return 0

@@ -41,9 +41,9 @@ def _log(msg: str) -> None:
 def run_import(args) -> int:
     import torch
 
-    from .bundle import BundleError
-    from .interop import InteropError, import_hf, import_nanogpt
-    from .tokenizer import TokenizerNotFound
+    from ..model.bundle import BundleError
+    from ..model.interop import InteropError, import_hf, import_nanogpt
+    from ..model.tokenizer import TokenizerNotFound
 
     fn = import_hf if args.fmt == "hf" else import_nanogpt
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -52,7 +52,7 @@ def run_import(args) -> int:
     except (InteropError, BundleError, TokenizerNotFound) as e:
         print(f"treespec import: {e}", file=sys.stderr)
         return 2
-    from .bundle import load_bundle
+    from ..model.bundle import load_bundle
     b = load_bundle(out)
     c = b.config
     print(f"wrote {out}: {b.model.num_params(non_embedding=False) / 1e6:.1f}M parameters, "
@@ -62,14 +62,14 @@ def run_import(args) -> int:
 
 
 def run_export(args) -> int:
-    from .bundle import BundleError
-    from .interop import InteropError, export_hf
+    from ..model.bundle import BundleError
+    from ..model.interop import InteropError, export_hf
 
     try:
         if args.fmt == "hf":
             out = export_hf(args.bundle, args.out, force=args.force, log=_log)
         else:
-            from .gguf_export import export_gguf
+            from ..model.gguf_export import export_gguf
             out = export_gguf(args.bundle, args.out, args.qtype, force=args.force, log=_log)
     except (InteropError, BundleError) as e:
         print(f"treespec export: {e}", file=sys.stderr)

@@ -6,8 +6,8 @@ import json
 import sys
 import time
 
+from ..draft.registry import DRAFTERS
 from ..model.kernels import DTYPE_CHOICES
-from .registry import DRAFTERS
 
 
 def add_parser(sub, name: str) -> None:
@@ -46,11 +46,11 @@ def add_parser(sub, name: str) -> None:
 def run(args) -> int:
     import torch
 
+    from ..draft.loop import generate
+    from ..draft.registry import DrafterUnavailable, auto_drafter, make_drafter
+    from ..draft.types import SamplingParams
     from ..model import BundleError
     from ..model.kernels import load_for_inference
-    from .loop import generate
-    from .registry import DrafterUnavailable, auto_drafter, make_drafter
-    from .types import SamplingParams
 
     if args.threads:
         torch.set_num_threads(args.threads)

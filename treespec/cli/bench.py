@@ -35,10 +35,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..draft.costs import measure_verify_ms
+from ..draft.registry import DRAFTERS
+from ..draft.types import extend_costs
 from ..model.kernels import DTYPE_CHOICES, cpu_model
-from .costs import measure_verify_ms
-from .registry import DRAFTERS
-from .types import extend_costs
 
 PROMPT_MIN, PROMPT_MAX = 64, 128
 
@@ -193,13 +193,15 @@ def run_bench(bundle, prompts: list[dict], drafter_names: list[str], params_for,
 
     from tqdm import tqdm
 
-    from .loop import generate_all
-    from .registry import make_drafter
+    from ..draft.loop import generate_all
+    from ..draft.registry import make_drafter
 
     model, tok = bundle.model, bundle.tokenizer
     specs = {label: parse_drafter_spec(label) for label in drafter_names}
     drafters = {label: make_drafter(name, bundle, calibrate=calibrate) for label, (name, _) in specs.items()}
-    costs = {label: d.calibration for label, d in drafters.items() if getattr(d, "calibration", None)}
+    # The costs each drafter says it was calibrated to here (describe(): the tree's "calibration").
+    costs = {label: d.describe()["calibration"] for label, d in drafters.items()
+             if d is not None and d.describe().get("calibration")}
 
     def params(label: str, i: int, max_new: int | None):
         p, k = params_for(i, max_new), specs[label][1]
@@ -318,10 +320,10 @@ def add_parser(sub, name: str) -> None:
 def run(args) -> int:
     import torch
 
+    from ..draft.registry import DrafterUnavailable
+    from ..draft.types import SamplingParams
     from ..model import BundleError
     from ..model.kernels import load_for_inference
-    from .registry import DrafterUnavailable
-    from .types import SamplingParams
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,7 +13,7 @@ def add_parser(sub, name: str) -> None:
 
 
 def run(args) -> int:
-    from .bundle import load_bundle
+    from ..model.bundle import load_bundle
 
     b = load_bundle(args.bundle)
     info = {
