@@ -101,25 +101,27 @@ def main() -> None:
                 report["isolated_ms"][what] = median_ms(lambda: fn(logits), args.reps)
                 print(f"| {what} | {report['isolated_ms'][what]:.3f} |")
         try:
-            drafter = make_drafter("tree", bundle)
+            gated = make_drafter("tree", bundle)
+            drafter = gated.drafter  # the TreeDrafter behind its gate
         except (DrafterUnavailable, DrafterError) as e:
             print(f"(no tree drafter timings: {e})")
             write(report, args)
             return
         seen = []
-        propose = drafter.propose
-        drafter.propose = lambda ctx, f, k: seen.append((list(ctx), f)) or propose(ctx, f, k)
+        draft = drafter.draft
+        drafter.draft = lambda index, ctx, f, k: seen.append((list(ctx), f)) or draft(index, ctx, f, k)
         prompt = bundle.tokenizer.encode("class Stack:\n    def __init__(self):\n        self.items = []\n")
-        generate_all(bundle.model, prompt, SamplingParams(max_new_tokens=48), drafter, tokenizer=bundle.tokenizer)
-        drafter.propose = propose
+        generate_all(bundle.model, prompt, SamplingParams(max_new_tokens=48), gated, tokenizer=bundle.tokenizer)
+        drafter.draft = draft
         ctx, feats = seen[len(seen) // 2]
         report["isolated_ms"]["TreeDrafter.state"] = median_ms(lambda: drafter.state(feats), args.reps)
         print(f"| TreeDrafter.state (once per proposal) | {report['isolated_ms']['TreeDrafter.state']:.3f} |")
-        n = len(drafter.propose(ctx, feats, drafter.k_max).tokens)
-        report["isolated_ms"]["TreeDrafter.propose"] = median_ms(lambda: drafter.propose(ctx, feats, drafter.k_max),
+        state = drafter.open()
+        n = len(state.propose(ctx, feats, drafter.k_max).tokens)
+        report["isolated_ms"]["TreeDrafter.propose"] = median_ms(lambda: state.propose(ctx, feats, drafter.k_max),
                                                                  args.reps)
         print(f"| TreeDrafter.propose ({n} tokens drafted) | {report['isolated_ms']['TreeDrafter.propose']:.3f} |")
-        report["in_loop"] = in_loop(bundle, drafter, args.prompts, args.data_dir)
+        report["in_loop"] = in_loop(bundle, gated, args.prompts, args.data_dir)
         write(report, args)
     finally:
         if busy:
@@ -137,13 +139,14 @@ def write(report: dict, args) -> None:
     print(f"wrote {path}")
 
 
-def in_loop(bundle, drafter, n_prompts: int, data_dir: str) -> dict:
+def in_loop(bundle, gated, n_prompts: int, data_dir: str) -> dict:
     """The same work timed where it really runs: inside the decode loop,
     right after each verify forward (greedy, held-out code prompts)."""
     from collections import defaultdict
 
+    from treespec.cli.bench import corpus_suite
     from treespec.draft import tree
-    from treespec.draft.bench import corpus_suite
+    from treespec.draft.ngram import NgramIndex
     from treespec.draft.loop import generate_all
     from treespec.draft.types import SamplingParams
 
@@ -163,17 +166,17 @@ def in_loop(bundle, drafter, n_prompts: int, data_dir: str) -> dict:
         return fn
 
     pieces = [(tree, "state_features", "model features (state_features)"),
-              (tree, "ngram_copy_path", "n-gram lookups along the copy path"),
+              (NgramIndex, "copy_path", "n-gram lookups along the copy path"),
               (tree, "features_for", "feature rows (features_for)"),
-              (drafter, "predict", "LightGBM predict, per row"),
+              (gated.drafter, "predict", "LightGBM predict, per row"),
               (tree, "choose", "choose"),
               (tree, "worth_drafting", "cost rule (worth_drafting)"),
-              (drafter, "propose", "whole proposal")]
+              (gated.drafter, "draft", "whole proposal")]
     saved = [(owner, name, timed(owner, name, label)) for owner, name, label in pieces]
     try:
         prompts = corpus_suite("code", data_dir, n_prompts, bundle.tokenizer)
         for prompt in prompts:
-            generate_all(bundle.model, prompt["prompt_ids"], SamplingParams(max_new_tokens=128), drafter,
+            generate_all(bundle.model, prompt["prompt_ids"], SamplingParams(max_new_tokens=128), gated,
                          tokenizer=bundle.tokenizer)
     finally:
         for owner, name, fn in saved:

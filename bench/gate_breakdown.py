@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    from treespec.draft.bench import corpus_suite
+    from treespec.cli.bench import corpus_suite
     from treespec.draft.loop import generate
     from treespec.draft.registry import make_drafter
     from treespec.draft.types import SamplingParams
@@ -54,16 +54,15 @@ def main(argv=None) -> int:
 
     def run(d, prompt, seed):
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=seed)
-        steps, prev = [], None
+        steps, ev = [], None
         t0 = last = time.perf_counter()
         for ev in generate(model, prompt["prompt_ids"], params, d, tokenizer=bundle.tokenizer, cache=model.new_cache()):
-            now, s = time.perf_counter(), ev.stats
-            if prev is not None:  # the first event is the prefill's token
-                steps.append((now - last, s.draft_tokens - prev.draft_tokens, s.accepted_tokens - prev.accepted_tokens,
-                              s.skipped_proposals - prev.skipped_proposals, s.drafter_time_s - prev.drafter_time_s,
-                              s.guess_tokens - prev.guess_tokens))
-            prev, last = s, now
-        return time.perf_counter() - t0, prev.generated_tokens, steps
+            now, s = time.perf_counter(), ev.step
+            if s.verify_steps:  # the first event is the prefill's token
+                steps.append((now - last, s.draft_tokens, s.accepted_tokens, s.skipped_proposals, s.drafter_time_s,
+                              s.guess_tokens))
+            last = now
+        return time.perf_counter() - t0, ev.stats.generated_tokens, steps
 
     groups = collections.defaultdict(lambda: [0, 0.0, 0, 0, 0.0])
     wall, tokens = {"none": 0.0, args.drafter: 0.0}, {"none": 0, args.drafter: 0}

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from treespec.draft.bench import corpus_suite
+from treespec.cli.bench import corpus_suite
 from treespec.draft.loop import generate_all
 from treespec.draft.registry import make_drafter
 from treespec.draft.types import SamplingParams

@@ -20,7 +20,7 @@ say how far a copy is likely to hold:
 how often the model's greedy token was the copied one given that the copy
 was right so far, on the greedy continuations ``draft-fit`` collects. At
 serving time a bucket's acceptance and the verify-cost curve give the copy
-length that is fastest per generated token, the same criterion the engine's
+length that is fastest per generated token, the same criterion the
 DraftGate uses for its fallback. The estimate is smoothed towards the
 depth's overall rate, so a rare bucket falls back on what is typical.
 """

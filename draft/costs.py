@@ -1,7 +1,7 @@
 """What a verify forward costs on the machine at hand.
 
 A drafter trades longer verify forwards against accepted tokens, so its
-stopping rule and the engine's DraftGate need the model's verify cost for
+stopping rule and its DraftGate (draft/gate.py) need the model's verify cost for
 T = 1, 2, ... new positions. That curve belongs to a machine, not to a
 model: the same bundle verified one position in 3.9 ms on the 2-core CPU
 it was fitted on and in 13.6 ms on another 2-core CPU, where nine positions
@@ -43,10 +43,9 @@ def measure_verify_ms(model, k_max: int, ctx_len: int, reps: int = 30, threads: 
     current number).
 
     Wall time at the serving thread count, because the drafter trades
-    verify latency against accepted tokens. It used to be process CPU time
-    on the fit's own thread count (1 by default); that curve rose from 8.6
-    ms (T=1) to 14.0 ms (T=7) where the decode loop's forwards on 2 threads
-    took about 8.9 and 10.3 ms, and the drafter stopped drafting too soon.
+    verify latency against accepted tokens: process CPU time on the fit's
+    own thread count rises far more steeply with T than the serving
+    forward does, and a drafter priced on it stops drafting too soon.
     Run it on a quiet machine: ``advice`` ends the warning given when the
     machine was busy."""
     ctx_len = max(1, min(ctx_len, model.config.block_size - k_max - 1))
@@ -80,8 +79,8 @@ def _verify_ms(model, k_max: int, ctx_len: int, reps: int, advice: str) -> list[
                 times[T].append(dt)
     out = [round(float(np.median(times[T])) * 1e3, 4) for T in lengths]
     # The one-position forward again: on a busy machine (a training run on
-    # the same cores made it 100 ms against 3.9 idle here) the two disagree,
-    # and a curve timed under load would set the drafter's costs wrongly.
+    # the same cores) the two disagree, and a curve timed under load would
+    # set the drafter's costs wrongly.
     again = round(float(np.median([forward_s(1) for _ in range(reps)])) * 1e3, 4)
     if abs(again - out[0]) > 0.25 * min(again, out[0]):
         warnings.warn(NoisyTimingWarning(

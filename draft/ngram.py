@@ -10,15 +10,16 @@ yields a full-length draft of the repetition.
 The lookup runs at every verify step (and, for the tree drafter's
 ``__COPY__`` class and features, at every draft depth), so it keeps an index
 instead of rescanning: for each n, the n-gram -> the last position it ended
-at. The index follows the context incrementally. When the context is not an
-extension of what was indexed (rejected drafts, a new request), it is rolled
-back to the common prefix with an undo log and extended again, so the cost
-per call is proportional to the tokens that changed, not to the context.
+at. Each request's drafting state (``NgramDrafter.open``) owns one index,
+which follows the context incrementally: when the context is not an
+extension of what was indexed (rejected drafts, the tree's look-ahead along
+a copy), it is rolled back to the common prefix with an undo log and
+extended again, so the cost per call is proportional to the tokens that
+changed, not to the context.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -189,74 +190,36 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return lo
 
 
-class IndexPool:
-    """A few indexes, each following one sequence, for callers that
-    interleave sequences (a server stepping requests round-robin, a drafter
-    looking ahead at its own drafts). A context goes to the index it shares
-    the most with, as long as that costs at most ``max_rollback`` tokens of
-    rollback (about a draft's worth: the same sequence after rejected
-    drafts); otherwise to a fresh index, evicting the least recently used.
-    Sequences that share a prefix share an index only until they differ by
-    more than that, so switching between them costs at most that much.
-    """
-
-    def __init__(self, size: int = 8, max_rollback: int = 16):
-        self.size, self.max_rollback = size, max_rollback
-        self.items: list[NgramIndex] = []  # least recently used first
-
-    def get(self, context: Sequence[int], max_n: int = DEFAULT_MAX_N) -> NgramIndex:
-        if not isinstance(context, list):
-            context = list(context)
-        best, best_len = None, -1
-        for idx in self.items:
-            if idx.max_n >= max_n:
-                c = _common_prefix(idx.tokens, context)
-                if c > best_len and (c > 0 or not idx.tokens) and len(idx.tokens) - c <= self.max_rollback:
-                    best, best_len = idx, c
-        if best is None:
-            if len(self.items) >= self.size:
-                self.items.pop(0)
-            best = NgramIndex(max(max_n, DEFAULT_MAX_N))
-        else:
-            self.items.remove(best)
-        self.items.append(best)
-        best.sync(context)
-        return best
-
-
-# One pool per thread, shared by the module-level helpers: consecutive calls
-# on a growing context (the engine's steps, a drafter's depths) stay
-# incremental, and concurrent requests on other threads never interfere.
-_local = threading.local()
-
-
-def _thread_index(context: Sequence[int], max_n: int) -> NgramIndex:
-    pool = getattr(_local, "pool", None)
-    if pool is None:
-        pool = _local.pool = IndexPool()
-    return pool.get(context, max_n)
+def _index(context: Sequence[int], max_n: int) -> NgramIndex:
+    """A throwaway index of ``context``, for one-off lookups. A caller that
+    follows one growing sequence (a request's drafting state, the fit's
+    walk over a document) keeps its own NgramIndex, so each call costs only
+    the tokens that changed."""
+    index = NgramIndex(max_n)
+    index.sync(context)
+    return index
 
 
 def ngram_candidate(context: Sequence[int], max_n: int = DEFAULT_MAX_N) -> tuple[int | None, int]:
     """The token that followed the most recent earlier occurrence of the
     context's longest matching suffix (n = max_n down to 1), and n; (None, 0)
     when there is none."""
-    return _thread_index(context, max_n).candidate(max_n)
+    return _index(context, max_n).candidate(max_n)
 
 
 def ngram_copy_path(context: Sequence[int], k: int, max_n: int = DEFAULT_MAX_N) -> list[tuple[int | None, int]]:
-    """``NgramIndex.copy_path`` from ``context``: one index sync for all k depths."""
-    return _thread_index(context, max_n).copy_path(k, max_n)
+    """``NgramIndex.copy_path`` from ``context``."""
+    return _index(context, max_n).copy_path(k, max_n)
 
 
 def ngram_continuation(context: Sequence[int], k: int, max_n: int = DEFAULT_MAX_N) -> list[int]:
     """Up to k tokens copied from after that occurrence ([] when none)."""
-    return _thread_index(context, max_n).continuation(k, max_n)
+    return _index(context, max_n).continuation(k, max_n)
 
 
 def ngram_copy_evidence(context: Sequence[int], k: int, max_n: int = DEFAULT_MAX_N) -> tuple[list[int], int, int]:
     """``NgramIndex.copy_evidence`` for ``context``."""
-    return _thread_index(context, max_n).copy_evidence(k, max_n)
+    return _index(context, max_n).copy_evidence(k, max_n)
 
 
 @dataclass
@@ -277,19 +240,36 @@ class NgramDrafter:
     name: str = "ngram"
     corpus: CorpusBigram | None = None
 
-    def propose(self, context: list[int], features: ModelFeatures | None, k_max: int) -> Draft:
-        # The engine passes k_max already capped (the request's k_max, else
-        # self.k_max, and never past max_new_tokens or the context).
-        index = _thread_index(context, self.max_n)  # one sync for the copy and its match length
-        tokens = index.continuation(k_max, self.max_n)
-        if self.corpus is not None and k_max > 0 and (not tokens or index.candidate(self.max_n)[1] <= 1):
-            guess = self.guess(context)
-            if guess and guess != tokens[:1]:  # where they agree, the copy says more
-                return Draft(tokens=guess, guess=True)
-        return Draft(tokens=tokens)
+    def open(self) -> "NgramState":
+        return NgramState(self, NgramIndex(self.max_n))
+
+    def describe(self) -> dict:
+        # How many token ids the corpus bigram guesses a follower for (draft/corpus.py).
+        return {"k_max": self.k_max, "max_n": self.max_n,
+                "corpus_bigram": len(self.corpus) if self.corpus is not None else None}
 
     def guess(self, context: Sequence[int]) -> list[int]:
         """The corpus follower of the newest token, as a draft ([] without a
         table or where it has none)."""
         c = self.corpus.candidate(context[-1]) if self.corpus is not None and context else None
         return [] if c is None else [c]
+
+
+class NgramState:
+    """One request's prompt lookup: its own index, following its context."""
+
+    def __init__(self, drafter: NgramDrafter, index: NgramIndex):
+        self.drafter, self.index = drafter, index
+
+    def propose(self, context: list[int], features: ModelFeatures | None, k: int) -> Draft:
+        d, index = self.drafter, self.index
+        index.sync(context)  # one sync for the copy and its match length
+        tokens = index.continuation(k, d.max_n)
+        if d.corpus is not None and k > 0 and (not tokens or index.candidate(d.max_n)[1] <= 1):
+            guess = d.guess(context)
+            if guess and guess != tokens[:1]:  # where they agree, the copy says more
+                return Draft(tokens=guess, guess=True)
+        return Draft(tokens=tokens)
+
+    def observe(self, drafted: list[int], emitted: list[int]) -> None:
+        pass  # the next context says everything: the index follows it

@@ -1,7 +1,12 @@
-"""Drafters by name, for the CLI, the benchmark and the server."""
+"""Drafters by name, for the CLI, the benchmark and the server.
+
+A new drafter is a module with a class that follows ``types.Drafter`` (it
+opens a per-request state, proposes, observes, and describes itself) and a
+branch in ``make_drafter`` with its name in ``DRAFTERS``."""
 
 from __future__ import annotations
 
+from .gate import GatedDrafter
 from .ngram import NgramDrafter
 from .types import Drafter
 
@@ -39,8 +44,9 @@ def make_drafter(name: str, bundle=None, calibrate: bool = False) -> Drafter | N
                 f"run `treespec draft-fit --bundle {bundle.path}` first, or use --drafter ngram")
         from .tree import TreeDrafter  # lazy: LightGBM loads only when a tree is asked for
 
-        drafter = TreeDrafter.load(bundle)
+        tree = TreeDrafter.load(bundle)
         if calibrate:
-            drafter.calibrate()
-        return drafter
+            tree.calibrate()
+        # Behind the gate, with its own __COPY__ path (prompt lookup) drafting while the tree does not pay.
+        return GatedDrafter(tree, tree.fallback)
     raise DrafterUnavailable(f"unknown drafter {name!r}; choose one of {', '.join(DRAFTERS)}")

@@ -1,4 +1,4 @@
-"""From logits to the distribution the engine samples from, and the
+"""From logits to the distribution the decode loop samples from, and the
 speculative acceptance rule that keeps sampling exact.
 
 The model's head has ``config.vocab_size`` (50304) columns, padded for fast

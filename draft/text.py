@@ -6,7 +6,7 @@ force that: a token that ends inside a multi-byte character (the model's
 become the start of a stop sequence ("\\n\\n" after a lone "\\n"). TextStream
 holds back the longest tail of the text that is a prefix of some stop
 string, releases the rest, and once a stop string is complete it releases
-what came before it and nothing after. The engine uses it to stop
+what came before it and nothing after. The decode loop uses it to stop
 generation; the server uses the same texts for streaming.
 """
 

@@ -66,42 +66,37 @@ measured when fitting (or given) and stored in meta.json, with the rule
 ("myopic": this draft alone must pay; "lookahead": the drafts that may
 follow count too) that simulated faster on held-out text.
 
-Everything lives in ``BUNDLE/draft/``: ``tree.txt`` (LightGBM's text format,
-never a pickle) and ``meta.json`` (class map, feature spec with the PCA
-matrix, stopping settings, and the sha256 of the weights it was fitted
-against; a drafter fitted to other weights is refused).
+Everything lives in ``BUNDLE/draft/`` (``draft.artifact`` reads and checks
+it): ``tree.txt`` (LightGBM's text format, never a pickle) and ``meta.json``
+(class map, feature spec with the PCA matrix, stopping settings, and the
+sha256 of the weights it was fitted against; a drafter fitted to other
+weights is refused).
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
-import threading
+import logging
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..model.tokenizer import sha256_file
+from .artifact import META_FILE, DrafterError, DrafterMeta, read
 from .copylen import CopyLengths
 from .corpus import CorpusBigram
 from .costs import NoisyTimingWarning, measure_verify_ms
-from .features import FEATURE_VERSION, FeatureSpec, features_for, state_features
-from .ngram import NgramDrafter, ngram_candidate, ngram_copy_evidence, ngram_copy_path
+from .features import FeatureSpec, features_for, state_features
+from .ngram import NgramDrafter, NgramIndex, ngram_candidate
+from .predictor import Predictor
 from .types import Draft, ModelFeatures, extend_costs
 
-META_FILE = "meta.json"
-MODEL_FILE = "tree.txt"
-FORMAT = "treespec-tree-drafter"
-FORMAT_VERSION = 1
 COPY, MODEL = "__COPY__", "__MODEL__"
 
-
-class DrafterError(ValueError):
-    """A drafter that cannot be loaded; the message says which file and why."""
+log = logging.getLogger("treespec.draft")
 
 
 def worth_drafting(j: int, cum, p, v: Sequence[float], predict_ms: float, k: int, lookahead: bool):
@@ -161,60 +156,6 @@ def choose(probs: np.ndarray, cand: Sequence[int | None],
     return np.where(stop, -1, tok), np.where(stop, probs[:, K + 1], p_best), np.where(has, p_cand, 0.0)
 
 
-class _Predictor:
-    """Class probabilities for one row, without ``Booster.predict``'s Python
-    overhead: LightGBM's C API single-row fast path (one ctypes call), falling
-    back to ``predict(num_threads=1)`` where that is unavailable. Running on
-    one thread matters: OpenMP across the cores the model also uses makes a
-    single-row predict tens of times slower."""
-
-    def __init__(self, booster, n_features: int, n_classes: int, num_iteration: int = -1):
-        self.booster = booster
-        self.n_features, self.n_classes = n_features, n_classes
-        self._lock = threading.Lock()  # the fast config owns one output buffer
-        self._out = np.zeros(n_classes, dtype=np.float64)
-        self._fast = None
-        self._num_iteration = None if num_iteration < 0 else num_iteration
-        try:
-            from lightgbm.basic import _LIB, _c_str
-
-            handle = ctypes.c_void_p()
-            ret = _LIB.LGBM_BoosterPredictForMatSingleRowFastInit(
-                booster._handle, ctypes.c_int(0),  # C_API_PREDICT_NORMAL: probabilities
-                ctypes.c_int(0), ctypes.c_int(num_iteration),  # the first num_iteration rounds (-1: all)
-                ctypes.c_int(1),  # C_API_DTYPE_FLOAT64
-                ctypes.c_int32(n_features), _c_str("num_threads=1"), ctypes.byref(handle))
-            if ret == 0:
-                self._fast, self._lib = handle, _LIB
-                self._out_len = ctypes.c_int64()
-                self._out_ptr = self._out.ctypes.data_as(ctypes.POINTER(ctypes.c_double))
-        except (ImportError, AttributeError, OSError):
-            self._fast = None
-
-    @property
-    def fast(self) -> bool:
-        return self._fast is not None
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float64).reshape(-1)
-        if self._fast is None:
-            return self.booster.predict(x[None], num_iteration=self._num_iteration, num_threads=1)[0]
-        with self._lock:
-            ret = self._lib.LGBM_BoosterPredictForMatSingleRowFast(
-                self._fast, x.ctypes.data_as(ctypes.c_void_p), ctypes.byref(self._out_len), self._out_ptr)
-            if ret != 0:
-                raise RuntimeError("LightGBM single-row predict failed")
-            return self._out.copy()
-
-    def __del__(self):
-        if getattr(self, "_fast", None) is not None:
-            try:
-                self._lib.LGBM_FastConfigFree(self._fast)
-            except Exception:  # interpreter shutdown: the library may be gone already
-                pass
-            self._fast = None
-
-
 class TreeDrafter:
     """Drafter protocol implementation; build it with ``TreeDrafter.load(bundle)``."""
 
@@ -224,7 +165,7 @@ class TreeDrafter:
                  verify_ms: Sequence[float], predict_ms: float, lookahead: bool = False,
                  proposal_ms: float | None = None, copy_through: bool = False, trust_match: int = 0,
                  copy_k: int = 0, copy_lengths: CopyLengths | None = None, corpus: CorpusBigram | None = None,
-                 meta: dict | None = None):
+                 meta: DrafterMeta | None = None):
         self.model = model
         self.booster = booster
         self.spec = spec
@@ -232,8 +173,8 @@ class TreeDrafter:
         self.p_min = float(p_min)
         self.verify_ms = [float(v) for v in verify_ms]
         self.predict_ms = float(predict_ms)
-        self.meta = meta or {}
-        self.predict = _Predictor(booster, len(spec.names()), spec.K + 2)
+        self.meta = meta  # None: built by hand, not loaded
+        self.predict = Predictor(booster, len(spec.names()), spec.K + 2)
         self.lookahead = bool(lookahead)
         self.copy_through = bool(copy_through)
         # The trusted-match shortcut: where the n-gram match at depth 0 is at
@@ -246,7 +187,7 @@ class TreeDrafter:
         # What a proposal costs inside the decode loop (draft-fit measures it
         # there, after a verify forward); None: not measured.
         self.proposal_ms = None if proposal_ms is None else float(proposal_ms)
-        # What the engine's DraftGate drafts with while the tree is not worth
+        # What the gate (draft.gate) drafts with while the tree is not worth
         # its cost: the tree's own __COPY__ path, prompt lookup, which costs
         # next to nothing to propose but lengthens the verify like any draft
         # (the gate picks its length from ``verify_ms`` and how often its
@@ -279,11 +220,12 @@ class TreeDrafter:
 
     def step_cost_ms(self, drafted: int) -> float:
         """What a proposal that drafted ``drafted`` tokens cost: the drafter's
-        time and the longer verify (for the engine's DraftGate)."""
+        time and the longer verify (for the gate, draft.gate)."""
         v = extend_costs(self.verify_ms, drafted + 1)
         own = self.proposal_ms
         if own is None:  # the fit's isolated timings: an underestimate in the loop
-            own = self.meta.get("settings", {}).get("state_ms", 0.0) + self.predict_ms * max(drafted, 1)
+            state_ms = self.meta.settings.state_ms if self.meta is not None else None
+            own = (state_ms or 0.0) + self.predict_ms * max(drafted, 1)
         return own + v[drafted] - v[0]
 
     @classmethod
@@ -293,42 +235,9 @@ class TreeDrafter:
         import lightgbm as lgb
 
         d = Path(bundle.draft_dir)
-        meta_path = d / META_FILE
-        if not meta_path.is_file():
-            raise DrafterError(f"{meta_path}: no fitted tree drafter in this bundle; "
-                               f"run `treespec draft-fit --bundle {bundle.path}`")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise DrafterError(f"{meta_path}: not valid JSON ({e})") from None
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            raise DrafterError(f"{meta_path}: not a treespec tree drafter of format version {FORMAT_VERSION} "
-                               f"(format {meta.get('format')!r}, version {meta.get('format_version')!r})")
-        fv = meta.get("feature_version")
-        if fv != FEATURE_VERSION:
-            raise DrafterError(f"{meta_path}: fitted with feature version {fv!r}, but this treespec computes "
-                               f"feature version {FEATURE_VERSION}; refit it with "
-                               f"`treespec draft-fit --bundle {bundle.path}`")
-        if meta.get("weights_sha256") != bundle.weights_sha256:
-            raise DrafterError(f"{meta_path}: this drafter was fitted against model weights with sha256 "
-                               f"{meta.get('weights_sha256')}, but the bundle's weights have sha256 "
-                               f"{bundle.weights_sha256}; its features would not mean what it learned. "
-                               f"Refit it with `treespec draft-fit --bundle {bundle.path}`")
-        model_path = d / meta.get("model_file", MODEL_FILE)
-        if not model_path.is_file():
-            raise DrafterError(f"{model_path}: missing LightGBM model file")
-        if meta.get("model_sha256") and sha256_file(model_path) != meta["model_sha256"]:
-            raise DrafterError(f"{model_path}: checksum does not match meta.json; the file was changed "
-                               f"after fitting")
-        try:
-            spec = FeatureSpec.from_meta(meta["features"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise DrafterError(f"{meta_path}: bad feature spec ({e})") from None
-        cfg = bundle.config
-        if spec.pca_mean.shape[0] != cfg.n_embd or spec.n_exits != len(cfg.exit_layers) - 1:
-            raise DrafterError(f"{meta_path}: feature spec is for a model with n_embd "
-                               f"{spec.pca_mean.shape[0]} and {spec.n_exits} intermediate exits, "
-                               f"not this bundle's {cfg.n_embd} and {len(cfg.exit_layers) - 1}")
+        meta = read(d / META_FILE, bundle)
+        spec, s = meta.features, meta.settings
+        model_path = d / meta.model_file
         try:
             booster = lgb.Booster(model_file=str(model_path))
         except lgb.basic.LightGBMError as e:
@@ -336,26 +245,18 @@ class TreeDrafter:
         if booster.num_feature() != len(spec.names()):
             raise DrafterError(f"{model_path}: expects {booster.num_feature()} features, the spec in "
                                f"meta.json defines {len(spec.names())}")
-        s = meta["settings"]
         corpus = None
-        if s.get("corpus_bigram"):
+        if s.corpus_bigram is not None:
             try:
-                corpus = CorpusBigram.load(d / s["corpus_bigram"]["file"], s["corpus_bigram"].get("sha256"))
-            except (KeyError, TypeError, ValueError) as e:
-                raise DrafterError(f"{meta_path}: bad corpus bigram ({e})") from None
-        copy_lengths = None
-        if s.get("copy_lengths"):
-            try:
-                copy_lengths = CopyLengths.from_meta(s["copy_lengths"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise DrafterError(f"{meta_path}: bad copy-length table ({e})") from None
+                corpus = CorpusBigram.load(d / s.corpus_bigram.file, s.corpus_bigram.sha256)
+            except ValueError as e:
+                raise DrafterError(f"{d / META_FILE}: bad corpus bigram ({e})") from None
         return cls(bundle.model, booster, spec,
-                   k_max=s["k_max"] if k_max is None else k_max,
-                   p_min=s["p_min"] if p_min is None else p_min,
-                   verify_ms=s["verify_ms"], predict_ms=s["predict_ms"],
-                   lookahead=s.get("rule", "myopic") == "lookahead", proposal_ms=s.get("proposal_ms"),
-                   copy_through=s.get("copy_through", False), trust_match=s.get("trust_match", 0),
-                   copy_k=s.get("copy_k", 0), copy_lengths=copy_lengths, corpus=corpus, meta=meta)
+                   k_max=s.k_max if k_max is None else k_max,
+                   p_min=s.p_min if p_min is None else p_min,
+                   verify_ms=s.verify_ms, predict_ms=s.predict_ms, lookahead=s.lookahead,
+                   proposal_ms=s.proposal_ms, copy_through=s.copy_through, trust_match=s.trust_match,
+                   copy_k=s.copy_k, copy_lengths=s.copy_lengths, corpus=corpus, meta=meta)
 
     def calibrate(self, reps: int = 10) -> dict:
         """Time the costs on this machine, at the current torch thread count,
@@ -367,12 +268,12 @@ class TreeDrafter:
         The verify forward is timed again as ``draft-fit`` times it; the
         drafter's own costs are timed in isolation (model features, one tree
         row) and the fitted in-loop proposal cost is scaled by how much
-        faster or slower those are here. About 130 forwards for a curve of 9."""
-        s = self.meta.get("settings", {})
-        fit = self.meta.get("fit", {})
+        faster or slower those are here. About 130 forwards for a curve of 9.
+        For a drafter from ``load``: the fitted costs are its ``meta``'s."""
+        s = self.meta.settings
         before = {"verify_ms": list(self.verify_ms), "predict_ms": self.predict_ms,
-                  "state_ms": s.get("state_ms"), "proposal_ms": self.proposal_ms}
-        ctx_len = (fit.get("min_context", 32) + fit.get("max_context", 384)) // 2
+                  "state_ms": s.state_ms, "proposal_ms": self.proposal_ms}
+        ctx_len = self.meta.context_len
         # As far as the fitted curve reaches (a request may draft past k_max).
         # A curve timed while the machine is busy (pip or a training run beside
         # it made verify 75-105 ms against 14-24 ms) would price every draft
@@ -390,19 +291,25 @@ class TreeDrafter:
         if noisy is not None:
             self.calibration = {"fitted": before, "here": None, "threads": torch.get_num_threads(),
                                 "kept_fitted_because": noisy}
+            log.warning("tree drafter: this machine was busy while its costs were timed (twice), so it keeps the "
+                        "costs fitted by draft-fit %s ms; restart on a quiet machine to time them here",
+                        [round(v, 2) for v in before["verify_ms"]])
             return self.calibration
         state_ms, predict_ms = self._own_costs(ctx_len)
-        fitted_own = (s.get("state_ms") or 0.0) + (s.get("predict_ms") or 0.0)
+        fitted_own = (s.state_ms or 0.0) + s.predict_ms
         scale = (state_ms + predict_ms) / fitted_own if fitted_own > 0 else 1.0
         self.verify_ms, self.predict_ms = verify, predict_ms
         self._fit_copy_lengths()
         if self.proposal_ms is not None:
             self.proposal_ms *= scale
-        self.meta = {**self.meta, "settings": {**s, "state_ms": state_ms}}
+        self.meta = replace(self.meta, settings=replace(s, state_ms=state_ms))  # what step_cost_ms adds from now on
         self.calibration = {"fitted": before, "here": {"verify_ms": verify, "predict_ms": round(predict_ms, 4),
                                                        "state_ms": round(state_ms, 4),
                                                        "proposal_ms": self.proposal_ms},
                             "threads": torch.get_num_threads()}
+        log.info("tree drafter costs timed here on %d threads: verify %s ms for T=1..%d (fitted: %s)",
+                 torch.get_num_threads(), [round(v, 2) for v in verify], len(verify),
+                 [round(v, 2) for v in before["verify_ms"]])
         return self.calibration
 
     def _own_costs(self, ctx_len: int, reps: int = 50) -> tuple[float, float]:
@@ -433,7 +340,25 @@ class TreeDrafter:
         return state_features(self.spec, self.model, features.logits.reshape(1, -1),
                               features.hidden.reshape(1, -1), [h.reshape(1, -1) for h in features.exit_hidden])
 
-    def propose(self, context: list[int], features: ModelFeatures | None, k_max: int) -> Draft:
+    def open(self) -> "TreeState":
+        return TreeState(self, NgramIndex(self.spec.ngram_max_n))
+
+    def describe(self) -> dict:
+        spec = self.spec
+        return {"k_max": self.k_max,
+                # Its classes: K tokens + __COPY__ + __MODEL__.
+                "token_classes": len(spec.classes), "classes": len(spec.classes) + 2,
+                "feature_version": spec.version, "p_min": self.p_min, "verify_ms": self.verify_ms,
+                "calibration": self.calibration,
+                # The trusted-match shortcut, and the copy length it drafts per
+                # bucket of match evidence (draft/copylen.py) under this machine's curve.
+                "trust_match": self.trust_match,
+                "copy_lengths": self.copy_lengths.lengths if self.copy_lengths is not None else None,
+                # How many token ids the corpus bigram guesses a follower for (draft/corpus.py).
+                "corpus_bigram": len(self.corpus) if self.corpus is not None else None}
+
+    def draft(self, index: NgramIndex, context: list[int], features: ModelFeatures | None, k_max: int) -> Draft:
+        """The proposal for ``context``, with ``index`` the request's n-gram index (``TreeState``)."""
         if features is None or k_max <= 0:
             return Draft(tokens=[])
         spec = self.spec
@@ -441,7 +366,8 @@ class TreeDrafter:
         # the tree against it, and the trusted match copies it.
         # (As many tokens as the copy-length table's evidence compared when it was counted.)
         look = max(k_max, self.fallback.k_max, self.copy_lengths.depths if self.copy_lengths is not None else 0)
-        alt, match, agree = ngram_copy_evidence(context, look, spec.ngram_max_n)
+        index.sync(context)
+        alt, match, agree = index.copy_evidence(look, spec.ngram_max_n)
         # The fallback's draft where the context has nothing to copy, or only
         # a one-token match: the corpus guess (draft.corpus).
         guess = self.fallback.guess(context) if match <= 1 else []
@@ -466,7 +392,7 @@ class TreeDrafter:
             # one-at-a-time walk would build. Past that depth the rows are
             # stale, and the next round starts from the token it picked.
             j0 = len(drafted)
-            path, ngs, tails = self._copy_path(ctx, k_max - j0)
+            path, ngs, tails = self._copy_path(index, ctx, k_max - j0)
             X = features_for(spec, np.repeat(state, len(ngs), axis=0), tails,
                              list(range(j0, j0 + len(ngs))), ngrams=ngs)
             for i, (tok, p, p_cand) in enumerate(self._decisions(X, ngs)):
@@ -521,13 +447,28 @@ class TreeDrafter:
                                         [c for c, _ in ngs[lo:hi]], self.spec)
                 yield from zip(tok.tolist(), p.tolist(), p_cand.tolist())
 
-    def _copy_path(self, ctx: list[int], n: int):
+    def _copy_path(self, index: NgramIndex, ctx: list[int], n: int):
         """The n-gram candidates along the copy path from ``ctx``: (path
         tokens, (candidate, match length) for depths 0..m, each depth's last
         n_last tokens) where the path stops after n depths or where there
         is no candidate to copy (that depth still gets its row)."""
         L = self.spec.n_last
-        ngs = ngram_copy_path(ctx, n, self.spec.ngram_max_n)
+        index.sync(ctx)
+        ngs = index.copy_path(n, self.spec.ngram_max_n)
         path = [c for c, _ in ngs[:-1]]
         tails = [(ctx[-L:] + path[:i])[-L:] for i in range(len(ngs))]
         return path, ngs, tails
+
+
+class TreeState:
+    """One request's tree drafting: its n-gram index, which follows the
+    context and the copy paths the rounds look ahead along."""
+
+    def __init__(self, drafter: TreeDrafter, index: NgramIndex):
+        self.drafter, self.index = drafter, index
+
+    def propose(self, context: list[int], features: ModelFeatures | None, k: int) -> Draft:
+        return self.drafter.draft(self.index, context, features, k)
+
+    def observe(self, drafted: list[int], emitted: list[int]) -> None:
+        pass  # the tree learns nothing per request; the gate wrapping it does

@@ -1,12 +1,12 @@
-"""The data the speculative engine, its drafters and the server exchange.
+"""The data the decode loop, its drafters and the server exchange.
 
-No fastapi or prometheus here: the engine returns ``SpecStats`` as data and
+No fastapi or prometheus here: the loop returns ``SpecStats`` as data and
 the server turns it into metrics.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Protocol, Sequence
 
 import torch
@@ -74,46 +74,116 @@ class Draft:
     # when it sampled the token from q; None for deterministic proposals
     # (then acceptance uses p(d) and the residual excludes d).
     q: list[torch.Tensor] | None = None
-    # What the drafter's fallback (see DraftGate) would have drafted here, when
+    # What the drafter's fallback (draft.gate) would have drafted here, when
     # the drafter knows it at no extra cost: the gate judges the fallback on
     # the tokens this step emits, so it can tell which of the two pays more.
     fallback: list[int] | None = None
     # True when the tokens are the corpus guess (draft.corpus) filling a step
     # the drafter would otherwise have left empty, not its own proposal.
     guess: bool = False
+    # True when the gate (draft.gate) did not ask the drafter this step: the
+    # tokens, if any, are its fallback's.
+    skipped: bool = False
+
+
+class DraftState(Protocol):
+    """One request's drafting, from ``Drafter.open`` to the request's end.
+
+    Whatever a drafter learns or indexes about a request (the n-gram index
+    of its context, the gate's running costs) lives here, so requests never
+    share state and nothing has to guess which request a context is."""
+
+    def propose(self, context: list[int], features: "ModelFeatures | None", k: int) -> Draft:
+        """Up to ``k`` tokens to follow ``context`` (prompt + generated so far)."""
+        ...
+
+    def observe(self, drafted: list[int], emitted: list[int]) -> None:
+        """After the verify: the drafts the model checked (the proposal, cut
+        where it was invalid or too long) and the tokens the step emitted
+        (the accepted drafts, then the model's own next token)."""
+        ...
 
 
 class Drafter(Protocol):
-    name: str
+    """What the decode loop, the benchmark and the server know of a drafter.
 
-    def propose(self, context: list[int], features: ModelFeatures | None, k_max: int) -> Draft:
-        """Up to ``k_max`` tokens to follow ``context`` (prompt + generated so far)."""
+    A new drafter is one module with a class like this, plus its entry in
+    ``draft.registry``."""
+
+    name: str
+    k_max: int  # the draft length it proposes unless a request caps it
+
+    def open(self) -> DraftState:
+        """A fresh state for one request."""
         ...
 
-    # Optional, for the engine's DraftGate: ``step_cost_ms(n)`` is what a
-    # proposal that drafts n tokens costs (the drafter's own time plus the
-    # longer verify), and ``forward_ms`` what one accepted token saves (a
-    # forward). A drafter without them is always asked. ``fallback``, a
-    # cheap Drafter, proposes while the gate is closed.
+    def describe(self) -> dict:
+        """Its settings as JSON-ready data (the server's /info, the benchmark's report)."""
+        ...
 
 
 @dataclass
-class SpecStats:
-    drafter: str = "none"
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    verify_steps: int = 0  # forwards after the prefill (each verifies [last] + drafts)
-    draft_tokens: int = 0  # tokens proposed by the drafter
-    accepted_tokens: int = 0  # drafted tokens the model accepted (bonus tokens excluded)
-    accepted_per_position: list[int] = field(default_factory=list)  # [j]: accepted at draft position j
-    drafted_per_position: list[int] = field(default_factory=list)  # [j]: proposed at draft position j
-    model_handbacks: int = 0  # drafts that ended in __MODEL__
-    skipped_proposals: int = 0  # steps the DraftGate did not ask the drafter (its fallback, if any, drafted)
+class StepStats:
+    """What one step of the loop did (the prefill, or a verify step).
+
+    Every event carries its step's; ``SpecStats`` sums them and the server's
+    metrics count them. A new counter is a field here (summed into
+    SpecStats and reported in responses by itself) and a series in the
+    server's Metrics."""
+
+    verify_steps: int = 0  # 1 for a verify step: a forward of [last] + drafts after the prefill
+    generated_tokens: int = 0  # tokens released by this step (a stop or the length cuts the rest)
+    draft_tokens: int = 0  # tokens proposed and verified
+    accepted_tokens: int = 0  # of those, accepted by the model (the bonus token excluded)
+    model_handbacks: int = 0  # 1 when the draft ended with __MODEL__
+    skipped_proposals: int = 0  # 1 when the gate did not ask the drafter (its fallback, if any, drafted)
     guess_tokens: int = 0  # of draft_tokens, corpus guesses (draft.corpus) in otherwise empty steps
     accepted_guesses: int = 0  # of accepted_tokens, corpus guesses
     drafter_time_s: float = 0.0
     verify_time_s: float = 0.0
     prefill_time_s: float = 0.0
+
+    def count_draft(self, draft: Draft | None, drafted: int, accepted: int) -> None:
+        """Book a verify step's draft: the proposal (None where nothing was
+        asked), how many of its tokens were verified and how many accepted."""
+        self.draft_tokens, self.accepted_tokens = drafted, accepted
+        if draft is None:
+            return
+        self.model_handbacks, self.skipped_proposals = int(draft.handback), int(draft.skipped)
+        if draft.guess and drafted:
+            self.guess_tokens, self.accepted_guesses = drafted, accepted
+
+
+# SpecStats fields that a response's speculative details leave out: the
+# request's own counts are reported elsewhere (usage, details), and wall
+# times depend on the machine and the batch.
+UNREPORTED = ("prompt_tokens", "generated_tokens", "drafter_time_s", "verify_time_s", "prefill_time_s")
+
+
+@dataclass
+class SpecStats(StepStats):
+    """A request's running totals: its steps' ``StepStats`` summed, with the
+    accepted and drafted counts per draft position."""
+
+    drafter: str = "none"
+    prompt_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # [j]: accepted at draft position j
+    drafted_per_position: list[int] = field(default_factory=list)  # [j]: proposed at draft position j
+
+    def add(self, step: StepStats) -> None:
+        for f in fields(StepStats):
+            setattr(self, f.name, getattr(self, f.name) + getattr(step, f.name))
+        for counts, n in ((self.drafted_per_position, step.draft_tokens),
+                          (self.accepted_per_position, step.accepted_tokens)):
+            # Both lists run as far as any draft did, so a position never accepted shows 0.
+            if len(counts) < step.draft_tokens:
+                counts.extend([0] * (step.draft_tokens - len(counts)))
+            for j in range(n):
+                counts[j] += 1
+
+    def copy(self) -> "SpecStats":
+        return replace(self, accepted_per_position=list(self.accepted_per_position),
+                       drafted_per_position=list(self.drafted_per_position))
 
     @property
     def acceptance_rate(self) -> float:
@@ -129,6 +199,10 @@ class SpecStats:
         d["acceptance_rate"] = self.acceptance_rate
         d["mean_accepted_length"] = self.mean_accepted_length
         return d
+
+    def report(self) -> dict:
+        """The speculative details a response carries: every counter but ``UNREPORTED``."""
+        return {k: v for k, v in self.to_dict().items() if k not in UNREPORTED}
 
 
 @dataclass
@@ -146,6 +220,7 @@ class StepEvent:
     texts: list[str]
     finish_reason: str | None  # set on the last event only
     stats: SpecStats  # running totals for the request so far
+    step: StepStats = field(default_factory=StepStats)  # what this event's step did
     # With params.top_n: per token, the top_n (token id, log-probability)
     # pairs of the distribution it was chosen from, most likely first.
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -190,3 +265,25 @@ def fastest_length(acceptance: Sequence[float], verify_ms: Sequence[float]) -> t
             best_k, best = k, v[k] / tokens
     return best_k, best
 
+
+
+class StatelessDrafter:
+    """A base for drafters whose proposals depend on nothing but their
+    arguments (scripted drafters in tests, simple rules): the drafter is its
+    own per-request state. Subclasses set ``name`` and ``k_max`` and define
+    ``propose``."""
+
+    name = "stateless"
+    k_max = 4
+
+    def open(self) -> "StatelessDrafter":
+        return self
+
+    def propose(self, context: list[int], features: ModelFeatures | None, k: int) -> Draft:
+        raise NotImplementedError
+
+    def observe(self, drafted: list[int], emitted: list[int]) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"k_max": self.k_max}

@@ -62,17 +62,17 @@ def test_prompt_lookup_guesses_from_the_corpus_where_little_repeats():
     plain, filled = NgramDrafter(), NgramDrafter(corpus=table)
     ctx = [10, 11, 12, 10, 11]
     # A match: both copy it, the corpus is not asked.
-    assert filled.propose(ctx, None, 3).tokens == plain.propose(ctx, None, 3).tokens == [12, 10, 11]
+    assert filled.open().propose(ctx, None, 3).tokens == plain.open().propose(ctx, None, 3).tokens == [12, 10, 11]
     # Nothing repeats: the baseline drafts nothing, the filled one guesses one token.
-    assert plain.propose([1, 2, 3], None, 4).tokens == []
-    assert filled.propose([1, 2, 3], None, 4).tokens == [8] and filled.propose([1, 2, 3], None, 4).guess
-    assert not filled.propose(ctx, None, 3).guess
-    assert filled.propose([1, 2, 3], None, 0).tokens == []  # k = 0 drafts nothing
-    assert filled.propose([1, 2, 5], None, 4).tokens == []  # no follower of 5 in the corpus
+    assert plain.open().propose([1, 2, 3], None, 4).tokens == []
+    assert filled.open().propose([1, 2, 3], None, 4).tokens == [8] and filled.open().propose([1, 2, 3], None, 4).guess
+    assert not filled.open().propose(ctx, None, 3).guess
+    assert filled.open().propose([1, 2, 3], None, 0).tokens == []  # k = 0 drafts nothing
+    assert filled.open().propose([1, 2, 5], None, 4).tokens == []  # no follower of 5 in the corpus
     # A match of one token only: the corpus follower replaces the copy ...
-    assert plain.propose([3, 9, 1, 3], None, 2).tokens == [9, 1]
-    assert filled.propose([3, 9, 1, 3], None, 2).tokens == [8]
+    assert plain.open().propose([3, 9, 1, 3], None, 2).tokens == [9, 1]
+    assert filled.open().propose([3, 9, 1, 3], None, 2).tokens == [8]
     # ... unless the corpus has none, or agrees with the copy, which then goes on.
-    assert filled.propose([5, 9, 1, 5], None, 2).tokens == [9, 1]
-    agree = filled.propose([3, 8, 1, 3], None, 2)
+    assert filled.open().propose([5, 9, 1, 5], None, 2).tokens == [9, 1]
+    agree = filled.open().propose([3, 8, 1, 3], None, 2)
     assert agree.tokens == [8, 1] and not agree.guess

@@ -288,7 +288,7 @@ def test_speculation_is_lossless_at_each_precision(precision):
     """Greedy output with a drafter equals vanilla decoding at the same precision (an oracle
     that is right for a varying number of positions, then wrong, forces multi-row verify
     steps and rollbacks), and a seeded sampled request gives the same tokens with a drafter."""
-    from test_engine import Oracle
+    from test_loop import Oracle
 
     tok = Tokenizer()
     m = tiny_model(seed=5)

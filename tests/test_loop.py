@@ -15,11 +15,12 @@ import torch
 from scipy.stats import chi2
 
 from treespec.draft.corpus import CorpusBigram
+from treespec.draft.gate import GatedDrafter
 from treespec.draft.loop import generate, generate_all, generate_steps
 from treespec.draft.ngram import NgramDrafter
 from treespec.draft.sampling import accept_sampled, probs_from_logits, sample
 from treespec.draft.types import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Draft,
-                                  SamplingParams, StepEvent)
+                                  SamplingParams, StatelessDrafter, StepEvent)
 from treespec.model import Tokenizer
 
 from conftest import tiny_model
@@ -75,7 +76,7 @@ def corpus_guesser(model, tok, k_max: int = 4) -> NgramDrafter:
     return NgramDrafter(k_max=k_max, corpus=CorpusBigram(table.follower, table.share))
 
 
-class Oracle:
+class Oracle(StatelessDrafter):
     """Proposes the vanilla continuation: ``mode`` "right" as is, "wrong"
     with every token shifted (never the argmax), "partial" right for a
     varying number of positions and then wrong (forces rollbacks)."""
@@ -544,7 +545,7 @@ def sharp():
     return model, prompt, table, exact
 
 
-class TableDrafter:
+class TableDrafter(StatelessDrafter):
     """Drafts from the exact table: deterministic (the second most likely
     token, then the most likely) or sampled from its own q (uniform over the
     top-4), so both acceptance paths run."""
@@ -656,8 +657,11 @@ def test_sampling_is_reproducible_per_seed(tok, sharp):
 # --- the draft gate -------------------------------------------------------------
 
 class CostedOracle(Oracle):
-    """An Oracle with a cost model, so the engine puts a DraftGate in front of it:
+    """An Oracle with a cost model, for a DraftGate in front of it (``gated``):
     every proposal costs ``cost_ms``, an accepted token saves ``forward_ms``."""
+
+    verify_ms = None  # no verify curve unless a test sets one
+    fallback = None  # what drafts while the gate is closed, if a test sets one
 
     def __init__(self, *a, cost_ms: float, forward_ms: float = 10.0, **kw):
         super().__init__(*a, **kw)
@@ -667,15 +671,19 @@ class CostedOracle(Oracle):
         return self.cost_ms
 
 
+def gated(d: CostedOracle) -> GatedDrafter:
+    return GatedDrafter(d, d.fallback)
+
+
 def test_gate_skips_a_drafter_that_costs_more_than_it_earns_and_stays_lossless(tok, wandering):
-    from treespec.draft.loop import DraftGate
+    from treespec.draft.gate import DraftGate
 
     params = SamplingParams(max_new_tokens=40)  # the tiny model's context is 64
     for prompt in random_prompts(3, seed=21):
         ref = generate_all(wandering, prompt, params, tokenizer=tok)
         # Never accepted: it only costs, so the gate asks it after 1, 2, 4, ... skipped steps.
         never = CostedOracle(ref.token_ids, len(prompt), 3, "wrong", cost_ms=1.0)
-        got = generate_all(wandering, prompt, params, never, tokenizer=tok)
+        got = generate_all(wandering, prompt, params, gated(never), tokenizer=tok)
         assert got.token_ids == ref.token_ids
         s = got.stats
         assert len(never.calls) + s.skipped_proposals == s.verify_steps - 1  # the last step cannot draft
@@ -684,7 +692,7 @@ def test_gate_skips_a_drafter_that_costs_more_than_it_earns_and_stays_lossless(t
         assert (len(never.calls), s.skipped_proposals, s.verify_steps) == (6, 32, 39)
         # Always right: each proposal saves 3 forwards, the gate never closes.
         right = CostedOracle(ref.token_ids, len(prompt), 3, "right", cost_ms=1.0)
-        got = generate_all(wandering, prompt, params, right, tokenizer=tok)
+        got = generate_all(wandering, prompt, params, gated(right), tokenizer=tok)
         assert got.token_ids == ref.token_ids and got.stats.skipped_proposals == 0
         # A drafter without a cost model is always asked.
         plain = Oracle(ref.token_ids, len(prompt), 3, "wrong")
@@ -694,7 +702,7 @@ def test_gate_skips_a_drafter_that_costs_more_than_it_earns_and_stays_lossless(t
         # While the gate is closed, a drafter's fallback drafts instead.
         never = CostedOracle(ref.token_ids, len(prompt), 3, "wrong", cost_ms=1.0)
         never.fallback = Oracle(ref.token_ids, len(prompt), 2, "right")
-        got = generate_all(wandering, prompt, params, never, tokenizer=tok)
+        got = generate_all(wandering, prompt, params, gated(never), tokenizer=tok)
         assert got.token_ids == ref.token_ids
         # every step but possibly the last (no room left to draft) asked one of them
         assert 0 <= got.stats.verify_steps - (len(never.calls) + len(never.fallback.calls)) <= 1
@@ -726,7 +734,7 @@ def test_gate_skips_a_drafter_that_costs_more_than_it_earns_and_stays_lossless(t
 
 
 def test_gate_sets_the_fallbacks_length_from_its_acceptance_and_the_verify_cost(tok, wandering):
-    from treespec.draft.loop import DraftGate
+    from treespec.draft.gate import DraftGate
 
     gate = DraftGate(forward_ms=4.0, step_cost_ms=lambda n: 1.0)
     assert gate.fallback_k(5) == 5  # no verify curve: the fallback's own length
@@ -754,20 +762,20 @@ def test_gate_sets_the_fallbacks_length_from_its_acceptance_and_the_verify_cost(
         never = CostedOracle(ref.token_ids, len(prompt), 3, "wrong", cost_ms=1.0, forward_ms=4.0)
         never.verify_ms = [4.0, 4.2, 5.0, 5.0, 6.0]
         never.fallback = Oracle(ref.token_ids, len(prompt), 3, "wrong")
-        got = generate_all(wandering, prompt, params, never, tokenizer=tok)
+        got = generate_all(wandering, prompt, params, gated(never), tokenizer=tok)
         assert got.token_ids == ref.token_ids
         assert 0 < len(never.fallback.calls) < got.stats.skipped_proposals  # some steps were vanilla
         # With a right fallback, it keeps drafting while the gate is closed.
         never = CostedOracle(ref.token_ids, len(prompt), 3, "wrong", cost_ms=1.0, forward_ms=4.0)
         never.verify_ms = [4.0, 4.2, 5.0, 5.0, 6.0]
         never.fallback = Oracle(ref.token_ids, len(prompt), 3, "right")
-        got = generate_all(wandering, prompt, params, never, tokenizer=tok)
+        got = generate_all(wandering, prompt, params, gated(never), tokenizer=tok)
         assert got.token_ids == ref.token_ids
         assert len(never.fallback.calls) == got.stats.skipped_proposals > 0
 
 
 def test_gate_books_the_fallbacks_draft_on_the_tokens_a_step_emitted():
-    from treespec.draft.loop import DraftGate
+    from treespec.draft.gate import DraftGate
 
     gate = DraftGate(forward_ms=4.0, step_cost_ms=lambda n: 1.0, verify_ms=[4.0] * 5, has_fallback=True)
     gate.record_counterfactual([1, 2, 3, 4], [1, 2])  # both known positions right; 3 and 4 unknown
@@ -780,7 +788,7 @@ def test_gate_books_the_fallbacks_draft_on_the_tokens_a_step_emitted():
 
 
 def test_gate_prefers_the_fallback_where_it_saves_more_per_token():
-    from treespec.draft.loop import DraftGate
+    from treespec.draft.gate import DraftGate
 
     def gate_after(fallback_right: bool):
         g = DraftGate(forward_ms=10.0, step_cost_ms=lambda n: 4.0 + n, verify_ms=[10.0] * 9, has_fallback=True,
@@ -827,7 +835,7 @@ def test_a_costly_drafter_gives_way_to_a_free_fallback_that_is_as_right(tok, wan
                               fallback_mode=mode)
             d.verify_ms = [4.0] * 5
             d.fallback = Oracle(ref.token_ids, len(prompt), 3, mode)
-            got = generate_all(wandering, prompt, params, d, tokenizer=tok)
+            got = generate_all(wandering, prompt, params, gated(d), tokenizer=tok)
             assert got.token_ids == ref.token_ids
             runs[mode] = got.stats
         # Both save 3 forwards (12 ms) a step, but the drafter costs 3 ms of them:
@@ -839,7 +847,7 @@ def test_gate_books_what_a_proposal_took_where_it_has_a_verify_curve():
     """A drafter that prices its proposals low but takes long (a whole tree walk on prose)
     is closed off on its measured time; a proposal faster than estimated is still booked at
     the estimate; without a verify curve the gate keeps the estimate."""
-    from treespec.draft.loop import DraftGate
+    from treespec.draft.gate import DraftGate
 
     cheap = lambda n: 0.2 + 0.3 * n  # noqa: E731 - what the drafter thinks a proposal costs
     g = DraftGate(forward_ms=3.0, step_cost_ms=cheap, verify_ms=[3.0, 3.3, 3.6])
@@ -859,7 +867,7 @@ def test_a_gate_that_closes_again_after_a_lucky_probe_waits_long():
     """A drafter that loses on average but sometimes gets a probe right: after closing
     again it waits half the reopening probe's wait, not one step; a run of paying
     proposals wears that memory away."""
-    from treespec.draft.loop import DraftGate
+    from treespec.draft.gate import DraftGate
 
     g = DraftGate(forward_ms=10.0, step_cost_ms=lambda n: 1.0, max_backoff=32)
     g.record(drafted=3, accepted=0)  # closes: wait 1

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from treespec.draft.ngram import (MAX_MATCH, IndexPool, NgramDrafter, NgramIndex, ngram_candidate,
+from treespec.draft.ngram import (MAX_MATCH, NgramDrafter, NgramIndex, ngram_candidate,
                                   ngram_continuation, ngram_copy_evidence, ngram_copy_path)
 from treespec.draft.registry import DRAFTERS, DrafterUnavailable, make_drafter
 
@@ -125,29 +125,33 @@ def test_copy_evidence_reads_the_history_and_the_earlier_occurrence():
     assert ngram_copy_evidence([1, 2, 3], 2) == ([], 0, -1)
 
 
-def test_pool_keeps_one_index_per_interleaved_sequence():
+def test_each_request_state_has_its_own_index():
+    """Two requests stepped round-robin, sharing a system prompt, with drafts
+    rejected now and then: each state proposes what a rescan of its own
+    context gives, and never reads the other's index."""
     rng = random.Random(0)
-    pool = IndexPool(size=3)
+    d = NgramDrafter(k_max=4)
     seqs = [[rng.randrange(6) for _ in range(80)] for _ in range(2)]
     seqs[1][:10] = seqs[0][:10]  # a shared system prompt
-    used = {}
-    for length in range(12, 81, 4):  # round-robin, each growing
-        for s, seq in enumerate(seqs):
+    states = [d.open(), d.open()]
+    assert states[0].index is not states[1].index
+    for length in range(12, 81, 3):
+        for seq, state in zip(seqs, states):
             ctx = seq[:length]
-            idx = pool.get(ctx)
-            assert idx.match() == rescan(ctx)
-            if length - 10 > pool.max_rollback:  # diverged by more than a draft
-                used.setdefault(s, set()).add(id(idx))
-    assert all(len(v) == 1 for v in used.values()) and used[0] != used[1]
+            assert state.propose(ctx, None, 4).tokens == rescan_continuation(ctx, 4, d.max_n)
+            state.propose(ctx + [5, 5, 5], None, 4)  # a look at a draft that will be rejected
+            assert state.index.match() == rescan(ctx + [5, 5, 5])
 
 
 def test_drafter_proposes_the_continuation_up_to_k():
     d = NgramDrafter()
     ctx = [10, 11, 12, 13, 14, 15, 10, 11, 12]
-    assert d.propose(ctx, None, 2).tokens == [13, 14]
-    assert d.propose(ctx, None, 10).tokens == [13, 14, 15, 10, 11, 12, 13, 14, 15, 10]
-    assert d.propose([1, 2, 3], None, 4).tokens == []
-    assert d.name == "ngram" and not d.propose(ctx, None, 2).handback
+    state = d.open()
+    assert state.propose(ctx, None, 2).tokens == [13, 14]
+    assert state.propose(ctx, None, 10).tokens == [13, 14, 15, 10, 11, 12, 13, 14, 15, 10]
+    assert state.propose([1, 2, 3], None, 4).tokens == []
+    assert d.name == "ngram" and not state.propose(ctx, None, 2).handback
+    assert d.describe() == {"k_max": 4, "max_n": d.max_n, "corpus_bigram": None}
 
 
 def test_registry(tiny_bundle):

@@ -12,7 +12,7 @@ import torch
 from conftest import DRAFT_K_MAX as K_MAX
 from conftest import tiny_model
 from treespec.draft.features import FEATURE_VERSION, features_for, top_indices
-from treespec.draft.fit import _windows, build_rows, collect
+from treespec.draft.collect import build_rows, collect, windows
 from treespec.draft.copylen import CopyLengths
 from treespec.draft.corpus import CorpusBigram
 from treespec.draft.ngram import ngram_candidate, ngram_continuation, ngram_copy_evidence
@@ -80,7 +80,7 @@ def test_features_identical_at_fit_and_serve_time(fitted, draft_corpus):
     spec, model, n_vocab = drafter.spec, bundle.model, bundle.tokenizer.n_vocab
     data = load_split(draft_corpus, "train")
     steps = 6
-    batches = _windows([(0, len(data))], 4, 4, 10, 20, np.random.default_rng(5))
+    batches = windows([(0, len(data))], 4, 4, 10, 20, np.random.default_rng(5))
     col = collect(model, spec, data, batches, steps, K_MAX, progress=False)
     rows = build_rows(col, spec, threshold=0.0, eot=bundle.tokenizer.eot_id)
     K = spec.K
@@ -195,7 +195,7 @@ def test_proposals_follow_the_drafting_rule(fitted):
 
     # Tokens while confident, then __MODEL__: stop there and hand back.
     d = _drafter(bundle, [{0: 0.9, "model": 0.1}, {1: 0.8, "model": 0.2}, {"model": 0.9, 0: 0.1}])
-    draft = d.propose(context, feats, 4)
+    draft = d.open().propose(context, feats, 4)
     assert draft.tokens == [c0, c1] and draft.handback
     # Rows come in rounds along the copy path (C A B C ...), the first
     # row alone; a token off that path makes the later rows stale, so the
@@ -204,70 +204,70 @@ def test_proposals_follow_the_drafting_rule(fitted):
 
     # Confident all the way: k_max tokens, no handback.
     d = _drafter(bundle, [{0: 0.9, "model": 0.1}])
-    draft = d.propose(context, feats, 3)
+    draft = d.open().propose(context, feats, 3)
     assert draft.tokens == [c0] * 3 and not draft.handback
 
     # __COPY__ proposes the n-gram candidate; each depth looks it up again in
     # the context grown by the drafted tokens, so the copy runs on.
     d = _drafter(bundle, [{"copy": 0.9, "model": 0.1}, {"model": 0.9}])
-    draft = d.propose(context, feats, 4)
+    draft = d.open().propose(context, feats, 4)
     assert draft.tokens == [C] and draft.handback
     d = _drafter(bundle, [{"copy": 0.9, "model": 0.1}])
-    draft = d.propose(context, feats, 4)
+    draft = d.open().propose(context, feats, 4)
     assert draft.tokens == [C, A, B, C] and not draft.handback
     assert d.predict.calls == [0, 1, 2, 3]  # on the copy path: one round
     # __COPY__ with no candidate (nothing repeats) has nothing to propose.
-    assert d.propose([101, 102, 103], feats, 4).tokens == []
+    assert d.open().propose([101, 102, 103], feats, 4).tokens == []
 
     # The most likely token is below p_min: nothing drafted.
     d = _drafter(bundle, [{0: 0.3, 1: 0.25, 2: 0.25, "model": 0.2}], p_min=0.5)
-    assert d.propose(context, feats, 4).tokens == []
+    assert d.open().propose(context, feats, 4).tokens == []
 
     # Cost-aware: a second draft costs a whole forward more here, and a
     # 0.9 * 0.9 chance of two acceptances does not pay for it ...
     d = _drafter(bundle, [{0: 0.9, "model": 0.1}], verify_ms=(1.0, 1.0, 2.0, 2.0))
-    draft = d.propose(context, feats, 4)
+    draft = d.open().propose(context, feats, 4)
     assert draft.tokens == [c0] and draft.handback
     # ... unless the drafts after it, free once that step is paid, count too.
     d = _drafter(bundle, [{0: 0.9, "model": 0.1}], verify_ms=(1.0, 1.0, 2.0, 2.0), lookahead=True)
-    assert d.propose(context, feats, 4).tokens == [c0] * 4
+    assert d.open().propose(context, feats, 4).tokens == [c0] * 4
     d = _drafter(bundle, [{0: 0.6, "model": 0.1}], verify_ms=(1.0, 1.0, 2.0, 2.0), lookahead=True)
-    assert d.propose(context, feats, 4).tokens == [c0]  # 0.36 + 0.22 + 0.13 < 1 forward
+    assert d.open().propose(context, feats, 4).tokens == [c0]  # 0.36 + 0.22 + 0.13 < 1 forward
     # ... and the k_max the engine passes is honoured.
-    assert _drafter(bundle, [{0: 0.9}]).propose(context, feats, 0).tokens == []
+    assert _drafter(bundle, [{0: 0.9}]).open().propose(context, feats, 0).tokens == []
 
     # Copy-through: where __MODEL__ wins, the n-gram candidate is still
     # drafted while the chance the tree gives it pays for its position.
     # Here it is a third (0.3 __COPY__) and the verify is flat: it pays.
     script = [{"model": 0.7, "copy": 0.3}]
-    assert _drafter(bundle, script).propose(context, feats, 4).tokens == []
+    assert _drafter(bundle, script).open().propose(context, feats, 4).tokens == []
     d = _drafter(bundle, script, copy_through=True)
-    draft = d.propose(context, feats, 4)
+    draft = d.open().propose(context, feats, 4)
     assert draft.tokens == [C, A, B, C] and not draft.handback
     # A token the tree is sure of still wins over the candidate ...
-    assert _drafter(bundle, [{0: 0.9, "copy": 0.1}], copy_through=True).propose(context, feats, 2).tokens == \
+    assert _drafter(bundle, [{0: 0.9, "copy": 0.1}], copy_through=True).open().propose(context, feats, 2).tokens == \
         [c0] * 2
     # ... a third of a chance does not pay for a position that costs half a
     # forward (0.3 * 1 < 0.5) ...
     d = _drafter(bundle, script, verify_ms=(1.0, 1.5, 2.0, 2.5), copy_through=True)
-    assert d.propose(context, feats, 4).tokens == []
+    assert d.open().propose(context, feats, 4).tokens == []
     # ... the chance compounds with depth: 0.6, 0.36 and 0.22 of a forward
     # against 0.25 per position ...
     d = _drafter(bundle, [{"model": 0.4, "copy": 0.6}], verify_ms=(1.0, 1.25, 1.5, 1.75, 2.0), copy_through=True)
-    draft = d.propose(context, feats, 4)
+    draft = d.open().propose(context, feats, 4)
     assert draft.tokens == [C, A] and draft.handback
     # ... and with nothing to copy there is nothing to draft.
-    assert _drafter(bundle, script, copy_through=True).propose([101, 102, 103], feats, 4).tokens == []
+    assert _drafter(bundle, script, copy_through=True).open().propose([101, 102, 103], feats, 4).tokens == []
 
     # Trusted match: a match of at least trust_match tokens is copied (up to
     # copy_k) without asking the tree; a shorter one goes to the tree.
     d = _drafter(bundle, [{"model": 1.0}])
     d.trust_match, d.copy_k = 2, 2
-    draft = d.propose(context, feats, 4)  # "A B" matched: 2 tokens
+    draft = d.open().propose(context, feats, 4)  # "A B" matched: 2 tokens
     assert draft.tokens == [C, A] and d.predict.calls == []
-    assert d.propose(context, feats, 1).tokens == [C]  # the engine's k_max still caps it
+    assert d.open().propose(context, feats, 1).tokens == [C]  # the engine's k_max still caps it
     d.trust_match = 3
-    assert d.propose(context, feats, 4).tokens == [] and d.predict.calls == [0]
+    assert d.open().propose(context, feats, 4).tokens == [] and d.predict.calls == [0]
 
     # With a copy-length table the shortcut copies as far as the table says
     # pays for the match's evidence, and hands a length of 0 to the tree.
@@ -277,10 +277,10 @@ def test_proposals_follow_the_drafting_rule(fitted):
     d = _drafter(bundle, [{"model": 1.0}], verify_ms=(1.0, 1.1, 1.2, 1.3, 1.4))
     d.trust_match, d.copy_k, d.copy_lengths = 2, 4, right
     d._fit_copy_lengths()
-    assert d.propose(context, feats, 4).tokens == cont[:4] and d.predict.calls == []
+    assert d.open().propose(context, feats, 4).tokens == cont[:4] and d.predict.calls == []
     d.copy_lengths = wrong
     d._fit_copy_lengths()
-    assert d.propose(context, feats, 4).tokens == [] and d.predict.calls == [0]
+    assert d.open().propose(context, feats, 4).tokens == [] and d.predict.calls == [0]
     # The lengths follow the verify curve the drafter is calibrated to.
     d.copy_lengths = right
     d.verify_ms = [1.0, 2.0, 3.0, 4.0, 5.0]  # every position as dear as a forward
@@ -336,14 +336,14 @@ def test_batched_proposals_equal_the_one_depth_at_a_time_rule(fitted, draft_corp
             out = model.forward_step(torch.tensor([context]), 0, model.new_cache(batch_size=1))
             feats = _engine_features(out, len(context) - 1, n_vocab)
             for k in (1, K_MAX):
-                draft = drafter.propose(context, feats, k)
+                draft = drafter.open().propose(context, feats, k)
                 assert (draft.tokens, draft.handback) == _one_depth_at_a_time(drafter, context, feats, k)
                 lengths.add(len(draft.tokens))
                 guessed += draft.handback and draft.tokens == drafter.fallback.guess(context) != [] and \
                     ngram_candidate(context)[1] <= 1
                 if copy_through:
                     drafter.copy_through = False
-                    longer += len(draft.tokens) > len(drafter.propose(context, feats, k).tokens)
+                    longer += len(draft.tokens) > len(drafter.open().propose(context, feats, k).tokens)
                     drafter.copy_through = True
     assert len(lengths) > 1  # the cases include drafts of different lengths
     assert longer > 0  # and copy-through drafting past a __MODEL__
@@ -537,7 +537,7 @@ def test_vocab_stats_are_an_exact_top_a_and_the_softmax_entropy(scale):
 def test_fit_simulation_makes_the_drafters_decisions(fitted, lookahead, copy_through):
     """draft-fit picks its settings by simulating the rule on held-out chains:
     vectorised, it must draft exactly what TreeDrafter.decide drafts."""
-    from treespec.draft.fit import simulate
+    from treespec.draft.simulation import simulate
     from treespec.draft.types import extend_costs
 
     bundle = load_bundle(fitted[0])
@@ -596,13 +596,13 @@ def test_draft_fit_flags_fix_copy_through_and_the_trusted_match(fitted, draft_co
 
 def test_windows_take_turns_over_the_domains_spans():
     spans = [(0, 100), (100, 1000)]
-    batches = _windows(spans, 40, 4, 10, 20, np.random.default_rng(0))
+    batches = windows(spans, 40, 4, 10, 20, np.random.default_rng(0))
     assert sum(len(s) for _, s in batches) == 40
     for b, (L, starts) in enumerate(batches):
         lo, hi = spans[b % 2]
         assert 10 <= L <= 20 and all(lo <= s and s + L <= hi for s in starts)  # inside its own domain
     with pytest.raises(ValueError, match="too few"):
-        _windows([(0, 100), (100, 105)], 8, 4, 10, 20, np.random.default_rng(0))
+        windows([(0, 100), (100, 105)], 8, 4, 10, 20, np.random.default_rng(0))
 
 
 def test_calibrate_replaces_the_fitted_costs_with_this_machines(fitted):
@@ -613,11 +613,11 @@ def test_calibrate_replaces_the_fitted_costs_with_this_machines(fitted):
     import time
     from unittest import mock
 
-    from treespec.draft.loop import DraftGate
+    from treespec.draft.gate import GatedDrafter
 
     drafter = TreeDrafter.load(load_bundle(fitted[0]))
     assert drafter.calibration is None and drafter.verify_ms == [1.9, 1.9, 1.9, 3.2]
-    s = drafter.meta["settings"]
+    s = drafter.meta.settings
     real = drafter.model.forward_step
 
     def slow(ids, *a, **k):
@@ -625,26 +625,26 @@ def test_calibrate_replaces_the_fitted_costs_with_this_machines(fitted):
         return real(ids, *a, **k)
 
     drafter.model.forward_step = slow
-    with mock.patch.object(drafter, "_own_costs", lambda ctx_len: (2 * s["state_ms"], 2 * s["predict_ms"])):
+    with mock.patch.object(drafter, "_own_costs", lambda ctx_len: (2 * s.state_ms, 2 * s.predict_ms)):
         cal = drafter.calibrate(reps=2)
     v = drafter.verify_ms
     assert cal["fitted"]["verify_ms"] == [1.9, 1.9, 1.9, 3.2] and cal["here"]["verify_ms"] == v
     assert len(v) == 4 and v == sorted(v)  # as far as the fitted curve reached
     assert 30 <= v[0] < 60 and 8 * (len(v) - 1) <= v[-1] - v[0] < 30 * (len(v) - 1)  # ~10 ms a position, not ~0.4
-    assert drafter.forward_ms == v[0] and DraftGate.for_drafter(drafter).forward_ms == v[0]
-    assert drafter.predict_ms == pytest.approx(2 * s["predict_ms"])
+    assert drafter.forward_ms == v[0] and GatedDrafter(drafter, drafter.fallback).open().gate.forward_ms == v[0]
+    assert drafter.predict_ms == pytest.approx(2 * s.predict_ms)
     # No in-loop proposal cost was fitted (--verify-ms given), so a proposal
     # costs the features and one row per depth, now at this machine's rates.
-    assert drafter.step_cost_ms(2) == pytest.approx(2 * s["state_ms"] + 2 * 2 * s["predict_ms"] + v[2] - v[0])
+    assert drafter.step_cost_ms(2) == pytest.approx(2 * s.state_ms + 2 * 2 * s.predict_ms + v[2] - v[0])
 
 
 def test_calibrated_in_loop_proposal_cost_scales_with_the_isolated_timings(fitted):
     from unittest import mock
 
     drafter = TreeDrafter.load(load_bundle(fitted[0]))
-    s = drafter.meta["settings"]
+    s = drafter.meta.settings
     drafter.proposal_ms = 0.5  # as draft-fit measures it when it times the verify itself
-    with mock.patch.object(drafter, "_own_costs", lambda ctx_len: (3 * s["state_ms"], 3 * s["predict_ms"])):
+    with mock.patch.object(drafter, "_own_costs", lambda ctx_len: (3 * s.state_ms, 3 * s.predict_ms)):
         drafter.calibrate(reps=1)
     assert drafter.proposal_ms == pytest.approx(1.5)
     assert drafter.step_cost_ms(1) == pytest.approx(1.5 + drafter.verify_ms[1] - drafter.verify_ms[0])
@@ -657,7 +657,7 @@ def test_drafters_are_calibrated_only_when_asked(fitted):
 
     bundle = load_bundle(fitted[0])
     with mock.patch.object(TreeDrafter, "calibrate") as cal:
-        assert make_drafter("tree", bundle).verify_ms == [1.9, 1.9, 1.9, 3.2]
+        assert make_drafter("tree", bundle).drafter.verify_ms == [1.9, 1.9, 1.9, 3.2]
         assert cal.call_count == 0
         make_drafter("tree", bundle, calibrate=True)
         assert cal.call_count == 1
@@ -678,9 +678,9 @@ def test_proposals_report_what_prompt_lookup_would_have_drafted(fitted):
     feats = _engine_features(out, len(context) - 1, n_vocab)
     d = _drafter(bundle, [{0: 0.9, "model": 0.1}, {"model": 0.9}])
     want = ngram_continuation(context, max(4, d.fallback.k_max))
-    assert want and d.propose(context, feats, 4).fallback == want  # the tree drafted, and handed back
+    assert want and d.open().propose(context, feats, 4).fallback == want  # the tree drafted, and handed back
     d.trust_match, d.copy_k = 2, 2  # a 2-token match: the shortcut copies without the tree
-    draft = d.propose(context, feats, 4)
+    draft = d.open().propose(context, feats, 4)
     assert draft.tokens == want[:2] and draft.fallback == want
 
 
@@ -733,35 +733,35 @@ def test_a_handback_with_nothing_to_copy_fills_the_slot_with_the_corpus_guess(fi
         return d
 
     # The tree hands back at once; a second position is free: guess.
-    draft = drafter((1.0, 1.0, 1.0)).propose(context, feats, 4)
+    draft = drafter((1.0, 1.0, 1.0)).open().propose(context, feats, 4)
     assert draft.tokens == [77] and draft.handback and draft.guess and draft.fallback == [77]
     # The guess is right a quarter of the time (its corpus share): worth a
     # position that costs a fifth of a forward, not one that costs a third.
-    assert drafter((1.0, 1.2, 1.4)).propose(context, feats, 4).tokens == [77]
-    assert drafter((1.0, 1.34, 1.7)).propose(context, feats, 4).tokens == []
+    assert drafter((1.0, 1.2, 1.4)).open().propose(context, feats, 4).tokens == [77]
+    assert drafter((1.0, 1.34, 1.7)).open().propose(context, feats, 4).tokens == []
     # A one-token match is a worse guide than the corpus: guess there too,
     # and the fallback's draft is the guess.
     one = [5, 103, 7, 103]
     assert ngram_candidate(one) == (7, 1)
-    draft = drafter((1.0, 1.0)).propose(one, feats, 4)
+    draft = drafter((1.0, 1.0)).open().propose(one, feats, 4)
     assert draft.tokens == [77] and draft.fallback == [77]
     # Where the corpus agrees with that copy, the copy (which goes on) is the fallback's draft.
     agreeing = CorpusBigram(np.where(np.arange(len(follower)) == 103, 7, follower), share)
     d = drafter((1.0, 1.0), corpus=agreeing)
-    draft = d.propose(one, feats, 4)
+    draft = d.open().propose(one, feats, 4)
     assert draft.fallback == ngram_continuation(one, max(4, d.fallback.k_max)) and draft.fallback[:2] == [7, 103]
     assert draft.tokens == [7] and draft.guess  # the tree handed back: the slot still gets the guess
     # Without a table, or with a longer match to copy (the tree judged it), no guess.
-    assert drafter((1.0, 1.0), corpus=None).propose(context, feats, 4).tokens == []
+    assert drafter((1.0, 1.0), corpus=None).open().propose(context, feats, 4).tokens == []
     copyable = [11, 12, 103, 11, 12]
     d = drafter((1.0, 1.0))
-    draft = d.propose(copyable, feats, 4)
+    draft = d.open().propose(copyable, feats, 4)
     assert draft.tokens == [] and draft.fallback == ngram_continuation(copyable, max(4, d.fallback.k_max))
     assert draft.fallback[:3] == [103, 11, 12]
     # What the tree drafted itself is never replaced.
     d = _drafter(bundle, [{0: 0.9, "model": 0.1}, {"model": 0.9}])
     d.corpus = table
-    draft = d.propose(context, feats, 4)
+    draft = d.open().propose(context, feats, 4)
     assert draft.tokens == [d.spec.classes[0]] and not draft.guess
 
 
