@@ -5,8 +5,9 @@ Names follow vLLM's (``vllm:spec_decode_num_accepted_tokens_total`` becomes
 vLLM dashboards carries over by swapping the prefix. Each series that
 depends on the drafter carries a ``drafter`` label.
 
-The engine reports data (``SpecStats`` per verify step, timings per
-request); this module turns it into series. Metrics live in their own
+The decode loop reports data (a ``StepStats`` per step, ``SpecStats`` per
+request); ``observe_step`` and the scheduler turn it into series. A new
+step counter is a field of StepStats and an entry in ``step_counters``. Metrics live in their own
 registry, so two apps in one process (tests) never collide.
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from treespec.draft.types import StepStats
 
 # Latency buckets from 1 ms (a tiny model's step) to a few minutes (a long
 # generation on CPU).
@@ -65,7 +68,27 @@ class Metrics:
         self.batch_size = Histogram("treespec_batch_size", "Requests whose forwards ran together in one model forward (continuous batching)", buckets=tuple(float(2 ** i) for i in range(8)), registry=r)
         self.batch_tokens = Histogram("treespec_batch_tokens", "Token rows in one model forward, over all its requests (prompt chunks and verified drafts included)", buckets=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0), registry=r)
         self.kv_cache_bytes = Gauge("treespec_kv_cache_bytes", "Bytes held by the KV caches of live requests", registry=r)
+        # StepStats field -> the counter it adds to, every step.
+        self.step_counters = {
+            "verify_steps": self.verify_steps, "generated_tokens": self.generation_tokens,
+            "draft_tokens": self.num_draft_tokens, "accepted_tokens": self.num_accepted_tokens,
+            "model_handbacks": self.model_handbacks, "skipped_proposals": self.skipped_proposals,
+            "guess_tokens": self.guess_tokens, "accepted_guesses": self.accepted_guesses,
+        }
         self._initialise(drafters)
+
+    def observe_step(self, drafter: str, step: StepStats) -> None:
+        """Count what one step of a request's loop did."""
+        for name, counter in self.step_counters.items():
+            n = getattr(step, name)
+            if n:
+                counter.labels(drafter).inc(n)
+        if step.draft_tokens:
+            self.num_drafts.labels(drafter).inc()
+        for j in range(step.draft_tokens):
+            self.num_drafted_per_pos.labels(drafter, str(j)).inc()
+        for j in range(step.accepted_tokens):
+            self.num_accepted_per_pos.labels(drafter, str(j)).inc()
 
     def _initialise(self, drafters: tuple[str, ...] | None) -> None:
         if drafters is None:
@@ -75,9 +98,8 @@ class Metrics:
                 self.failure.labels(d, reason)
             for reason in FINISH_REASONS:
                 self.success.labels(d, reason)
-            for family in (self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, self.model_handbacks,
-                           self.skipped_proposals, self.guess_tokens, self.accepted_guesses, self.verify_steps,
-                           self.prompt_tokens, self.generation_tokens, self.running, self.waiting):
+            for family in (self.num_drafts, *self.step_counters.values(), self.prompt_tokens, self.running,
+                           self.waiting):
                 family.labels(d)
         for reason in FAILURE_REASONS:  # errors before a drafter is known (bad JSON, 401, ...)
             self.failure.labels("unknown", reason)

@@ -12,8 +12,12 @@ ignored.
 from __future__ import annotations
 
 from typing import Literal
+from dataclasses import fields
+from typing import get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from treespec.draft.types import UNREPORTED, SamplingParams, SpecStats
 
 MAX_STOP = 4
 MAX_K = 64
@@ -60,6 +64,28 @@ def _check_bias(v: dict[str, float] | None) -> dict[int, float] | None:
 def _refuse(name: str, value, neutral) -> None:
     if value is not None and value != neutral:
         raise ValueError(f"{name}={value!r} is not supported by treespec (only {neutral!r})")
+
+
+def _penalties(p, logit_bias: dict[int, float] | None = None) -> dict:
+    """The request's penalties and logit bias that are set (None: the neutral default)."""
+    out = {k: getattr(p, k) for k in ("repetition_penalty", "frequency_penalty", "presence_penalty")
+           if getattr(p, k) is not None}
+    if logit_bias:
+        out["logit_bias"] = dict(logit_bias)
+    return out
+
+
+def _openai_params(req, max_new_tokens: int | None, default_max_new_tokens: int, copies: int, stop: list[str],
+                   top_n: int, prompt_logprobs: bool = False) -> list[SamplingParams]:
+    """One SamplingParams per choice, prompt-major (choice index = prompt * n + i),
+    for ``copies`` prompts; choice i samples with seed + i when a seed is given, as vLLM does."""
+    return [SamplingParams(
+        max_new_tokens=default_max_new_tokens if max_new_tokens is None else max_new_tokens,
+        temperature=req.sampling_temperature(), top_k=req.top_k or 0,
+        top_p=1.0 if req.top_p is None else req.top_p, seed=None if req.seed is None else req.seed + i,
+        stop=list(stop or []), k_max=req.k_max, top_n=top_n, prompt_logprobs=prompt_logprobs,
+        **_penalties(req, req.logit_bias))
+        for _ in range(copies) for i in range(req.n)]
 
 
 class GenerateParameters(_Strict):
@@ -116,6 +142,13 @@ class GenerateRequest(_Strict):
     inputs: str
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool = False  # TGI accepts it on "/"; /generate and /generate_stream decide by route
+
+    def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
+        p = self.parameters
+        return SamplingParams(
+            max_new_tokens=p.max_new_tokens or default_max_new_tokens, temperature=p.sampling_temperature(),
+            top_k=p.top_k or 0, top_p=1.0 if p.top_p is None else p.top_p, seed=p.seed, stop=list(p.stop or []),
+            k_max=p.k_max, top_n=p.top_n_tokens or 0, prompt_logprobs=p.decoder_input_details, **_penalties(p))
 
 
 class CompletionRequest(_Strict):
@@ -183,6 +216,11 @@ class CompletionRequest(_Strict):
     def sampling_temperature(self) -> float:
         # OpenAI's default temperature is 1 (sampling); 0 is greedy.
         return 1.0 if self.temperature is None else self.temperature
+
+    def to_sampling_params(self, default_max_new_tokens: int) -> list[SamplingParams]:
+        """One per choice: prompt-major, n per prompt."""
+        return _openai_params(self, self.max_tokens, default_max_new_tokens, len(self.prompts()), self.stop or [],
+                              self.logprobs or 0, prompt_logprobs=self.echo and self.logprobs is not None)
 
 
 class ContentPart(_Strict):
@@ -277,6 +315,12 @@ class ChatCompletionRequest(_Strict):
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def to_sampling_params(self, default_max_new_tokens: int, template_stop: list[str]) -> list[SamplingParams]:
+        """One per choice; the chat template's own stop strings end every one."""
+        top_n = (self.top_logprobs or 0) if self.logprobs else 0
+        return _openai_params(self, self.max_new_tokens(), default_max_new_tokens, 1,
+                              (self.stop or []) + template_stop, top_n)
+
 
 class TokenizeRequest(_Strict):
     """vLLM's /tokenize (``prompt``, or chat ``messages`` through the template) or TGI's (``inputs``)."""
@@ -310,19 +354,15 @@ class Token(BaseModel):
     special: bool
 
 
-class Speculative(BaseModel):
-    drafter: str
-    verify_steps: int
-    draft_tokens: int
-    accepted_tokens: int
-    acceptance_rate: float
-    mean_accepted_length: float
-    accepted_per_position: list[int]
-    drafted_per_position: list[int]
-    model_handbacks: int
-    skipped_proposals: int
-    guess_tokens: int
-    accepted_guesses: int
+def _speculative_model() -> type[BaseModel]:
+    """A response's speculative details: ``SpecStats.report()``, field for
+    field, so a counter added to the stats shows up here by itself."""
+    hints = get_type_hints(SpecStats)
+    reported = {f.name: (hints[f.name], ...) for f in fields(SpecStats) if f.name not in UNREPORTED}
+    return create_model("Speculative", **reported, acceptance_rate=(float, ...), mean_accepted_length=(float, ...))
+
+
+Speculative = _speculative_model()
 
 
 class PrefillToken(BaseModel):

@@ -1,4 +1,4 @@
-"""The serving engine: owns the bundle and its drafters, admits requests, and
+"""The scheduler: owns the bundle and its drafters, admits requests, and
 runs generation on one worker thread, off the event loop.
 
 The model is not safe for concurrent forwards, so exactly one thread ever
@@ -35,7 +35,7 @@ from typing import Any, AsyncIterator, Iterator
 
 import torch
 
-from treespec.draft.sampling import validate_params
+from treespec.draft.loop import check_request
 from treespec.draft.types import FINISH_CANCELLED, SamplingParams, SpecStats, StepEvent
 
 from .chat import ChatTemplate, ChatTemplateError
@@ -63,7 +63,7 @@ class NotReady(RuntimeError):
 
 
 class GenerationFailed(RuntimeError):
-    """Generation raised; the request fails (a 500) and the engine carries on."""
+    """Generation raised; the request fails (a 500) and the scheduler carries on."""
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     # Worker-side state (only the worker thread touches these).
     gen: Iterator[Any] | None = None  # generate_steps: StepEvents, and Forwards to run
-    forward: Any = None  # the Forward it waits on
+    forward: Any = None  # the ForwardRequest it waits on
     output: Any = None  # that forward's output, to send it
     cache: Any = None
     cache_bytes: int = 0
@@ -95,8 +95,7 @@ class Job:
     steps: int = 0
     generated: int = 0
     done: bool = False
-    seen: dict = field(default_factory=dict)  # spec counters already exported
-    withdraw: Any = None  # the engine's: give back a waiting slot at once
+    withdraw: Any = None  # the scheduler's: give back a waiting slot at once
 
     @property
     def drafter(self) -> str:
@@ -215,17 +214,6 @@ class Scheduler:
             self.chat_template_error = str(e)
             log.warning("chat completions unavailable: %s", e)
         self.loaded_at = time.time()
-        tree = self.drafters.get("tree")
-        if getattr(tree, "calibration", None):
-            c = tree.calibration
-            if c["here"] is None:
-                log.warning("tree drafter: this machine was busy while its costs were timed (twice), so it keeps "
-                            "the costs fitted by draft-fit %s ms; restart on a quiet machine to time them here",
-                            [round(v, 2) for v in c["fitted"]["verify_ms"]])
-            else:
-                log.info("tree drafter costs timed here on %d threads: verify %s ms for T=1..%d (fitted: %s)",
-                         c["threads"], [round(v, 2) for v in c["here"]["verify_ms"]], len(c["here"]["verify_ms"]),
-                         [round(v, 2) for v in c["fitted"]["verify_ms"]])
         log.info("loaded %s in %.1fs", s.bundle, time.perf_counter() - t0)
 
     @property
@@ -243,7 +231,7 @@ class Scheduler:
     def prepare(self, prompt: str | list[int], params: SamplingParams, drafter: str | None) -> Prepared:
         """Validate what needs the tokenizer and the model's limits. ``prompt``
         is text, or token ids (then ``Prepared.prompt`` is their text)."""
-        self._require_ready()
+        self.require_ready()
         cfg = self.bundle.config
         name = drafter or self.default_drafter
         if name not in self.drafter_names:
@@ -254,36 +242,25 @@ class Scheduler:
                                  f"bundle: {self.unavailable.get(name, 'not loaded')}")
         tok = self.bundle.tokenizer
         n_vocab = min(tok.n_vocab, cfg.vocab_size)
-        if isinstance(prompt, list):  # token ids (OpenAI's completions take them)
-            if not prompt:
-                raise InvalidRequest("Input validation error: the prompt's token list is empty")
-            if not all(0 <= t < n_vocab for t in prompt):
-                raise InvalidRequest(f"Input validation error: prompt token ids must be in [0, {n_vocab})")
-            ids, prompt = list(prompt), tok.decode(prompt)
-        else:
+        # Text-level checks here; everything about the tokens and the model's
+        # limits is the decode loop's own check, run before anything is queued.
+        if isinstance(prompt, str):
             if not prompt.strip():
                 raise InvalidRequest("Input validation error: inputs must not be empty or whitespace only")
             _strict_utf8("inputs", prompt)
-            ids = None
         for s in params.stop:
             _strict_utf8("stop", s)
-        bad = [t for t in params.logit_bias if not 0 <= t < n_vocab]
-        if bad:
-            raise InvalidRequest(f"Input validation error: logit_bias token ids must be in [0, {n_vocab}), "
-                                 f"got {bad[:5]}")
-        if params.max_new_tokens > cfg.block_size - 1:
+        if isinstance(prompt, str) and params.max_new_tokens > cfg.block_size - 1:
+            # Before tokenizing: a request that cannot fit whatever its prompt is costs no encode.
             raise InvalidRequest(f"Input validation error: max_new_tokens must be <= {cfg.block_size - 1} "
                                  f"(the context is {cfg.block_size} tokens); got {params.max_new_tokens}")
-        if ids is None:
-            ids = tok.encode(prompt)
-        if len(ids) + params.max_new_tokens > cfg.block_size:
-            raise InvalidRequest(
-                f"Input validation error: inputs tokens + max_new_tokens must be <= {cfg.block_size}. "
-                f"Given: {len(ids)} inputs tokens and {params.max_new_tokens} max_new_tokens")
+        ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
         try:
-            validate_params(params)
+            check_request(ids, params, cfg.block_size, n_vocab)
         except ValueError as e:
             raise InvalidRequest(f"Input validation error: {e}") from None
+        if not isinstance(prompt, str):  # token ids (OpenAI's completions take them)
+            prompt = tok.decode(ids)
         if not params.greedy and params.seed is None:
             # Pick the seed here so the response can report it and the client can replay it.
             params.seed = secrets.randbits(63)
@@ -300,7 +277,7 @@ class Scheduler:
         jobs = [Job(id=uuid.uuid4().hex, prepared=p, loop=loop, queue=asyncio.Queue(), withdraw=self._withdraw)
                 for p in prepared]
         with self._cv:
-            self._require_ready()
+            self.require_ready()
             if len(self._running) + len(self._waiting) + len(jobs) > self.capacity:
                 raise Overloaded("Model is overloaded")
             for job in jobs:
@@ -328,7 +305,7 @@ class Scheduler:
         """The most requests admitted at once: running plus waiting."""
         return self.settings.max_running + self.settings.max_waiting
 
-    def _require_ready(self) -> None:
+    def require_ready(self) -> None:
         if self.state == "loading":
             raise NotReady("Model is loading")
         if self.state == "failed":
@@ -376,7 +353,7 @@ class Scheduler:
         m.prompt_tokens.labels(d).inc(len(p.prompt_ids))
         try:
             model = self.bundle.model
-            # The engine needs prompt + max_new_tokens - 1 positions (the last
+            # The loop needs prompt + max_new_tokens - 1 positions (the last
             # token never runs through the model); no more is allocated.
             job.cache = model.new_cache(batch_size=1, max_len=len(p.prompt_ids) + p.params.max_new_tokens)
             job.cache_bytes = job.cache.nbytes
@@ -459,35 +436,7 @@ class Scheduler:
                     m.itl.labels(d).observe(per_token)
             job.last_token_at = now
             job.generated += n
-            m.generation_tokens.labels(d).inc(n)
-        self._export_spec(job, ev.stats)
-
-    def _export_spec(self, job: Job, st: SpecStats) -> None:
-        """Add what this step added to the running totals in ``st``."""
-        m, d, seen = self.metrics, job.drafter, job.seen
-
-        def delta(key: str, value: int) -> int:
-            inc = value - seen.get(key, 0)
-            seen[key] = value
-            return inc
-
-        for key, counter in (("draft_tokens", m.num_draft_tokens), ("accepted_tokens", m.num_accepted_tokens),
-                             ("model_handbacks", m.model_handbacks), ("skipped_proposals", m.skipped_proposals),
-                             ("guess_tokens", m.guess_tokens), ("accepted_guesses", m.accepted_guesses),
-                             ("verify_steps", m.verify_steps)):
-            inc = delta(key, getattr(st, key))
-            if inc:
-                counter.labels(d).inc(inc)
-        for j, v in enumerate(st.drafted_per_position):
-            inc = delta(f"drafted{j}", v)
-            if inc:
-                m.num_drafted_per_pos.labels(d, str(j)).inc(inc)
-                if j == 0:  # every non-empty draft has a token at position 0
-                    m.num_drafts.labels(d).inc(inc)
-        for j, v in enumerate(st.accepted_per_position):
-            inc = delta(f"accepted{j}", v)
-            if inc:
-                m.num_accepted_per_pos.labels(d, str(j)).inc(inc)
+        m.observe_step(d, ev.step)
 
     def _finish(self, job: Job, reason: str, stats: SpecStats | None = None) -> None:
         m, d = self.metrics, job.drafter

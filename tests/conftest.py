@@ -99,3 +99,11 @@ def fitted(tmp_path_factory, draft_corpus, ranks_path):
         rc = cli_main(argv)
     assert rc == 0
     return path, buf.getvalue()
+
+
+def route_paths(app, method: str) -> set[str]:
+    """The paths an app serves for ``method`` ("get", "post"): its schema's,
+    plus the routes left out of the schema (/docs). Routers included into
+    the app are not listed one by one in ``app.routes``."""
+    paths = {p for p, methods in app.openapi()["paths"].items() if method in methods}
+    return paths | {r.path for r in app.routes if method.upper() in (getattr(r, "methods", None) or ())}

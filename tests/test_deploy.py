@@ -34,7 +34,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import tiny_model
+from conftest import route_paths, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -536,8 +536,7 @@ def test_healthcheck_and_scrape_paths_are_server_routes(tmp_path):
     from treespec.server.settings import Settings
 
     app = build_app(Settings(bundle=str(tmp_path)), load=False)
-    gets = {r.path for r in app.routes if "GET" in getattr(r, "methods", ())}
-    posts = {r.path for r in app.routes if "POST" in getattr(r, "methods", ())}
+    gets, posts = route_paths(app, "get"), route_paths(app, "post")
     health = re.search(r"%s(/\w+)'", healthcheck_code_dockerfile()).group(1)
     assert health in gets
     (job,) = PROM_CONFIG["scrape_configs"]

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import tiny_model
+from conftest import route_paths, tiny_model
 from test_deploy import (COMPOSE, DASHBOARD, DOCKER, as_promql, free_port, needs_prometheus, prom_query,
                          running, running_prometheus, total, wait_until)
 from test_server import start_server, stop_server
@@ -422,7 +422,7 @@ def test_kubernetes_manifests_agree_with_each_other_and_the_app(tmp_path):
     ann = dep["spec"]["template"]["metadata"]["annotations"]
     assert ann["prometheus.io/port"] == env["TREESPEC_PORT"]
     app = build_app(Settings(bundle=str(tmp_path)), load=False)
-    gets = {r.path for r in app.routes if "GET" in getattr(r, "methods", ())}
+    gets = route_paths(app, "get")
     assert ann["prometheus.io/path"] in gets
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         get = c[probe]["httpGet"]

@@ -899,7 +899,7 @@ def test_graceful_shutdown_finishes_in_flight_requests_then_cancels_stragglers(b
 
 
 def test_load_benchmark_reports_what_the_server_counted(srv):
-    from treespec.server.loadtest import run_load
+    from treespec.cli.loadtest import run_load
 
     before = srv.wait_idle()
     r = asyncio.run(run_load(srv.url, concurrency=6, duration=1.5, max_new_tokens=4, prompts=[PROMPT, "hi there"],
@@ -914,7 +914,7 @@ def test_load_benchmark_reports_what_the_server_counted(srv):
     p = r["e2e_s"]
     assert 0 < r["ttft_s"]["p50"] <= p["p99"] and p["p50"] <= p["p95"] <= p["p99"]
     # The JSON keeps what the figures were measured with: the server's /info (kernels, model).
-    from treespec.server.loadtest import _server_info
+    from treespec.cli.loadtest import _server_info
 
     info = _server_info(srv.url, API_KEY)
     assert info is not None and info["kernels"]["precision"] and info == srv.client().get("/info").json()

@@ -102,7 +102,7 @@ def test_a_bundle_that_fails_to_load_keeps_health_at_503_with_the_reason(tmp_pat
 
     async def main():
         async with app.router.lifespan_context(app):
-            engine = app.state.engine
+            engine = app.state.scheduler
             for _ in range(200):
                 if engine.state != "loading":
                     break
@@ -150,7 +150,7 @@ def _served_bundle(tmp_path, fitted, ranks_path, tree: str) -> Path:
 def test_default_drafter(tmp_path, fitted, ranks_path, monkeypatch, tree, setting, default, why):
     """The real registry and the real drafter through Scheduler.load, and what /info says."""
     from treespec.draft import registry
-    from treespec.server.app import engine_info
+    from treespec.server.serving import Serving
     from treespec.server.scheduler import Scheduler
     from treespec.server.metrics import Metrics
 
@@ -169,7 +169,7 @@ def test_default_drafter(tmp_path, fitted, ranks_path, monkeypatch, tree, settin
     try:
         assert engine.default_drafter == default
         assert asked and all(asked)  # the server calibrates its drafters by default (calibrate_drafter)
-        info = engine_info(engine, settings)["drafters"]
+        info = Serving(engine, settings, engine.metrics).info()["drafters"]
         assert info["default"] == default
         if why is None:
             assert "tree" in info["available"] and info["settings"]["tree"]["k_max"] == 3
