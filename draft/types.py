@@ -139,6 +139,8 @@ class StepStats:
     skipped_proposals: int = 0  # 1 when the gate did not ask the drafter (its fallback, if any, drafted)
     guess_tokens: int = 0  # of draft_tokens, corpus guesses (draft.corpus) in otherwise empty steps
     accepted_guesses: int = 0  # of accepted_tokens, corpus guesses
+    fallback_tokens: int = 0  # of draft_tokens, drafted by the gate's fallback while the drafter was not asked
+    accepted_fallback: int = 0  # of accepted_tokens, the fallback's
     drafter_time_s: float = 0.0
     verify_time_s: float = 0.0
     prefill_time_s: float = 0.0
@@ -152,6 +154,8 @@ class StepStats:
         self.model_handbacks, self.skipped_proposals = int(draft.handback), int(draft.skipped)
         if draft.guess and drafted:
             self.guess_tokens, self.accepted_guesses = drafted, accepted
+        if draft.skipped:
+            self.fallback_tokens, self.accepted_fallback = drafted, accepted
 
 
 # SpecStats fields that a response's speculative details leave out: the

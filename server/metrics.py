@@ -51,6 +51,8 @@ class Metrics:
         self.skipped_proposals = Counter("treespec_spec_decode_skipped_proposals", "Verify steps run without asking the drafter: its recent proposals cost more than they saved (DraftGate)", D, registry=r)
         self.guess_tokens = Counter("treespec_spec_decode_num_guess_tokens", "Of the drafted tokens, corpus guesses: the training corpus's most frequent follower of the newest token, drafted where the drafter had nothing else", D, registry=r)
         self.accepted_guesses = Counter("treespec_spec_decode_num_accepted_guesses", "Of the accepted tokens, corpus guesses", D, registry=r)
+        self.fallback_tokens = Counter("treespec_spec_decode_num_fallback_tokens", "Of the drafted tokens, those the gate's fallback (prompt lookup) drafted while the drafter was not asked", D, registry=r)
+        self.accepted_fallback = Counter("treespec_spec_decode_num_accepted_fallback_tokens", "Of the accepted tokens, the gate's fallback's", D, registry=r)
         self.verify_steps = Counter("treespec_spec_decode_num_verify_steps", "Model forwards after the prefill (each verifies the last token plus a draft)", D, registry=r)
         # Per request.
         self.acceptance_rate = Histogram("treespec_spec_decode_acceptance_rate", "Per request: accepted / drafted tokens (requests that drafted nothing are not observed)", D, buckets=_RATE, registry=r)
@@ -74,6 +76,7 @@ class Metrics:
             "draft_tokens": self.num_draft_tokens, "accepted_tokens": self.num_accepted_tokens,
             "model_handbacks": self.model_handbacks, "skipped_proposals": self.skipped_proposals,
             "guess_tokens": self.guess_tokens, "accepted_guesses": self.accepted_guesses,
+            "fallback_tokens": self.fallback_tokens, "accepted_fallback": self.accepted_fallback,
         }
         self._initialise(drafters)
 

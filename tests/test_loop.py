@@ -709,6 +709,8 @@ def test_gate_skips_a_drafter_that_costs_more_than_it_earns_and_stays_lossless(t
         assert len(never.fallback.calls) == got.stats.skipped_proposals > 0
         assert all(k <= 2 for _, _, k in never.fallback.calls)  # at the fallback's own k_max
         assert got.stats.accepted_tokens >= len(never.fallback.calls)
+        # Every token the right fallback drafted was accepted; the drafter's never were.
+        assert got.stats.accepted_fallback == got.stats.fallback_tokens == got.stats.accepted_tokens > 0
 
     # A negative mean closes the gate for a step; failed probes double the
     # wait up to its cap; a probe that earns reopens it.
