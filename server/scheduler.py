@@ -172,7 +172,7 @@ class Scheduler:
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("could not load bundle %s: %s", self.settings.bundle, self.load_error)
             raise
-        self._thread = threading.Thread(target=self._worker, name="treespec-engine", daemon=True)
+        self._thread = threading.Thread(target=self._worker, name="treespec-scheduler", daemon=True)
         self._thread.start()
         with self._cv:
             if self.state == "loading":  # not if a shutdown began while it loaded
