@@ -324,9 +324,10 @@ def test_image_install_step_builds_every_module(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     package_dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     for package, folder in package_dirs.items():
-        for py in sorted((REPO / folder).glob("*.py")):
-            want = package.replace(".", "/") + "/" + py.name
-            assert want in names, f"{folder}/{py.name} would be missing from the image"
+        for py in sorted((REPO / folder).rglob("*.py")):  # subpackages too (server/routes/)
+            rel = py.relative_to(REPO / folder).as_posix()
+            want = package.replace(".", "/") + "/" + rel
+            assert want in names, f"{folder}/{rel} would be missing from the image"
     for name, module in COMMANDS.items():
         assert module.replace(".", "/") + ".py" in names, f"`treespec {name}` ({module}) would be missing from the image"
 
