@@ -545,6 +545,10 @@ def _time_in_loop(bundle_path, data_dir, threads: int, n: int = 6, prompt_len: i
     bundle = load_bundle(bundle_path)
     drafter = TreeDrafter.load(bundle)
     spent = []
+    # A small model's context may not hold the default prompt and continuation: shrink both to fit.
+    block = bundle.config.block_size
+    new_tokens = min(new_tokens, block // 3)
+    prompt_len = min(prompt_len, block - new_tokens)
 
     class Timed:  # one request of the tree without its gate: the cost model stays out of the measurement
         name, k_max = drafter.name, drafter.k_max

@@ -504,6 +504,8 @@ def test_in_loop_proposal_cost_is_measured_on_decoding(fitted, draft_corpus, mon
     monkeypatch.setattr(fit, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks) * 2.5e-3))
     ms = _time_in_loop(fitted[0], draft_corpus, threads=1, n=2, prompt_len=8, new_tokens=12)
     assert ms == pytest.approx(2.5, rel=1e-9)
+    # The default prompt and continuation (96 + 64 tokens) shrink to the tiny model's context of 64.
+    assert _time_in_loop(fitted[0], draft_corpus, threads=1, n=1) == pytest.approx(2.5, rel=1e-9)
     drafter = TreeDrafter.load(load_bundle(fitted[0]))
     # The gate's cost model: the measured proposal cost plus the longer verify.
     drafter.proposal_ms = ms
