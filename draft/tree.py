@@ -357,15 +357,17 @@ class TreeDrafter:
                 # How many token ids the corpus bigram guesses a follower for (draft/corpus.py).
                 "corpus_bigram": len(self.corpus) if self.corpus is not None else None}
 
-    def draft(self, index: NgramIndex, context: list[int], features: ModelFeatures | None, k_max: int) -> Draft:
-        """The proposal for ``context``, with ``index`` the request's n-gram index (``TreeState``)."""
-        if features is None or k_max <= 0:
+    def draft(self, index: NgramIndex, context: list[int], features: ModelFeatures | None, k: int) -> Draft:
+        """Up to ``k`` tokens for ``context`` (this step's cap: the request's or
+        the drafter's k_max, and no more than the request can still use), with
+        ``index`` the request's n-gram index (``TreeState``)."""
+        if features is None or k <= 0:
             return Draft(tokens=[])
         spec = self.spec
         # What the fallback (prompt lookup) would draft here: the gate weighs
         # the tree against it, and the trusted match copies it.
         # (As many tokens as the copy-length table's evidence compared when it was counted.)
-        look = max(k_max, self.fallback.k_max, self.copy_lengths.depths if self.copy_lengths is not None else 0)
+        look = max(k, self.fallback.k_max, self.copy_lengths.depths if self.copy_lengths is not None else 0)
         index.sync(context)
         alt, match, agree = index.copy_evidence(look, spec.ngram_max_n)
         # The fallback's draft where the context has nothing to copy, or only
@@ -376,11 +378,11 @@ class TreeDrafter:
             # A long match: copying is what the tree would say here, so skip
             # its cost (draft-fit keeps this only where it simulated faster),
             # as far as the match's evidence says pays, or copy_k.
-            k = self.copy_k if self.copy_lengths is None else self.copy_lengths.length(match, agree)
-            if k > 0:
-                return Draft(tokens=alt[:min(k, k_max)], fallback=fallback)
+            n = self.copy_k if self.copy_lengths is None else self.copy_lengths.length(match, agree)
+            if n > 0:
+                return Draft(tokens=alt[:min(n, k)], fallback=fallback)
         state = self.state(features)
-        v = extend_costs(self.verify_ms, k_max + 1)
+        v = extend_costs(self.verify_ms, k + 1)
         ctx = list(context)
         drafted: list[int] = []
         cum = 1.0
@@ -392,11 +394,11 @@ class TreeDrafter:
             # one-at-a-time walk would build. Past that depth the rows are
             # stale, and the next round starts from the token it picked.
             j0 = len(drafted)
-            path, ngs, tails = self._copy_path(index, ctx, k_max - j0)
+            path, ngs, tails = self._copy_path(index, ctx, k - j0)
             X = features_for(spec, np.repeat(state, len(ngs), axis=0), tails,
                              list(range(j0, j0 + len(ngs))), ngrams=ngs)
             for i, (tok, p, p_cand) in enumerate(self._decisions(X, ngs)):
-                t, cum = self.decide(j0 + i, cum, tok, p, ngs[i][0], p_cand, v, k_max)
+                t, cum = self.decide(j0 + i, cum, tok, p, ngs[i][0], p_cand, v, k)
                 if t is None:
                     if not drafted and guess and self._worth_guessing(context, v):
                         # Hand back, but fill the verify slot with the corpus guess.
@@ -404,7 +406,7 @@ class TreeDrafter:
                     return Draft(tokens=drafted, handback=True, fallback=fallback)
                 drafted.append(t)
                 ctx.append(t)
-                if len(drafted) == k_max:
+                if len(drafted) == k:
                     return Draft(tokens=drafted, handback=False, fallback=fallback)
                 if i >= len(path) or t != path[i]:
                     break  # off the copy path: rows past this depth are stale, a new round from here
@@ -421,18 +423,18 @@ class TreeDrafter:
         return share * v[0] >= v[1] - v[0]
 
     def decide(self, j: int, cum: float, tok: int, p: float, cand: int | None, p_cand: float,
-               v: Sequence[float], k_max: int) -> tuple[int | None, float]:
+               v: Sequence[float], k: int) -> tuple[int | None, float]:
         """The token to draft at depth j and the chance that it and every
         draft before it are accepted (``cum`` is that chance before it); None
         to hand back. ``tok``/``p``/``p_cand`` are ``choose``'s for the row."""
-        if tok >= 0 and p >= self.p_min and worth_drafting(j, cum * p, p, v, self.predict_ms, k_max,
+        if tok >= 0 and p >= self.p_min and worth_drafting(j, cum * p, p, v, self.predict_ms, k,
                                                            self.lookahead):
             return tok, cum * p
         # __MODEL__ (or a token below p_min) ends the draft, unless the
         # copy-through rule is on and the n-gram candidate, at the chance the
         # tree gives it, still pays for its verify position.
         if self.copy_through and cand is not None and worth_drafting(j, cum * p_cand, p_cand, v, self.predict_ms,
-                                                                     k_max, self.lookahead):
+                                                                     k, self.lookahead):
             return cand, cum * p_cand
         return None, cum
 
