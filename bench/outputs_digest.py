@@ -53,6 +53,8 @@ def digest(bundle_path: str, data_dir: str, n: int, max_new: int, dtype: str) ->
 
 
 def compare(a: dict, b: dict) -> list[str]:
+    if a["precision"] != b["precision"]:  # --dtype auto chooses by timing, so two runs may differ here
+        return [f"precision {a['precision']} against {b['precision']}: pin --dtype to compare"]
     diffs = []
     for key in sorted(set(a["runs"]) | set(b["runs"])):
         ra, rb = a["runs"].get(key), b["runs"].get(key)
@@ -71,7 +73,9 @@ def main() -> int:
     ap.add_argument("--data-dir", default="data/default")
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--dtype", default="auto",
+                    help="auto times the precisions at load and may pick another one on the next run; "
+                         "pin it (int8, w8a8, ...) when comparing (default: %(default)s)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--compare", help="an earlier digest: exit 1 if anything differs")
     args = ap.parse_args()
