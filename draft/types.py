@@ -158,6 +158,8 @@ class StepStats:
             self.fallback_tokens, self.accepted_fallback = drafted, accepted
 
 
+_STEP_FIELDS = tuple(f.name for f in fields(StepStats))  # once: add() runs every decode step
+
 # SpecStats fields that a response's speculative details leave out: the
 # request's own counts are reported elsewhere (usage, details), and wall
 # times depend on the machine and the batch.
@@ -175,8 +177,8 @@ class SpecStats(StepStats):
     drafted_per_position: list[int] = field(default_factory=list)  # [j]: proposed at draft position j
 
     def add(self, step: StepStats) -> None:
-        for f in fields(StepStats):
-            setattr(self, f.name, getattr(self, f.name) + getattr(step, f.name))
+        for name in _STEP_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(step, name))
         for counts, n in ((self.drafted_per_position, step.draft_tokens),
                           (self.accepted_per_position, step.accepted_tokens)):
             # Both lists run as far as any draft did, so a position never accepted shows 0.
