@@ -17,7 +17,7 @@ from treespec.draft.ngram import NgramDrafter
 from treespec.draft.types import UNREPORTED, SamplingParams, SpecStats, StepStats
 from treespec.model import Tokenizer
 
-from conftest import tiny_model
+from conftest import REPO, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +131,32 @@ def test_serving_builds_responses_without_http(tiny_bundle):
         assert info["drafters"]["settings"]["ngram"] == NgramDrafter().describe()
     finally:
         scheduler.shutdown(0)
+
+
+def test_the_documented_drafter_example_serves_through_the_registry(tok, looping, monkeypatch):
+    """docs/architecture.md's example drafter, as written there: registered with one
+    FACTORIES entry, it is served by name, keeps greedy output exact, and its
+    per-request state sees each verify's outcome."""
+    import re
+
+    from treespec.draft import registry
+    from treespec.draft.loop import generate_all
+
+    text = (REPO / "docs" / "architecture.md").read_text()
+    code = re.search(r"## Writing a drafter.*?```python\n(.*?)```", text, re.S).group(1)
+    ns: dict = {}
+    exec(compile(code, "docs/architecture.md", "exec"), ns)
+    monkeypatch.setitem(registry.FACTORIES, "repeat", lambda bundle, calibrate: ns["RepeatDrafter"]())
+    drafter = registry.make_drafter("repeat")
+    states = []
+    real_open = type(drafter).open
+    monkeypatch.setattr(type(drafter), "open", lambda self: states.append(real_open(self)) or states[-1])
+    params = SamplingParams(max_new_tokens=30)
+    for prompt in ([7, 7, 7, 7], [5, 6, 7, 5, 6]):
+        ref = generate_all(looping, prompt, params, tokenizer=tok)
+        got = generate_all(looping, prompt, params, drafter, tokenizer=tok)
+        assert got.token_ids == ref.token_ids
+        state = states[-1]
+        assert state.drafted == got.stats.draft_tokens and state.accepted == got.stats.accepted_tokens
+    assert len(states) == 2 and states[0] is not states[1]  # one state per request
+    assert sum(s.drafted for s in states) > 0
