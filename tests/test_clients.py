@@ -5,7 +5,7 @@ routes and the offline /docs page.
 
 One ``treespec serve`` process on a tiny random bundle that carries the
 plain transcript chat template. Answers are checked against ``/generate``
-for the same greedy request, so what a client shows is what the engine
+for the same greedy request, so what a client shows is what the decode loop
 made.
 """
 
@@ -244,7 +244,7 @@ def test_inference_client_text_generation_on_tgi_root_route(srv, http):
     events = list(client.text_generation(PROMPTS[0], max_new_tokens=8, stream=True, details=True))
     assert [e.token.id for e in events] == [t["id"] for t in ref["details"]["tokens"]]
     assert events[-1].details.finish_reason == "length" and events[-1].generated_text == ref["generated_text"]
-    # stop, seed and do_sample reach the engine.
+    # stop, seed and do_sample reach the decode loop.
     toks = [t["text"] for t in ref["details"]["tokens"]]
     k = first_clean_stop(toks)
     cut = client.text_generation(PROMPTS[0], max_new_tokens=8, stop=[toks[k]], details=True)

@@ -6,7 +6,7 @@ the tests that count metrics first wait for it to be idle, and compare
 before/after scrapes of /metrics rather than absolute values. It runs with
 the test-only fault hooks on (``TREESPEC_DEBUG_FAULTS``): a prompt starting
 with ``[[slow]]`` takes 50 ms per verify step, and one starting with
-``[[fail]]`` raises inside the engine after its first step.
+``[[fail]]`` raises inside the scheduler after its first step.
 """
 
 from __future__ import annotations
@@ -378,7 +378,7 @@ def test_openai_stop_and_seeded_sampling(srv, client):
 
 
 def test_penalties_reach_the_engine_on_both_apis(srv, client, bundle):
-    """The server's penalised greedy text is the engine's, run here on the same bundle."""
+    """The server's penalised greedy text is the decode loop's, run here on the same bundle."""
     from treespec.draft.loop import generate_all
     from treespec.draft.types import SamplingParams
     from treespec.model.kernels import load_for_inference
@@ -747,7 +747,7 @@ def test_client_disconnect_mid_stream_stops_compute(srv, client):
     after = srv.wait_idle()
     produced = stopped_at - total(before, "treespec_generation_tokens_total")
     # Compute stopped: far fewer tokens than asked for were ever generated,
-    # the engine counted a cancellation (not a success), and the cache is gone.
+    # the scheduler counted a cancellation (not a success), and the cache is gone.
     assert got <= produced < n_max / 2, produced
     assert delta(before, after, "treespec_request_failure_total", reason="cancelled") == 1
     assert delta(before, after, "treespec_request_success_total") == 0

@@ -102,9 +102,9 @@ def test_a_bundle_that_fails_to_load_keeps_health_at_503_with_the_reason(tmp_pat
 
     async def main():
         async with app.router.lifespan_context(app):
-            engine = app.state.scheduler
+            scheduler = app.state.scheduler
             for _ in range(200):
-                if engine.state != "loading":
+                if scheduler.state != "loading":
                     break
                 await asyncio.sleep(0.01)
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
@@ -164,29 +164,29 @@ def test_default_drafter(tmp_path, fitted, ranks_path, monkeypatch, tree, settin
     monkeypatch.setattr(registry, "make_drafter", spy)
     settings = Settings(bundle=str(_served_bundle(tmp_path, fitted, ranks_path, tree)), default_drafter=setting,
                         dtype="float32")
-    engine = Scheduler(settings, Metrics())
-    engine.load()
+    scheduler = Scheduler(settings, Metrics())
+    scheduler.load()
     try:
-        assert engine.default_drafter == default
+        assert scheduler.default_drafter == default
         assert asked and all(asked)  # the server calibrates its drafters by default (calibrate_drafter)
-        info = Serving(engine, settings, engine.metrics).info()["drafters"]
+        info = Serving(scheduler, settings, scheduler.metrics).info()["drafters"]
         assert info["default"] == default
         if why is None:
             assert "tree" in info["available"] and info["settings"]["tree"]["k_max"] == 3
         else:
             assert "tree" not in info["available"] and why in info["unavailable"]["tree"], info["unavailable"]
     finally:
-        engine.shutdown(0)
+        scheduler.shutdown(0)
 
 
 def test_default_drafter_tree_without_a_tree_fails_the_load(tiny_bundle):
     from treespec.server.scheduler import Scheduler
     from treespec.server.metrics import Metrics
 
-    engine = Scheduler(Settings(bundle=str(tiny_bundle), default_drafter="tree"), Metrics())
+    scheduler = Scheduler(Settings(bundle=str(tiny_bundle), default_drafter="tree"), Metrics())
     with pytest.raises(ValueError, match="default_drafter 'tree' is not available"):
-        engine.load()
-    assert engine.state == "failed" and "not available" in engine.load_error
+        scheduler.load()
+    assert scheduler.state == "failed" and "not available" in scheduler.load_error
 
 
 def test_every_known_label_combination_is_exported_at_zero():

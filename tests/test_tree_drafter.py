@@ -23,7 +23,7 @@ from treespec.training.data import load_split
 
 
 def _engine_features(out, row: int, n_vocab: int) -> ModelFeatures:
-    # What the engine hands the drafter after a forward: one position's view.
+    # What the decode loop hands the drafter after a forward: one position's view.
     return ModelFeatures(logits=out.logits[0, row, :n_vocab], hidden=out.hidden[0, row],
                          exit_hidden=[h[0, row] for h in out.exit_hidden])
 
@@ -233,7 +233,7 @@ def test_proposals_follow_the_drafting_rule(fitted):
     assert d.open().propose(context, feats, 4).tokens == [c0] * 4
     d = _drafter(bundle, [{0: 0.6, "model": 0.1}], verify_ms=(1.0, 1.0, 2.0, 2.0), lookahead=True)
     assert d.open().propose(context, feats, 4).tokens == [c0]  # 0.36 + 0.22 + 0.13 < 1 forward
-    # ... and the k_max the engine passes is honoured.
+    # ... and the k_max the decode loop passes is honoured.
     assert _drafter(bundle, [{0: 0.9}]).open().propose(context, feats, 0).tokens == []
 
     # Copy-through: where __MODEL__ wins, the n-gram candidate is still
@@ -265,7 +265,7 @@ def test_proposals_follow_the_drafting_rule(fitted):
     d.trust_match, d.copy_k = 2, 2
     draft = d.open().propose(context, feats, 4)  # "A B" matched: 2 tokens
     assert draft.tokens == [C, A] and d.predict.calls == []
-    assert d.open().propose(context, feats, 1).tokens == [C]  # the engine's k_max still caps it
+    assert d.open().propose(context, feats, 1).tokens == [C]  # the loop's k still caps it
     d.trust_match = 3
     assert d.open().propose(context, feats, 4).tokens == [] and d.predict.calls == [0]
 
@@ -612,7 +612,7 @@ def test_windows_take_turns_over_the_domains_spans():
 def test_calibrate_replaces_the_fitted_costs_with_this_machines(fitted):
     """A drafter fitted where a forward cost 1.9 ms, served where it costs
     ~30 ms + 10 ms per position: calibrate() times the new curve, and the
-    stopping rule and the engine's gate see it; the drafter's own costs
+    stopping rule and the gate see it; the drafter's own costs
     scale with how its isolated timings compare."""
     import time
     from unittest import mock
