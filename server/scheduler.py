@@ -389,10 +389,13 @@ class Scheduler:
                     raise RuntimeError("injected fault (debug_faults is on and the prompt starts with [[fail]])")
             job.steps += 1
             self._observe_step(job, item)
-            job._put(item)
             if item.finish_reason is not None:
+                # Free the slot before the client hears the end: a client that sends its next
+                # request at once must find it free, not get a 429 from a full server.
                 self._finish(job, item.finish_reason, item.stats)
+                job._put(item)
                 return False
+            job._put(item)
             item = next(job.gen)
         job.forward = item
         return True
