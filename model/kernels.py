@@ -889,11 +889,13 @@ DTYPE_CHOICES = ("auto", *PRECISIONS)
 _CUDA_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def load_for_inference(path, dtype: str = "auto", device: str = "cpu", log: Callable[[str], None] | None = None):
+def load_for_inference(path, dtype: str = "auto", device: str = "cpu", log: Callable[[str], None] | None = None,
+                       measure: Measure | None = None):
     """Load a bundle to serve it: verified weights, then kernels planned for
     this machine in ``dtype`` (auto, float32, bfloat16 or int8). Returns
     (bundle, KernelPlan). On CUDA the model is cast to ``dtype`` instead
-    (int8 has no CUDA kernel here and is refused)."""
+    (int8 has no CUDA kernel here and is refused). ``measure`` replaces the
+    planner's timer (``plan``); the server's gives up when it is stopped."""
     from .bundle import load_bundle
 
     if dtype not in DTYPE_CHOICES:
@@ -905,7 +907,7 @@ def load_for_inference(path, dtype: str = "auto", device: str = "cpu", log: Call
         return bundle, plan(bundle.model, dtype, log=log)
     bundle = load_bundle(path)
     samples = quality_samples(bundle.tokenizer, min(256, bundle.config.block_size)) if dtype == "auto" else None
-    return bundle, plan(bundle.model, dtype, samples=samples, log=log)
+    return bundle, plan(bundle.model, dtype, samples=samples, log=log, measure=measure)
 
 
 __all__ = ["bucket", "DTYPE_CHOICES", "load_for_inference", "PRECISIONS", "QUALITY_BOUNDS", "quality_samples", "sample_loss", "ROW_BUCKETS", "KernelPlan", "LinearKernel", "Packed", "plan", "native_bf16",

@@ -27,7 +27,7 @@ from treespec import __version__
 from .http import ApiError, error_response
 from .metrics import Metrics
 from .routes import openai, ops, tgi
-from .scheduler import Scheduler
+from .scheduler import LoadCancelled, Scheduler
 from .serving import Serving
 from .settings import Settings
 
@@ -55,11 +55,13 @@ def build_app(settings: Settings, *, scheduler: Scheduler | None = None, metrics
             async def load_in_thread():
                 try:
                     await asyncio.to_thread(scheduler.load)
+                except LoadCancelled:  # stopped while loading: the shutdown is under way
+                    return
                 except Exception:
                     if on_load_failed is not None:
                         on_load_failed()
                     return
-                if on_ready is not None:
+                if on_ready is not None and scheduler.ready:  # not if a shutdown began as it finished
                     on_ready()
             loader = asyncio.create_task(load_in_thread())
         try:

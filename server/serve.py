@@ -36,7 +36,7 @@ def serve(settings: Settings):
 
     def announce() -> None:
         port = settings.port
-        if server is not None and server.servers:
+        if server is not None and server.servers and server.servers[0].sockets:
             port = server.servers[0].sockets[0].getsockname()[1]
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
         url = f"http://{host}:{port}"

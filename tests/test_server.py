@@ -208,6 +208,34 @@ def test_startup_says_when_it_is_ready_and_how_to_try_it(srv):
     assert f"curl -s http://127.0.0.1:{port}/generate -H 'Authorization: Bearer $TREESPEC_API_KEY'" in log[ready:]
 
 
+def test_stopping_while_the_model_loads_exits_at_once_and_never_says_ready():
+    """SIGTERM as soon as uvicorn listens lands inside the shipped model's load
+    (timing its kernels takes seconds): loading gives up at its next timing, so
+    the server exits in seconds, not after the whole load, and says why."""
+    from conftest import REPO
+
+    cmd = [sys.executable, "-m", "treespec.cli", "serve", "--bundle", str(REPO / "models" / "default"),
+           "--host", "127.0.0.1", "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("TREESPEC_")})
+    log = []
+    for line in proc.stdout:
+        log.append(line)
+        if "Uvicorn running on" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    try:
+        log += proc.stdout.readlines()
+        code = proc.wait(60)
+    finally:
+        proc.kill()
+    text = "".join(log)
+    assert code in (0, -signal.SIGTERM), text
+    assert "stopped while loading" in text and "is ready" not in text and "Traceback" not in text, text
+    assert time.monotonic() - t0 < 15, text
+
+
 def test_a_port_in_use_is_one_clear_line_and_exit_1_before_loading(srv, bundle):
     port = srv.url.rsplit(":", 1)[1]
     t0 = time.monotonic()
