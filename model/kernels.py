@@ -89,6 +89,56 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+class CpuShare:
+    """How much of the machine's CPU time other processes took over a span
+    (0: none, 1: every core, all the time), from /proc/stat's busy time less
+    this process's own. Timings taken while another job runs say little about
+    an idle machine: libgomp's threads spin between parallel regions, so beside
+    a process that wants the same cores a one-row pass took 190 ms instead of
+    2 ms, every precision alike, and ``auto`` once picked float32 that way
+    (bench/results/contention-*.json). None where /proc/stat is missing."""
+
+    def __init__(self):
+        # Only the cores this process may run on: a container pinned to 2 of
+        # a host's 64 does not care how busy the other 62 are.
+        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.start = self._sample()
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        try:
+            lines = Path("/proc/stat").read_text().splitlines()
+        except OSError:
+            return None
+        names = {f"cpu{c}" for c in self.cpus}
+        busy = 0
+        for line in lines:
+            fields = line.split()
+            if fields and fields[0] in names:
+                jiffies = [int(v) for v in fields[1:9]]
+                busy += sum(jiffies) - jiffies[3] - jiffies[4]  # all but idle and iowait
+        own = os.times()
+        return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.monotonic()
+
+    def others(self) -> float | None:
+        end = self._sample()
+        if not self.cpus or self.start is None or end is None or end[2] - self.start[2] < 0.05:
+            return None
+        return other_share(self.start, end, len(self.cpus))
+
+
+def other_share(start: tuple[float, float, float], end: tuple[float, float, float], cpus: int) -> float:
+    """The share of ``cpus`` that processes other than this one kept busy
+    between two (busy seconds of the machine, of this process, wall time)."""
+    machine, own, wall = (e - s for e, s in zip(end, start))
+    return min(1.0, max(0.0, (machine - own) / (wall * cpus)))
+
+
+# Above this share of the CPUs busy with other work while the kernels were
+# timed, the plan says its choices may be wrong (a single busy core of two
+# is 0.5; an idle machine's background is a few hundredths).
+BUSY_SHARE = 0.25
+
+
 def cpu_slug() -> str:
     """The suffix of a benchmark's result files, one per CPU kind: the vendor
     and the widest vector ISA, e.g. "amd-avx2", "amd-avx512", "intel-avx512"
@@ -630,6 +680,7 @@ class KernelPlan:
     # decode bucket -> how many weight rows ahead its C products ask for (_choose_prefetch)
     prefetch: dict[int, int] = field(default_factory=dict)
     prefetch_ms: dict = field(default_factory=dict)  # bucket -> rows ahead -> best pass, ms
+    busy: float | None = None  # share of the CPUs other processes used while timing (CpuShare)
 
     def describe(self) -> str:
         one = {g: self.choices[g][1] for g in self.choices}
@@ -639,7 +690,15 @@ class KernelPlan:
                 f"fused: {self.fused}; KV cache {self.kv_cache}; "
                 f"weights in {'2 MB' if self.huge_pages else '4 KB'} pages; "
                 f"prefetch ahead at rows {[b for b, a in self.prefetch.items() if a] or 'none'}; "
-                f"chosen by timing in {self.seconds:.1f} s" + (f"; {self.reason}" if self.reason else ""))
+                f"chosen by timing in {self.seconds:.1f} s" + (f"; {self.reason}" if self.reason else "")
+                + (f"; {self.busy_warning()}" if self.busy_warning() else ""))
+
+    def busy_warning(self) -> str:
+        if self.busy is None or self.busy <= BUSY_SHARE:
+            return ""
+        return (f"other processes kept {self.busy:.0%} of the CPUs busy while these kernels were timed, so the "
+                "choices may not be the fastest once the machine is free: restart the server then, or pin --dtype "
+                "(docs/performance.md, 'Sharing the CPU')")
 
     def to_dict(self) -> dict:
         return {"precision": self.precision, "threads": self.threads, "cpu": self.cpu,
@@ -648,7 +707,8 @@ class KernelPlan:
                 "skinny": self.skinny, "seconds": round(self.seconds, 2), "reason": self.reason,
                 "precision_ms": self.precision_ms, "kv_cache": self.kv_cache, "fused": self.fused,
                 "huge_pages": self.huge_pages, "prefetch": {str(b): a for b, a in self.prefetch.items()},
-                "prefetch_ms": {str(b): {str(a): v for a, v in t.items()} for b, t in self.prefetch_ms.items()}}
+                "prefetch_ms": {str(b): {str(a): v for a, v in t.items()} for b, t in self.prefetch_ms.items()},
+                "busy": None if self.busy is None else round(self.busy, 3)}
 
 
 Measure = Callable[[str, int, str, list[Packed]], float]
@@ -801,6 +861,7 @@ def plan(model, precision: str = "auto", *, measure: Measure | None = None, samp
     if precision not in (*PRECISIONS, "auto"):
         raise ValueError(f"precision must be auto or one of {PRECISIONS}, got {precision!r}")
     t0 = time.perf_counter()
+    share = CpuShare()
     device = model.wte.weight.device
     measure = measure or time_pass
     reason = ""
@@ -866,9 +927,12 @@ def plan(model, precision: str = "auto", *, measure: Measure | None = None, samp
     result = KernelPlan(precision, torch.get_num_threads(), cpu_summary(), choices, timings,
                         f"ok: {SKINNY.path()}" if SKINNY.lib is not None else (SKINNY.error or "not built"),
                         time.perf_counter() - t0, reason, precision_ms,
-                        str(model.kv_dtype).removeprefix("torch."), fused, huge, prefetch, prefetch_ms)
+                        str(model.kv_dtype).removeprefix("torch."), fused, huge, prefetch, prefetch_ms,
+                        share.others())
     if log:
         log(result.describe())
+    if result.busy_warning():
+        warnings.warn(f"treespec: {result.busy_warning()}", RuntimeWarning, stacklevel=2)
     return result
 
 
@@ -911,4 +975,4 @@ def load_for_inference(path, dtype: str = "auto", device: str = "cpu", log: Call
 
 
 __all__ = ["bucket", "DTYPE_CHOICES", "load_for_inference", "PRECISIONS", "QUALITY_BOUNDS", "quality_samples", "sample_loss", "ROW_BUCKETS", "KernelPlan", "LinearKernel", "Packed", "plan", "native_bf16",
-           "cpu_summary", "cpu_model", "cpu_slug", "available", "time_pass", "SKINNY"]
+           "cpu_summary", "cpu_model", "cpu_slug", "CpuShare", "other_share", "available", "time_pass", "SKINNY"]

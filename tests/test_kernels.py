@@ -168,6 +168,53 @@ def test_chooser_picks_the_fastest_on_a_stub_timing(monkeypatch):
     assert m.blocks[0].fused is None
 
 
+def test_other_share_is_the_machine_s_busy_time_less_this_process_s():
+    # (machine busy s, own busy s, wall s) at start and end, on 2 CPUs
+    assert kernels.other_share((10.0, 1.0, 0.0), (12.0, 2.0, 1.0), 2) == pytest.approx(0.5)  # one core of two
+    assert kernels.other_share((10.0, 1.0, 0.0), (12.0, 3.0, 1.0), 2) == 0.0  # all of it was ours
+    assert kernels.other_share((10.0, 1.0, 0.0), (14.5, 1.0, 1.0), 2) == 1.0  # clock skew: capped
+
+
+def test_cpu_share_sees_a_process_that_keeps_every_core_busy():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    cores = len(os.sched_getaffinity(0))
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        time.sleep(0.3)  # let them start
+        share = kernels.CpuShare()
+        time.sleep(1.0)
+        busy = share.others()
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    assert busy is not None and busy > 0.6, busy
+
+
+@pytest.mark.parametrize("busy,warns", [(0.6, True), (0.02, False), (None, False)])
+def test_a_plan_timed_on_a_busy_machine_says_so(monkeypatch, busy, warns):
+    """Timings beside another job can pick a slower precision for good; the plan says
+    what share of the CPUs was taken and, past BUSY_SHARE, what to do about it."""
+
+    class Stub:
+        def others(self):
+            return busy
+
+    monkeypatch.setattr(kernels, "CpuShare", Stub)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kp = plan(tiny_model(), "float32", measure=lambda g, r, c, w: 1.0)
+    said = [str(w.message) for w in caught if "kept" in str(w.message)]
+    assert kp.busy == busy and kp.to_dict()["busy"] == busy
+    assert bool(said) == warns and (("restart the server" in kp.describe()) == warns), (said, kp.describe())
+    if warns:
+        assert "60% of the CPUs" in said[0]
+
+
 def test_auto_takes_the_faster_precision_on_a_stub_timing(monkeypatch):
     m = tiny_model()
     monkeypatch.setattr(kernels, "native_bf16", lambda device="cpu": True)
