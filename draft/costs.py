@@ -19,6 +19,8 @@ import warnings
 import numpy as np
 import torch
 
+from ..model.kernels import BUSY_SHARE, CpuShare
+
 
 @contextlib.contextmanager
 def torch_threads(n: int | None):
@@ -54,6 +56,7 @@ def measure_verify_ms(model, k_max: int, ctx_len: int, reps: int = 30, threads: 
 
 
 def _verify_ms(model, k_max: int, ctx_len: int, reps: int, advice: str) -> list[float]:
+    share = CpuShare()
     cache = model.new_cache(batch_size=1)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, min(model.config.vocab_size, 50257), (1, ctx_len), generator=g)
@@ -86,6 +89,12 @@ def _verify_ms(model, k_max: int, ctx_len: int, reps: int, advice: str) -> list[
         warnings.warn(NoisyTimingWarning(
             f"the one-position verify forward took {out[0]:.2f} ms and then {again:.2f} ms: the machine is "
             f"busy, so the drafter's costs are unreliable; {advice}"), stacklevel=3)
+    # A machine busy all along times every length slowly and alike, which the
+    # check above cannot see (beside a training run: 248 ms for one position).
+    elif (busy := share.others()) is not None and busy > BUSY_SHARE:
+        warnings.warn(NoisyTimingWarning(
+            f"other processes kept {busy:.0%} of the CPUs busy while the verify forward was timed "
+            f"({out[0]:.2f} ms for one position), so the drafter's costs are unreliable; {advice}"), stacklevel=3)
     # A longer verify never costs less: the closest monotone curve (pooling
     # adjacent violators), so that one noisy length is averaged with its
     # neighbours rather than lifting every length after it.

@@ -22,6 +22,20 @@ from treespec.model import load_bundle, save_bundle
 from treespec.training.data import load_split
 
 
+@pytest.fixture(autouse=True)
+def quiet_machine(monkeypatch):
+    """The timing tests here simulate a busy or quiet machine with sleeping
+    stubs; how busy the machine running the suite is must not count (a test
+    that wants a busy one sets its own CpuShare)."""
+    from treespec.draft import costs
+
+    class Quiet:
+        def others(self):
+            return 0.0
+
+    monkeypatch.setattr(costs, "CpuShare", Quiet)
+
+
 def _engine_features(out, row: int, n_vocab: int) -> ModelFeatures:
     # What the decode loop hands the drafter after a forward: one position's view.
     return ModelFeatures(logits=out.logits[0, row, :n_vocab], hidden=out.hidden[0, row],
@@ -767,6 +781,31 @@ def test_a_handback_with_nothing_to_copy_fills_the_slot_with_the_corpus_guess(fi
     d.corpus = table
     draft = d.open().propose(context, feats, 4)
     assert draft.tokens == [d.spec.classes[0]] and not draft.guess
+
+
+def test_a_machine_busy_all_along_keeps_the_fitted_costs(fitted, monkeypatch):
+    """A training run beside the server slows every verify length alike, so the
+    timings agree with each other; the share of the CPUs that other processes
+    took says it (CpuShare), and the real timer then warns as a noisy one would."""
+    from treespec.draft import costs
+
+    class Busy:
+        def others(self):
+            return 0.6
+
+    import time
+
+    monkeypatch.setattr(costs, "CpuShare", Busy)
+    d = TreeDrafter.load(load_bundle(fitted[0]))
+    # The prompt's real forward fills the cache; then steady 20 ms verify forwards (the
+    # timer ignores their output), so only the CPU share can tell the machine is busy.
+    real = d.model.forward_step
+    monkeypatch.setattr(d.model, "forward_step",
+                        lambda idx, pos, *a, **k: real(idx, pos, *a, **k) if pos == 0 else time.sleep(0.02))
+    fitted_verify = list(d.verify_ms)
+    cal = d.calibrate(reps=2)
+    assert cal["here"] is None and d.verify_ms == fitted_verify
+    assert "60% of the CPUs busy" in cal["kept_fitted_because"], cal
 
 
 def test_a_calibration_on_a_busy_machine_is_timed_again_then_the_fitted_costs_are_kept(fitted, monkeypatch):
