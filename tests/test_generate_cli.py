@@ -114,6 +114,22 @@ def bench_args(bundle, corpus, out, *extra):
             "--data-dir", str(corpus), "--out", str(out), "--warmup", "0", "--dtype", "float32", *extra]
 
 
+@pytest.mark.parametrize("busy,warns", [(0.7, True), (0.01, False)])
+def test_bench_says_when_other_processes_took_the_cpu(long_bundle, corpus, tmp_path, capsys, monkeypatch, busy, warns):
+    from treespec.cli import bench
+
+    class Share:
+        def others(self):
+            return busy
+
+    monkeypatch.setattr(bench, "CpuShare", Share)
+    monkeypatch.setattr(bench, "measure_verify_ms", lambda model, k, ctx, **kw: [1.0 + 0.5 * i for i in range(k + 1)])
+    assert main(bench_args(long_bundle, corpus, tmp_path / "res", "--suite", "code")) == 0
+    err = capsys.readouterr().err
+    assert ("70% of the CPUs busy" in err) == warns, err
+    assert json.loads((tmp_path / "res" / "bundle-code-T0.json").read_text())["busy"] == busy
+
+
 @pytest.mark.parametrize("suite", ["code", "prose"])
 def test_bench_writes_report_and_plot(long_bundle, corpus, tmp_path, capsys, suite, monkeypatch):
     from treespec.cli import bench

@@ -38,7 +38,7 @@ from pathlib import Path
 from ..draft.costs import measure_verify_ms
 from ..draft.registry import DRAFTERS
 from ..draft.types import extend_costs
-from ..model.kernels import DTYPE_CHOICES, cpu_model
+from ..model.kernels import BUSY_SHARE, DTYPE_CHOICES, CpuShare, cpu_model
 
 PROMPT_MIN, PROMPT_MAX = 64, 128
 
@@ -356,8 +356,10 @@ def run(args) -> int:
                                   repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
                                   presence_penalty=args.presence_penalty)
 
+        share = CpuShare()
         runs, costs = run_bench(bundle, prompts, names, params_for, warmup=args.warmup, progress=not args.json,
                                 calibrate=not args.no_calibrate)
+        busy = share.others()
     except (BundleError, DrafterUnavailable, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -396,6 +398,8 @@ def run(args) -> int:
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv,
         "kernels": kernels.to_dict(),
+        # The share of the CPUs other processes kept busy while the drafters ran.
+        "busy": None if busy is None else round(busy, 3),
         "calibrated_costs": costs,
         "modelled_verify_ms": curve,
         "drafters": summary,
@@ -422,6 +426,10 @@ def run(args) -> int:
         print("modelled (decode steps priced on one verify curve, " + ", ".join(f"{v:.1f}" for v in curve)
               + " ms): " + ", ".join(f"{n} {s['modelled_speedup']:.2f}x" for n, s in summary.items()))
         print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+    if busy is not None and busy > BUSY_SHARE:
+        print(f"warning: other processes kept {busy:.0%} of the CPUs busy while this ran, so its times are not "
+              "this machine's; rerun with nothing else running (docs/performance.md, 'Sharing the CPU')",
+              file=sys.stderr)
     mismatched = {n: s["mismatched_prompts"] for n, s in summary.items() if s.get("mismatched_prompts")}
     if mismatched:
         print(f"FAIL: outputs differ from vanilla's with the same seed: {mismatched}", file=sys.stderr)
