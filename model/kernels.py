@@ -102,6 +102,7 @@ class CpuShare:
         # Only the cores this process may run on: a container pinned to 2 of
         # a host's 64 does not care how busy the other 62 are.
         self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.started = time.monotonic()
         self.start = self._sample()
 
     def _sample(self) -> tuple[float, float, float] | None:
@@ -114,8 +115,10 @@ class CpuShare:
         for line in lines:
             fields = line.split()
             if fields and fields[0] in names:
-                jiffies = [int(v) for v in fields[1:9]]
-                busy += sum(jiffies) - jiffies[3] - jiffies[4]  # all but idle and iowait
+                # user, nice, system, irq, softirq: not idle, iowait, nor a VM's steal
+                # (time its host gave to other machines, which no process here took)
+                user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+                busy += user + nice + system + irq + softirq
         own = os.times()
         return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.monotonic()
 

@@ -37,6 +37,7 @@ import torch
 
 from treespec.draft.loop import check_request
 from treespec.draft.types import FINISH_CANCELLED, SamplingParams, SpecStats, StepEvent
+from treespec.model.kernels import BUSY_SHARE, CpuShare
 
 from .chat import ChatTemplate, ChatTemplateError
 from .metrics import Metrics
@@ -48,6 +49,11 @@ log = logging.getLogger("treespec.server")
 FAIL_PREFIX = "[[fail]]"
 SLOW_PREFIX = "[[slow]]"
 SLOW_STEP_S = 0.05
+# While it decodes, the scheduler measures the share of its CPUs that other
+# processes take this often, and warns at most every CPU_WARN_EVERY_S: beside
+# a busy process the kernels' spinning threads decode 50-100x slower.
+CPU_CHECK_S = 10.0
+CPU_WARN_EVERY_S = 300.0
 
 
 class InvalidRequest(ValueError):
@@ -165,6 +171,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._generate = None
         self.drafter_names: tuple[str, ...] = ()
+        self._cpu_share: CpuShare | None = None  # since decoding (re)started or the last check
+        self._cpu_warned_at = -CPU_WARN_EVERY_S
 
     # ------------------------------------------------------------ loading
 
@@ -345,6 +353,8 @@ class Scheduler:
         while True:
             started = []
             with self._cv:
+                if not self._waiting and not self._running:
+                    self._cpu_share = None  # idle time says nothing about decoding beside others
                 while not self._closed and not self._waiting and not self._running:
                     self._cv.wait()
                 if self._closed and not self._waiting and not self._running:
@@ -361,6 +371,26 @@ class Scheduler:
             pending = [job for job in turn if not job.done and self._advance(job)]
             if pending:
                 self._run_forwards(pending)
+            self._watch_cpu()
+
+    def _watch_cpu(self) -> None:
+        """Every CPU_CHECK_S of decoding: how much of the CPUs other processes
+        took (a gauge), and a warning when it is enough to slow decoding down."""
+        if self._cpu_share is None:
+            self._cpu_share = CpuShare()
+            return
+        if time.monotonic() - self._cpu_share.started < CPU_CHECK_S:
+            return
+        busy, self._cpu_share = self._cpu_share.others(), CpuShare()
+        if busy is None:
+            return
+        self.metrics.cpu_busy_others.set(busy)
+        now = time.monotonic()
+        if busy > BUSY_SHARE and now - self._cpu_warned_at >= CPU_WARN_EVERY_S:
+            self._cpu_warned_at = now
+            log.warning("other processes kept %.0f%% of this server's CPUs busy while it decoded; its decode steps "
+                        "can run many times slower until they stop. Give it cores of its own, or see "
+                        "docs/performance.md, 'Sharing the CPU'", 100 * busy)
 
     def _start(self, job: Job) -> None:
         m, d = self.metrics, job.drafter

@@ -39,6 +39,9 @@ from conftest import route_paths, tiny_model
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 COMPOSE = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+# Series of the whole server, not of one drafter: no drafter label.
+MACHINE_WIDE = {"treespec_batch_size_sum", "treespec_batch_size_count", "treespec_batch_tokens_sum",
+                "treespec_batch_tokens_count", "treespec_cpu_busy_other_processes"}
 DASHBOARD = json.loads((DOCKER / "grafana" / "dashboards" / "treespec.json").read_text())
 PROM_CONFIG = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
 
@@ -396,13 +399,15 @@ def test_dashboard_has_the_panels_the_issue_asks_for():
         qs = " ".join(query(title))
         assert "histogram_quantile(0.5," in qs and "histogram_quantile(0.99," in qs
     # By drafter: every query filters on the dashboard's drafter variable and
-    # every non-failure panel splits by it, except the batching panel: a batch
-    # mixes drafters, so its series have no drafter label to filter on.
+    # every non-failure panel splits by it, except the machine-wide ones: a batch
+    # mixes drafters, and the CPU is shared by all, so those series have no
+    # drafter label to filter on.
     batching = {"treespec_batch_size_sum", "treespec_batch_size_count", "treespec_batch_tokens_sum",
                 "treespec_batch_tokens_count"}
     assert batching <= set().union(*map(metric_names, query("batching")))
+    assert MACHINE_WIDE - batching <= set().union(*map(metric_names, query("other processes")))
     for title, e in dashboard_targets():
-        if metric_names(e) <= batching:
+        if metric_names(e) <= MACHINE_WIDE:
             assert "drafter" not in e, (title, e)
             continue
         assert 'drafter=~"$drafter"' in e, (title, e)
@@ -588,8 +593,8 @@ def test_every_dashboard_metric_exists_in_live_metrics(server):
         assert drafters, f"{name} has no series after the requests"
         if name == "treespec_request_failure_total":
             continue  # a refused request may not have chosen a drafter
-        if family in ("treespec_batch_size", "treespec_batch_tokens"):
-            assert drafters == {None}  # a batch mixes drafters: no label
+        if name in MACHINE_WIDE:
+            assert drafters == {None}  # a batch mixes drafters, the CPU serves them all: no label
             continue
         # The none drafter drafts nothing, so only ngram has speculation series.
         want = {"ngram"} if "spec_decode" in name else {"ngram", "none"}
