@@ -70,7 +70,7 @@ class Metrics:
         self.batch_size = Histogram("treespec_batch_size", "Requests whose forwards ran together in one model forward (continuous batching)", buckets=tuple(float(2 ** i) for i in range(8)), registry=r)
         self.batch_tokens = Histogram("treespec_batch_tokens", "Token rows in one model forward, over all its requests (prompt chunks and verified drafts included)", buckets=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0), registry=r)
         self.kv_cache_bytes = Gauge("treespec_kv_cache_bytes", "Bytes held by the KV caches of live requests", registry=r)
-        self.cpu_busy_others = Gauge("treespec_cpu_busy_other_processes", "Share (0-1) of this server's CPUs that other processes kept busy over its last stretch of decoding; past 0.25 its decode steps can run many times slower (docs/performance.md, Sharing the CPU)", registry=r)
+        self.cpu_busy_others = Gauge("treespec_cpu_busy_other_processes", "Share (0-1) of this server's CPUs that other processes kept busy over the last 10 s; past 0.25 its decode steps can run many times slower (docs/performance.md, Sharing the CPU)", registry=r)
         # StepStats field -> the counter it adds to, every step.
         self.step_counters = {
             "verify_steps": self.verify_steps, "generated_tokens": self.generation_tokens,

@@ -49,9 +49,10 @@ log = logging.getLogger("treespec.server")
 FAIL_PREFIX = "[[fail]]"
 SLOW_PREFIX = "[[slow]]"
 SLOW_STEP_S = 0.05
-# While it decodes, the scheduler measures the share of its CPUs that other
-# processes take this often, and warns at most every CPU_WARN_EVERY_S: beside
-# a busy process the kernels' spinning threads decode 50-100x slower.
+# The scheduler measures the share of its CPUs that other processes take
+# this often, and warns (at most every CPU_WARN_EVERY_S) when that happened
+# while it decoded: beside a busy process the kernels' spinning threads
+# can decode up to 100x slower.
 CPU_CHECK_S = 10.0
 CPU_WARN_EVERY_S = 300.0
 
@@ -171,8 +172,9 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._generate = None
         self.drafter_names: tuple[str, ...] = ()
-        self._cpu_share: CpuShare | None = None  # since decoding (re)started or the last check
+        self._decoded = False  # whether a forward ran since the CPU watch last looked
         self._cpu_warned_at = -CPU_WARN_EVERY_S
+        self._watch_stop = threading.Event()
 
     # ------------------------------------------------------------ loading
 
@@ -191,6 +193,7 @@ class Scheduler:
             raise
         self._thread = threading.Thread(target=self._worker, name="treespec-scheduler", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._watch_cpu, name="treespec-cpu-watch", daemon=True).start()
         with self._cv:
             if self.state == "loading":  # not if a shutdown began while it loaded
                 self.state = "ready"
@@ -353,8 +356,6 @@ class Scheduler:
         while True:
             started = []
             with self._cv:
-                if not self._waiting and not self._running:
-                    self._cpu_share = None  # idle time says nothing about decoding beside others
                 while not self._closed and not self._waiting and not self._running:
                     self._cv.wait()
                 if self._closed and not self._waiting and not self._running:
@@ -371,26 +372,25 @@ class Scheduler:
             pending = [job for job in turn if not job.done and self._advance(job)]
             if pending:
                 self._run_forwards(pending)
-            self._watch_cpu()
+                self._decoded = True
 
     def _watch_cpu(self) -> None:
-        """Every CPU_CHECK_S of decoding: how much of the CPUs other processes
-        took (a gauge), and a warning when it is enough to slow decoding down."""
-        if self._cpu_share is None:
-            self._cpu_share = CpuShare()
-            return
-        if time.monotonic() - self._cpu_share.started < CPU_CHECK_S:
-            return
-        busy, self._cpu_share = self._cpu_share.others(), CpuShare()
-        if busy is None:
-            return
-        self.metrics.cpu_busy_others.set(busy)
-        now = time.monotonic()
-        if busy > BUSY_SHARE and now - self._cpu_warned_at >= CPU_WARN_EVERY_S:
-            self._cpu_warned_at = now
-            log.warning("other processes kept %.0f%% of this server's CPUs busy while it decoded; its decode steps "
-                        "can run many times slower until they stop. Give it cores of its own, or see "
-                        "docs/performance.md, 'Sharing the CPU'", 100 * busy)
+        """Every CPU_CHECK_S: how much of the CPUs other processes took (a
+        gauge), and a warning when that was enough to slow decoding down and
+        there was decoding to slow."""
+        share = CpuShare()
+        while not self._watch_stop.wait(CPU_CHECK_S):
+            busy, share = share.others(), CpuShare()
+            decoded, self._decoded = self._decoded, False
+            if busy is None:
+                continue
+            self.metrics.cpu_busy_others.set(busy)
+            now = time.monotonic()
+            if decoded and busy > BUSY_SHARE and now - self._cpu_warned_at >= CPU_WARN_EVERY_S:
+                self._cpu_warned_at = now
+                log.warning("other processes kept %.0f%% of this server's CPUs busy while it decoded; its decode "
+                            "steps can run many times slower until they stop. Give it cores of its own, or see "
+                            "docs/performance.md, 'Sharing the CPU'", 100 * busy)
 
     def _start(self, job: Job) -> None:
         m, d = self.metrics, job.drafter
@@ -563,6 +563,7 @@ class Scheduler:
         self.begin_shutdown(timeout)
         while any(self.load_counts()) and time.monotonic() < self._stop_deadline + 10.0:
             time.sleep(0.02)
+        self._watch_stop.set()
         with self._cv:
             self._closed = True
             self._cv.notify_all()

@@ -134,40 +134,53 @@ def test_serving_builds_responses_without_http(tiny_bundle):
 
 
 def test_the_scheduler_reports_and_warns_when_other_processes_take_its_cpus(tiny_bundle, monkeypatch, caplog):
-    """While it decodes, the share of its CPUs other processes took goes to a
-    gauge, and past BUSY_SHARE to one warning per CPU_WARN_EVERY_S."""
+    """Every CPU_CHECK_S the share of its CPUs other processes took goes to a
+    gauge; past BUSY_SHARE, and only if it decoded meanwhile, to a warning, at
+    most one per CPU_WARN_EVERY_S."""
     import logging
+    import time
 
     from treespec.server import scheduler as sched
     from treespec.server.metrics import Metrics
     from treespec.server.settings import Settings
 
-    shares = iter([0.1, 0.7, 0.8])
+    busy = [0.7]
 
     class Share:
-        started = float("-inf")  # every check is due
-
         def others(self):
-            return next(shares, 0.8)
+            return busy[0]
 
     monkeypatch.setattr(sched, "CpuShare", Share)
+    monkeypatch.setattr(sched, "CPU_CHECK_S", 0.02)
     settings = Settings(bundle=str(tiny_bundle), dtype="float32", calibrate_drafter=False)
     scheduler = sched.Scheduler(settings, Metrics())
-    scheduler.load()
     gauge = scheduler.metrics.cpu_busy_others
-    try:
-        with caplog.at_level(logging.WARNING, logger="treespec.server"):
-            prepared = scheduler.prepare("def f(x):", SamplingParams(max_new_tokens=8), "none")
 
-            async def run():
-                return [ev async for ev in scheduler.submit(prepared).events()]
+    def warnings_after(seconds: float) -> list[str]:
+        time.sleep(seconds)
+        return [r.getMessage() for r in caplog.records if "CPUs busy while it decoded" in r.getMessage()]
 
-            assert asyncio.run(run())[-1].finish_reason == "length"
-        assert gauge._value.get() == 0.8  # the last of several checks
-        warned = [r.getMessage() for r in caplog.records if "CPUs busy" in r.getMessage()]
-        assert len(warned) == 1 and "70%" in warned[0], warned  # 0.1 is quiet; 0.8 came too soon after
-    finally:
-        scheduler.shutdown(0)
+    def decode():
+        prepared = scheduler.prepare("def f(x):", SamplingParams(max_new_tokens=8), "none")
+
+        async def run():
+            return [ev async for ev in scheduler.submit(prepared).events()]
+
+        assert asyncio.run(run())[-1].finish_reason == "length"
+
+    with caplog.at_level(logging.WARNING, logger="treespec.server"):
+        scheduler.load()
+        try:
+            assert warnings_after(0.2) == [] and gauge._value.get() == 0.7  # busy, but nothing was decoding
+            decode()
+            warned = warnings_after(0.2)
+            assert len(warned) == 1 and "70%" in warned[0], warned
+            decode()
+            assert len(warnings_after(0.2)) == 1  # not again within CPU_WARN_EVERY_S
+            busy[0] = 0.05
+            assert warnings_after(0.2) and gauge._value.get() == 0.05
+        finally:
+            scheduler.shutdown(0)
 
 
 def test_the_documented_drafter_example_serves_through_the_registry(tok, looping, monkeypatch):
