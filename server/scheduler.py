@@ -37,7 +37,7 @@ import torch
 
 from treespec.draft.loop import check_request
 from treespec.draft.types import FINISH_CANCELLED, SamplingParams, SpecStats, StepEvent
-from treespec.model.kernels import BUSY_SHARE, CpuShare
+from treespec.model.kernels import BUSY_SHARE, CpuShare, time_pass
 
 from .chat import ChatTemplate, ChatTemplateError
 from .metrics import Metrics
@@ -244,8 +244,6 @@ class Scheduler:
 
     def _measure(self, group: str, rows: int, candidate: str, weights) -> float:
         """The kernel planner's timer, which gives up once a shutdown has begun."""
-        from treespec.model.kernels import time_pass
-
         self._raise_if_stopping()
         return time_pass(group, rows, candidate, weights)
 
