@@ -90,19 +90,19 @@ def cpu_model() -> str:
 
 
 class CpuShare:
-    """How much of the machine's CPU time other processes took over a span
+    """How much of this process's cores other processes kept busy over a span
     (0: none, 1: every core, all the time), from /proc/stat's busy time less
     this process's own. Timings taken while another job runs say little about
     an idle machine: libgomp's threads spin between parallel regions, so beside
-    a process that wants the same cores a one-row pass took 190 ms instead of
-    2 ms, every precision alike, and ``auto`` once picked float32 that way
-    (bench/results/contention-*.json). None where /proc/stat is missing."""
+    a training run on the same cores ``treespec serve`` timed every precision's
+    one-row pass at ~200 ms, where the idle forward takes 1-5 ms, and ``auto``
+    once picked float32 that way (docs/performance.md, "Sharing the CPU";
+    bench/results/contention-*.json). None where /proc/stat is missing."""
 
     def __init__(self):
         # Only the cores this process may run on: a container pinned to 2 of
         # a host's 64 does not care how busy the other 62 are.
         self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        self.started = time.monotonic()
         self.start = self._sample()
 
     def _sample(self) -> tuple[float, float, float] | None:
@@ -136,9 +136,10 @@ def other_share(start: tuple[float, float, float], end: tuple[float, float, floa
     return min(1.0, max(0.0, (machine - own) / (wall * cpus)))
 
 
-# Above this share of the CPUs busy with other work while the kernels were
-# timed, the plan says its choices may be wrong (a single busy core of two
-# is 0.5; an idle machine's background is a few hundredths).
+# Above this share of the CPUs busy with other work, timings are not the
+# machine's and decoding slows down: the plan, the verify-cost timer, the
+# benchmark and the server say so (one busy core of two is 0.5; an idle
+# machine's background is a few hundredths).
 BUSY_SHARE = 0.25
 
 
