@@ -323,7 +323,7 @@ def _float_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
 
 
 @contextmanager
-def _atomic_dir(out: Path, force: bool) -> Iterator[Path]:
+def atomic_dir(out: Path, force: bool) -> Iterator[Path]:
     """A temporary directory beside ``out`` that becomes ``out`` only if the block succeeds."""
     out = Path(out)
     if out.exists() and not force:
@@ -407,7 +407,7 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
         template = json.loads(tc.read_text()).get("chat_template")
         if template:
             meta["chat_template"] = template
-    with _atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force) as tmp:
         _build_bundle(tmp, config, params, ranks, dtype or _float_dtype(state), meta)
     return out
 
@@ -423,8 +423,10 @@ def import_nanogpt(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bo
         raise InteropError(f"{out}: already exists; pass --force to replace it")
     data = _load_pickle(ckpt)
     if not isinstance(data, dict) or "model_args" not in data or "model" not in data:
+        hint = ("; for a treespec run's ckpt.pt use --from checkpoint"
+                if isinstance(data, dict) and "model_config" in data else "")
         raise InteropError(f"{ckpt}: not a nanoGPT checkpoint (it needs 'model_args' and 'model'; "
-                           f"found {sorted(data)[:6] if isinstance(data, dict) else type(data).__name__})")
+                           f"found {sorted(data)[:6] if isinstance(data, dict) else type(data).__name__}){hint}")
     args = data["model_args"]
     # torch.compile'd models save their parameters under "_orig_mod.".
     state = {k.removeprefix("_orig_mod."): v for k, v in data["model"].items()}
@@ -448,7 +450,7 @@ def import_nanogpt(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bo
                               "iter_num": data.get("iter_num"),
                               "best_val_loss": float(data["best_val_loss"]) if "best_val_loss" in data else None}}
     log("note: nanoGPT checkpoints carry no tokenizer; assuming GPT-2's BPE (tiktoken r50k_base)")
-    with _atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force) as tmp:
         _build_bundle(tmp, config, params, ranks, dtype or _float_dtype(state), meta)
     return out
 
@@ -516,7 +518,7 @@ def export_hf(bundle_path: str | os.PathLike, out: str | os.PathLike, *, force: 
         "tie_word_embeddings": bool(tied), "bos_token_id": EOT_ID, "eos_token_id": EOT_ID,
         "torch_dtype": "float32",
     }
-    with _atomic_dir(Path(out), force) as tmp:
+    with atomic_dir(Path(out), force) as tmp:
         save_file(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(

@@ -270,6 +270,40 @@ def test_model_card_from_the_training_summary(short_run, tmp_path):
     assert card.count("greedy with a repetition penalty (`--repetition-penalty 1.3`)") == 2
 
 
+def test_a_bundle_from_the_checkpoint_is_the_model_of_that_step(short_run, tmp_path, capsys):
+    """`treespec import --from checkpoint RUN`: the run's last checkpoint is its final model, so
+    the bundle made from it holds the same weights, byte for byte, as the run's own bundle/."""
+    from treespec.cli import main as cli_main
+
+    out = tmp_path / "mid"
+    assert cli_main(["import", "--from", "checkpoint", str(short_run), "--out", str(out)]) == 0
+    assert "exits [1, 2], as of training step 20" in capsys.readouterr().out
+    got, run = load_bundle(out), load_bundle(short_run / "bundle")
+    assert got.config == run.config and got.weights_sha256 == run.weights_sha256
+    assert got.meta["imported_from"]["step"] == 20 and got.meta["imported_from"]["tokens_seen"] == 20 * 4 * 32
+    last_val = [r for r in metrics(short_run) if "val" in r][-1]["val"]
+    assert got.meta["imported_from"]["last_val_loss"] == last_val
+    # The checkpoint file itself works too, and a precision can be chosen.
+    assert cli_main(["import", "--from", "checkpoint", str(short_run / CKPT_FILE), "--out", str(out),
+                     "--force", "--dtype", "bfloat16"]) == 0
+    assert load_bundle(out).meta["imported_from"]["step"] == 20
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    capsys.readouterr()
+
+    # Refusals name the problem; nothing is written.
+    assert cli_main(["import", "--from", "checkpoint", str(short_run), "--out", str(out)]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert cli_main(["import", "--from", "checkpoint", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert "no training checkpoint there" in capsys.readouterr().err
+    nano = tmp_path / "nano.pt"
+    torch.save({"model_args": {"n_layer": 2}, "model": {}}, nano)
+    assert cli_main(["import", "--from", "checkpoint", str(nano), "--out", str(tmp_path / "b")]) == 2
+    assert "for nanoGPT's ckpt.pt use --from nanogpt" in capsys.readouterr().err
+    assert cli_main(["import", "--from", "nanogpt", str(short_run / CKPT_FILE), "--out", str(tmp_path / "b")]) == 2
+    assert "for a treespec run's ckpt.pt use --from checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_refuses_to_overwrite_a_run(short_run, data_dir):
     with pytest.raises(TrainConfigError, match="pass --resume"):
         Run(tiny_cfg(data_dir, short_run, "--max_steps=20"))

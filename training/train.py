@@ -482,6 +482,54 @@ class Run:
         return summary
 
 
+
+# --- a bundle from a run in progress ---------------------------------------------------
+
+def bundle_from_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
+                           dtype: torch.dtype | None = None,
+                           tokenizer: str | os.PathLike | None = None) -> Path:
+    """A run's ``ckpt.pt`` (or the run's folder) -> a bundle of the model as of that step.
+
+    Every exit is kept, so the bundle serves, benches and ``draft-fit``s like the one
+    the run writes at its end; the run itself is not touched and may keep going.
+    ``dtype`` defaults to the run's ``save_dtype``."""
+    from ..model.config import ConfigError, GPTConfig
+    from ..model.interop import InteropError, atomic_dir
+    from ..model.tokenizer import find_ranks_file
+
+    src = Path(src)
+    ckpt = src / CKPT_FILE if src.is_dir() else src
+    if not ckpt.is_file():
+        raise InteropError(f"{src}: no training checkpoint there; --from checkpoint takes a run's "
+                           f"folder (treespec train --out_dir) or its {CKPT_FILE}")
+    try:
+        ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign pickle, a truncated file: say which, never run it
+        raise InteropError(f"{ckpt}: not a readable treespec checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(ck, dict) or "model_config" not in ck or "model" not in ck:
+        hint = "; for nanoGPT's ckpt.pt use --from nanogpt" if isinstance(ck, dict) and "model_args" in ck else ""
+        raise InteropError(f"{ckpt}: not a treespec training checkpoint{hint}")
+    if ck.get("version") != CKPT_VERSION:
+        raise InteropError(f"{ckpt}: checkpoint version {ck.get('version')} is not {CKPT_VERSION}, "
+                           f"which this treespec reads")
+    try:
+        config = GPTConfig.from_dict(ck["model_config"])
+    except (ConfigError, TypeError, ValueError) as e:
+        raise InteropError(f"{ckpt}: {e}") from None
+    model = GPT(config)
+    model.load_state_dict(ck["model"])
+    if dtype is None:
+        dtype = _DTYPES[ck["train_config"].get("save_dtype", "float32")]
+    ranks = find_ranks_file(tokenizer)
+    meta = {"imported_from": {"format": "checkpoint", "path": str(ckpt.resolve()), "step": ck["step"],
+                              "tokens_seen": ck["tokens_seen"],
+                              # the run's latest evaluation, at or before ``step``
+                              "last_val_loss": ck.get("last_eval")}}
+    with atomic_dir(Path(out), force) as tmp:
+        save_bundle(tmp, model, tokenizer_ranks=ranks, dtype=dtype, extra_meta=meta)
+    return Path(out)
+
+
 # --- plots ---------------------------------------------------------------------------
 
 def plot_run(out_dir: str | os.PathLike) -> Path | None:

@@ -9,14 +9,18 @@ _DTYPES = ("float32", "float16", "bfloat16")
 
 def add_parser(sub, name: str) -> None:
     if name == "import":
-        p = sub.add_parser(name, help="import a Hugging Face GPT-2 or nanoGPT checkpoint as a bundle",
+        p = sub.add_parser(name, help="import a Hugging Face GPT-2, nanoGPT or treespec training checkpoint as a bundle",
                            description="Turn a Hugging Face GPT-2 directory or a nanoGPT ckpt.pt into a "
-                                       "single-exit treespec bundle (see docs/interop.md).")
-        p.add_argument("source", help="a Hugging Face model directory (--from hf) or nanoGPT ckpt.pt (--from nanogpt)")
-        p.add_argument("--from", dest="fmt", required=True, choices=["hf", "nanogpt"], help="the source format")
+                                       "single-exit treespec bundle, or a treespec run's checkpoint into "
+                                       "a bundle of the model as of that step (see docs/interop.md).")
+        p.add_argument("source", help="a Hugging Face model directory (--from hf), a nanoGPT ckpt.pt (--from nanogpt), "
+                                      "or a treespec run folder or its ckpt.pt (--from checkpoint)")
+        p.add_argument("--from", dest="fmt", required=True, choices=["hf", "nanogpt", "checkpoint"],
+                       help="the source format")
         p.add_argument("--out", required=True, help="the bundle directory to write")
         p.add_argument("--dtype", choices=_DTYPES, default=None,
-                       help="storage precision of the bundle's weights (default: the source's)")
+                       help="storage precision of the bundle's weights (default: the source's; "
+                            "for a checkpoint, the run's save_dtype)")
         p.add_argument("--tokenizer", default=None,
                        help="r50k_base ranks file to check against and copy (default: found as for tests)")
         p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -45,19 +49,26 @@ def run_import(args) -> int:
     from ..model.interop import InteropError, import_hf, import_nanogpt
     from ..model.tokenizer import TokenizerNotFound
 
-    fn = import_hf if args.fmt == "hf" else import_nanogpt
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
-        out = fn(args.source, args.out, force=args.force, dtype=dtype, tokenizer=args.tokenizer, log=_log)
+        if args.fmt == "checkpoint":
+            from ..training.train import bundle_from_checkpoint
+            out = bundle_from_checkpoint(args.source, args.out, force=args.force, dtype=dtype,
+                                         tokenizer=args.tokenizer)
+        else:
+            fn = import_hf if args.fmt == "hf" else import_nanogpt
+            out = fn(args.source, args.out, force=args.force, dtype=dtype, tokenizer=args.tokenizer, log=_log)
     except (InteropError, BundleError, TokenizerNotFound) as e:
         print(f"treespec import: {e}", file=sys.stderr)
         return 2
     from ..model.bundle import load_bundle
     b = load_bundle(out)
     c = b.config
+    step = b.meta.get("imported_from", {}).get("step")
     print(f"wrote {out}: {b.model.num_params(non_embedding=False) / 1e6:.1f}M parameters, "
           f"{c.n_layer} layers x {c.n_embd}, {c.n_head} heads, context {c.block_size}, "
-          f"activation {c.activation}")
+          f"activation {c.activation}, exits {list(c.exit_layers)}"
+          + (f", as of training step {step}" if step is not None else ""))
     return 0
 
 
