@@ -457,21 +457,57 @@ def test_verify_timing_under_load_is_flagged():
     model = tiny_model(seed=0)
     real, calls = model.forward_step, []
 
-    def slow_later(*a, **k):  # each forward 10 ms, or 40 ms once "someone else" takes the CPU
+    def slow_later(idx, pos, *a, **k):  # each forward 10 ms, or 40 ms once "someone else" takes the CPU
         calls.append(1)
+        if pos == 0:  # the prompt's real forward fills the cache the timer rolls back to
+            return real(idx, pos, *a, **k)
+        # Sleep only (the timer ignores the output): a real forward's own time, slow on a
+        # machine busy running other tests, would shrink the 4x gap below the 2x rule.
         time.sleep(0.04 if len(calls) > 21 else 0.01)
-        return real(*a, **k)
 
     model.forward_step = slow_later
     with pytest.warns(NoisyTimingWarning, match="busy"):
         measure_verify_ms(model, k_max=3, ctx_len=8, reps=2, threads=1)  # 1 + 4 * 5 forwards, then T=1 again
     calls.clear()
-    model.forward_step = lambda *a, **k: (time.sleep(0.01), real(*a, **k))[1]
+    model.forward_step = lambda idx, pos, *a, **k: real(idx, pos, *a, **k) if pos == 0 else time.sleep(0.01)
     with warnings.catch_warnings():
         warnings.simplefilter("error", NoisyTimingWarning)
         # Steady: no warning. Seven samples a length, so that one descheduling of
         # this process (a busy machine running the suite) does not move a median.
         measure_verify_ms(model, k_max=3, ctx_len=8, reps=7, threads=1)
+
+
+@pytest.mark.parametrize("share,warns", [(0.0, False), (None, True)])
+def test_a_small_gap_between_the_two_one_position_timings_is_noise_where_the_cpu_share_is_known(
+        monkeypatch, share, warns):
+    """Two medians of a fast forward differ by 25-35% on a quiet machine about one time in six
+    (bench/results/verify-noise-*.json): where /proc/stat says nobody else ran, such a gap is
+    noise; only where it cannot say does the gap alone call the machine busy."""
+    import time
+    import warnings
+
+    from treespec.draft import costs
+    from treespec.draft.costs import NoisyTimingWarning, measure_verify_ms
+
+    class Share:
+        def others(self):
+            return share
+
+    monkeypatch.setattr(costs, "CpuShare", Share)
+    model = tiny_model(seed=0)
+    real, calls = model.forward_step, []
+
+    def forward(idx, pos, *a, **k):  # 10 ms a forward, then 14 ms for the one-position forwards timed last
+        calls.append(1)
+        if pos == 0:
+            return real(idx, pos, *a, **k)
+        time.sleep(0.014 if len(calls) > 21 else 0.01)
+
+    model.forward_step = forward
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NoisyTimingWarning)
+        measure_verify_ms(model, k_max=3, ctx_len=8, reps=2, threads=1)
+    assert any("and then" in str(w.message) for w in caught) == warns, [str(w.message) for w in caught]
 
 
 def test_a_slow_spell_does_not_move_one_length_of_the_verify_curve():
