@@ -100,6 +100,7 @@ class FitConfig:
     early_stopping: int = 10
     verify_ms: list[float] | str = "auto"  # "auto": timed here
     verify_threads: int | None = None
+    verify_dtype: str = "auto"  # the kernels the costs are timed on: treespec serve's --dtype
     threads: int = 1
     n_last: int = 3
     copy_through: bool | None = None  # None: searched
@@ -152,7 +153,8 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike, cfg: FitCo
     g = gather(bundle.model, bundle.tokenizer, data, spans, cfg, log)
     d = make_rows(g, cfg, bundle.tokenizer, log)
     trained = train(d, g.spec, cfg, log)
-    costs = measure_costs(bundle.model, g, d, cfg, log)
+    served = serving_bundle(bundle_path, cfg, log) if cfg.verify_ms == "auto" else None
+    costs = measure_costs(served.model if served else bundle.model, g, d, cfg, log)
     chains = held_out(g, d, costs, cfg.k_max, eot)
     grid = make_grid(cfg.k_max, trained.best_rounds, g.spec.ngram_max_n, cfg.p_min, cfg.copy_through,
                      cfg.trust_match)
@@ -165,7 +167,7 @@ def _fit(bundle_path: str | os.PathLike, data_dir: str | os.PathLike, cfg: FitCo
     # a verify forward (several times its isolated time). The decode loop's
     # DraftGate weighs it against what proposals earn.
     if costs.verify_threads is not None:
-        proposal_ms = _time_in_loop(bundle_path, data_dir, costs.verify_threads)
+        proposal_ms = _time_in_loop(served, data_dir, costs.verify_threads)
         meta.settings.proposal_ms = round(proposal_ms, 4)
         meta.write(bundle.draft_dir / META_FILE)
         log(f"drafter cost in the decode loop: {proposal_ms:.3f} ms per proposal")
@@ -280,6 +282,21 @@ class Costs:
     verify_threads: int | None  # the threads it was timed on; None: given, not timed
     base_ms: float  # one draft depth without the tree: n-gram lookup, features_for, choose
     state_ms: float  # the model features, once per proposal
+
+
+def serving_bundle(bundle_path, cfg: FitConfig, log=_log):
+    """The bundle as ``treespec serve --dtype cfg.verify_dtype`` runs it on
+    this machine, at the verify thread count: the drafter's costs are priced
+    against the forward it will be served with. The float32 forward the fit
+    collects on took 8x the int8 one here (13.8 ms a position in
+    models/default/draft/meta.json against 1.7, bench/results/verify-noise-*.json),
+    and settings chosen against it thought a proposal nearly free."""
+    from ..model.kernels import load_for_inference
+
+    with torch_threads(cfg.verify_threads or SERVING_THREADS):
+        served, kplan = load_for_inference(bundle_path, dtype=cfg.verify_dtype)
+    log(f"costs timed on the served kernels: {kplan.precision} (--verify-dtype {cfg.verify_dtype})")
+    return served
 
 
 def measure_costs(model, g: Gathered, d: TrainingRows, cfg: FitConfig, log=_log) -> Costs:
@@ -461,6 +478,7 @@ def write_drafter(bundle, cfg: FitConfig, data: np.ndarray, data_dir, g: Gathere
              "balance_domains": bool(cfg.balance_domains), "min_context": cfg.min_context,
              "max_context": cfg.max_context, "lightgbm": trained.params, "threads": cfg.threads,
              "k_max_considered": int(cfg.k_max), "verify_threads": costs.verify_threads,
+             "verify_dtype": cfg.verify_dtype if costs.verify_threads is not None else None,
              "seconds": round(time.time() - t_start, 1), **report})
     meta.write(draft_dir / META_FILE)
     return meta
@@ -533,16 +551,18 @@ def _time_features(model, spec: FeatureSpec, col: Collected, rows: Rows, idx: np
     return per_depth, (_clock() - t0) / reps * 1e3
 
 
-def _time_in_loop(bundle_path, data_dir, threads: int, n: int = 6, prompt_len: int = 96,
+def _time_in_loop(bundle, data_dir, threads: int, n: int = 6, prompt_len: int = 96,
                   new_tokens: int = 64) -> float:
     """Mean ms per proposal of the saved drafter inside greedy decoding, on
-    ``n`` validation windows, at the serving thread count."""
-    from ..model import load_bundle
+    ``n`` validation windows, at the serving thread count. ``bundle``: as
+    served (``serving_bundle``), or a path to load as stored."""
+    from ..model import Bundle, load_bundle
     from ..training.data import load_split
     from .loop import generate_all
     from .types import Draft, SamplingParams
 
-    bundle = load_bundle(bundle_path)
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle)
     drafter = TreeDrafter.load(bundle)
     spent = []
     # A small model's context may not hold the default prompt and continuation: shrink both to fit.

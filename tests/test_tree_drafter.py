@@ -651,6 +651,36 @@ def test_draft_fit_flags_fix_copy_through_and_the_trusted_match(fitted, draft_co
         assert (d.copy_through, d.trust_match) == want
 
 
+def test_draft_fit_times_the_costs_on_the_kernels_it_will_be_served_with(fitted, draft_corpus, tmp_path,
+                                                                         monkeypatch):
+    """The fit collects on the float32 model, but a server runs int8 or w8a8 kernels whose forward
+    was 8x faster here: the verify curve and the drafter's costs are timed on what --verify-dtype
+    (serve's --dtype) plans, so the settings weigh a proposal against the forward it will meet."""
+    from treespec.cli import main as cli_main
+    from treespec.draft import fit
+    from treespec.model.gpt import Linear
+
+    timed = []
+
+    def measure(model, k_max, ctx_len, **kw):  # a fixed curve: which model, not how fast
+        timed.append(model)
+        return [1.0, 1.0, 1.5, 2.0]
+
+    monkeypatch.setattr(fit, "measure_verify_ms", measure)
+    shutil.copytree(fitted[0], tmp_path / "b")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli_main(["draft-fit", "--bundle", str(tmp_path / "b"), "--data-dir", str(draft_corpus),
+                         "--contexts", "24", "--steps-per-context", "8", "--k-max", "3", "--classes", "8",
+                         "--pca-dims", "4", "--threshold", "0", "--min-context", "8", "--max-context", "24",
+                         "--rounds", "10", "--verify-dtype", "int8", "--no-progress"]) == 0
+    assert "costs timed on the served kernels: int8 (--verify-dtype int8)" in buf.getvalue()
+    (model,) = timed
+    assert {m.kernel.packed.precision for m in model.modules() if isinstance(m, Linear)} == {"int8"}
+    meta = json.loads((tmp_path / "b" / "draft" / "meta.json").read_text())
+    assert meta["fit"]["verify_dtype"] == "int8" and meta["settings"]["verify_ms"] == [1.0, 1.0, 1.5, 2.0]
+
+
 def test_windows_take_turns_over_the_domains_spans():
     spans = [(0, 100), (100, 1000)]
     batches = windows(spans, 40, 4, 10, 20, np.random.default_rng(0))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from ..draft import fit
+from ..model.kernels import DTYPE_CHOICES
 
 
 def add_parser(sub, name: str) -> None:
@@ -57,6 +58,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--verify-threads", type=int, default=None,
                    help="torch threads to time the verify forward on: the count you will serve with "
                         f"(default: torch's default here, {fit.SERVING_THREADS})")
+    p.add_argument("--verify-dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="the precision you will serve with (treespec serve --dtype): the drafter's costs are "
+                        "timed on its kernels (default: %(default)s, as serve's)")
     p.add_argument("--threads", type=int, default=1,
                    help="threads for LightGBM and torch (default: %(default)s; OpenMP threads on a machine whose "
                         "cores are busy spin instead of working, which made a 2-thread fit 100x slower here)")
@@ -83,7 +87,7 @@ def run(args) -> int:
                     threshold=args.threshold, seed=args.seed, batch_size=args.batch_size,
                     min_context=args.min_context, max_context=args.max_context, rounds=args.rounds,
                     learning_rate=args.learning_rate, num_leaves=args.num_leaves, max_depth=args.max_depth,
-                    verify_ms=verify, verify_threads=args.verify_threads,
+                    verify_ms=verify, verify_threads=args.verify_threads, verify_dtype=args.verify_dtype,
                     copy_through={"auto": None, "yes": True, "no": False}[args.copy_through],
                     trust_match=None if args.trust_match == "auto" else 0 if args.trust_match == "off"
                     else int(args.trust_match), balance_domains=args.balance_domains,
