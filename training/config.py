@@ -160,7 +160,7 @@ FIELD_GROUPS: dict[str, dict[str, str]] = {
         "threads": "CPU threads (0: torch's default)",
         "seed": "seed of the weights, the data order and dropout",
         "save_dtype": "bundle weights: float32, float16 or bfloat16",
-        "progress": "show a progress bar",
+        "progress": "show a progress bar (false: a plain line every log_interval steps, for log files)",
     },
 }
 

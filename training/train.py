@@ -434,6 +434,9 @@ class Run:
                 self.log(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}",
                                 tok_s=f"{rec['tokens_per_s']:.0f}")
+                if bar.disable and self.master:  # a log file (nohup) still shows where the run is
+                    print(progress_line(self.step, cfg.max_steps, rec, cfg.tokens_per_step(self.world)),
+                          flush=True)
             bar.update(1)
             if self.master and (self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps):
                 res = self.run_eval()
@@ -482,6 +485,15 @@ class Run:
         return summary
 
 
+
+def progress_line(step: int, max_steps: int, rec: dict, tokens_per_step: float) -> str:
+    """What ``--progress=false`` prints every ``log_interval`` steps, as nanoGPT
+    prints each iteration: the loss, the learning rate, the speed and the
+    time left at that speed."""
+    left_s = (max_steps - step) * tokens_per_step / max(1e-9, rec["tokens_per_s"])
+    h, m = divmod(round(left_s / 60), 60)
+    return (f"step {step}/{max_steps}: loss {rec['loss']:.3f}, lr {rec['lr']:.2e}, "
+            f"{rec['tokens_per_s']:.0f} tokens/s, {f'{h}h{m:02d}m' if h else f'{m}m'} left")
 
 # --- a bundle from a run in progress ---------------------------------------------------
 
