@@ -62,7 +62,7 @@ from .copylen import CopyLengths
 from .corpus import FILE as CORPUS_FILE, CorpusBigram
 from .costs import measure_verify_ms, torch_threads
 from .features import FeatureSpec, features_for, fit_pca, state_features
-from .ngram import DEFAULT_MAX_N, NgramDrafter, ngram_candidate
+from .ngram import DEFAULT_MAX_N, NgramDrafter, NgramIndex
 from .predictor import Predictor
 from .simulation import (Grid, HeldOut, Option, TreeView, best_per_setting, make_grid, select, simulate_options,
                          speed)
@@ -531,10 +531,17 @@ def _time_features(model, spec: FeatureSpec, col: Collected, rows: Rows, idx: np
     cases = []
     for r in pick:
         s, i, j = int(rows.seq[r]), int(rows.step[r]), int(rows.depth[r])
-        cases.append((col.tokens[s][:col.prompt_len[s] + i + j + 1], j, col.states[s][i][None]))
+        ctx = col.tokens[s][:col.prompt_len[s] + i + j + 1]
+        # A request keeps its n-gram index and adds a token a depth. Indexing the
+        # whole context from scratch instead (ngram_candidate) made draft-fit's
+        # "ms per draft depth" 0.57-1.00 on a 6 x 256 bundle, against 0.14 this way.
+        index = NgramIndex(spec.ngram_max_n)
+        index.sync(ctx[:-1])
+        cases.append((ctx, j, col.states[s][i][None], index))
     t0 = _clock()
-    for ctx, j, st in cases:
-        ng = ngram_candidate(ctx, spec.ngram_max_n)
+    for ctx, j, st, index in cases:
+        index.sync(ctx)
+        ng = index.candidate(spec.ngram_max_n)
         features_for(spec, st, [ctx], [j], ngrams=[ng])
         choose(probs, [ng[0]], spec)
     per_depth = (_clock() - t0) / len(cases) * 1e3
