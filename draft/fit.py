@@ -20,7 +20,8 @@
 5. On the held-out contexts the drafting rule is simulated
    (``draft.simulation``): accepted drafts per step (tau), drafted tokens,
    and the speed that gives with the measured verify cost and the measured
-   drafter cost, for a grid of p_min, both stopping rules
+   drafter cost (both timed on the kernels the model will be served with,
+   ``--verify-dtype``, not on the float32 model steps 1-3 run), for a grid of p_min, both stopping rules
    (tree.worth_drafting), with and without copy-through
    (tree.TreeDrafter.decide), with and without the trusted-match shortcut
    (and its copy length: fixed, or the copy-length table of
