@@ -289,6 +289,9 @@ def test_a_bundle_from_the_checkpoint_is_the_model_of_that_step(short_run, tmp_p
     assert load_bundle(out).meta["imported_from"]["step"] == 20
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     capsys.readouterr()
+    # No model card before the run ends: it needs the held-out losses the end writes.
+    assert cli_main(["model-card", str(out)]) == 2
+    assert "the step-20 checkpoint of a run" in capsys.readouterr().err
 
     # Refusals name the problem; nothing is written.
     assert cli_main(["import", "--from", "checkpoint", str(short_run), "--out", str(out)]) == 2

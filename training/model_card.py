@@ -143,6 +143,11 @@ def write_model_card(bundle_dir: str | Path, loss_png: str | Path | None = None,
     bundle = load_bundle(bundle_dir)
     summary_path = Path(bundle_dir) / "training_summary.json"
     if not summary_path.is_file():
+        src = bundle.meta.get("imported_from", {})
+        if src.get("format") == "checkpoint":  # a run still in progress has no held-out test loss yet
+            raise ModelCardError(f"{summary_path} not found: this bundle is the step-{src.get('step')} checkpoint of "
+                                 f"a run (treespec import --from checkpoint); the card is written from the bundle "
+                                 f"the run writes when it ends")
         raise ModelCardError(f"{summary_path} not found")
     summary = json.loads(summary_path.read_text())
     if loss_png:
