@@ -54,7 +54,8 @@ def main() -> int:
         for i in range(args.reps):
             for suite in runs:
                 for which in (("a", "b") if i % 2 == 0 else ("b", "a")):
-                    r = run_bench(None, ["--bundle", bundles[which], "--suite", suite, *bench_args], Path(tmp))
+                    r = run_bench(None, ["--bundle", bundles[which], "--suite", suite, *bench_args], Path(tmp),
+                                  label=bundles[which])
                     speedup = {d: v / r["none"] for d, v in r.items() if d != "none"}
                     runs[suite][which].append({"tokens_per_s": r, "speedup": speedup})
                     order.append((suite, which))

@@ -36,14 +36,14 @@ def package_view(worktree: Path, into: Path) -> Path:
     return into
 
 
-def run_bench(pythonpath: Path | None, args: list[str], out: Path) -> dict:
+def run_bench(pythonpath: Path | None, args: list[str], out: Path, label: str | None = None) -> dict:
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
     cmd = [sys.executable, "-c", BENCH, "bench", "--out", str(out), "--json", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"bench failed ({'before' if pythonpath else 'after'}):\n{proc.stderr[-2000:]}")
+        raise SystemExit(f"bench failed ({label or ('before' if pythonpath else 'after')}):\n{proc.stderr[-2000:]}")
     report = json.loads(proc.stdout)
     return {name: s["tokens_per_s"] for name, s in report["drafters"].items()}
 
