@@ -309,18 +309,25 @@ def test_a_bundle_from_the_checkpoint_is_the_model_of_that_step(short_run, tmp_p
 
 def test_without_a_progress_bar_a_line_says_where_the_run_is(data_dir, tmp_path, capsys):
     """--progress=false (a run under nohup, its output in a file) prints a line every
-    log_interval steps, as nanoGPT prints each iteration, with the time left."""
+    log_interval steps, as nanoGPT prints each iteration, with the time left; every start,
+    fresh or resumed, first says where it begins."""
     from treespec.training.train import progress_line
 
-    cfg = tiny_cfg(data_dir, tmp_path / "r", "--max_steps=4", "--log_interval=2", "--eval_interval=100")
+    cfg = tiny_cfg(data_dir, tmp_path / "r", "--max_steps=2", "--log_interval=2", "--eval_interval=100")
     Run(cfg).train()
+    first = capsys.readouterr().out.splitlines()
+    assert first[0].startswith(f"training {tmp_path / 'r'} at step 0 of 2 (128 tokens a step): ")
+    assert "2 layers x 32, on cpu (1 threads, 1 process(es))" in first[0]
+    cfg = tiny_cfg(data_dir, tmp_path / "r", "--max_steps=4", "--log_interval=2", "--eval_interval=100")
+    Run(cfg, resume=True).train()
     out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"resuming {tmp_path / 'r'} at step 2 of 4 ")
     lines = [l for l in out if l.startswith("step ") and "val" not in l]
     assert out[-1].startswith("step 4: val ")  # the evaluation's line, as with the bar
     recs = [r for r in metrics(tmp_path / "r") if "loss" in r]
-    assert [l.split(":")[0] for l in lines] == ["step 2/4", "step 4/4"], lines
-    assert lines[0].startswith(f"step 2/4: loss {recs[0]['loss']:.3f}, lr {recs[0]['lr']:.2e}, ")
-    assert lines[1].endswith(", 0m left")
+    assert first[1].split(":")[0] == "step 2/2" and [l.split(":")[0] for l in lines] == ["step 4/4"], lines
+    assert first[1].startswith(f"step 2/2: loss {recs[0]['loss']:.3f}, lr {recs[0]['lr']:.2e}, ")
+    assert lines[0].endswith(", 0m left")
     rec = {"loss": 2.0, "lr": 1e-3, "tokens_per_s": 100.0}  # 90 steps of 4,000 tokens at 100 tokens/s: 1 hour
     assert progress_line(10, 100, rec, 4000) == "step 10/100: loss 2.000, lr 1.00e-03, 100 tokens/s, 1h00m left"
 

@@ -420,6 +420,13 @@ class Run:
     def _train_loop(self) -> dict:
         cfg = self.cfg
         self.model.train()
+        if self.master:  # the log of a run resumed over several sessions says where each part began
+            c = self.gpt_config
+            print(f"{'resuming' if self.step else 'training'} {self.out} at step {self.step} of {cfg.max_steps} "
+                  f"({cfg.tokens_per_step(self.world):,} tokens a step): "
+                  f"{self.model.num_params(non_embedding=False) / 1e6:.1f}M parameters, {c.n_layer} layers x "
+                  f"{c.n_embd}, on {self.device} ({torch.get_num_threads()} threads, {self.world} process(es))",
+                  flush=True)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.master),
                    desc="train", unit="step", dynamic_ncols=True)
         t_last, tok_last = time.time(), self.tokens_seen
