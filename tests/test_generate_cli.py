@@ -1,6 +1,7 @@
 """`treespec generate` and `treespec bench` end to end on a tiny bundle."""
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -167,6 +168,27 @@ def test_bench_writes_report_and_plot(long_bundle, corpus, tmp_path, capsys, sui
     assert (tmp_path / "res2" / f"bundle-{suite}-T0-int8.json").is_file()
     again = json.loads(capsys.readouterr().out)
     assert [r["id"] for r in again["runs"]["none"]] == [r["id"] for r in report["runs"]["none"]]
+
+
+def test_bench_on_your_own_corpus_by_kind_or_domain(long_bundle, tmp_path, capsys):
+    """A `files:` corpus is of kind "text": `--suite text` (or its domain, `files`) draws the
+    prompts from its test split, and a kind it lacks is refused with the kinds and domains it has."""
+    from treespec.training.data import prepare
+
+    words = "the quick brown fox jumps over the lazy dog while seven wizards quietly judge boxing".split()
+    rng = random.Random(0)
+    for i in range(6):
+        (tmp_path / "notes").mkdir(exist_ok=True)
+        (tmp_path / "notes" / f"n{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(300)) + "\n")
+    prepare([f"files:{tmp_path / 'notes' / '*.txt'}"], tmp_path / "mine", workers=1, progress=False)
+    for suite in ("text", "files"):
+        assert main(bench_args(long_bundle, tmp_path / "mine", tmp_path / "res", "--suite", suite, "--json")) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["prompts"] == 3 and report["suite"] == suite
+        assert report["drafters"]["ngram"]["identical"] == 3
+    assert main(bench_args(long_bundle, tmp_path / "mine", tmp_path / "res", "--suite", "code")) == 2
+    err = capsys.readouterr().err
+    assert "no test document of kind or domain 'code'" in err and "kinds here: text; domains: files" in err
 
 
 def test_bench_jsonl_suite_and_sampling(tiny_bundle, corpus, tmp_path, capsys):

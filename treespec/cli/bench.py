@@ -22,7 +22,9 @@ default: ``--drafters none,ngram,ngram@7,tree``.
 Suites ``code`` and ``prose`` come from the test split of a prepared corpus
 (``treespec prepare-data``): each prompt is 64-128 tokens from a different
 test document of that kind, at a seeded position, so the suite is the same
-on every run. ``FILE.jsonl`` takes one ``{"prompt": ...}`` per line.
+on every run. Your own ``files:`` corpus is kind ``text``, and any domain
+can be named instead of a kind. ``FILE.jsonl`` takes one ``{"prompt": ...}``
+per line.
 """
 
 from __future__ import annotations
@@ -46,19 +48,22 @@ PROMPT_MIN, PROMPT_MAX = 64, 128
 # --- suites --------------------------------------------------------------------
 
 def corpus_suite(kind: str, data_dir, n: int, tokenizer, max_prompt: int = PROMPT_MAX) -> list[dict]:
-    """``n`` prompts of 64-128 tokens from test documents of ``kind`` ("code"
-    or "prose"), one document after another (distinct documents first)."""
+    """``n`` prompts of 64-128 tokens from test documents of ``kind``, one
+    document after another (distinct documents first). ``kind`` is a kind of
+    domain ("code", "prose", or "text" for a ``files:`` corpus) or the name
+    of one domain of the corpus ("stdlib", "files")."""
     from ..training.data import load_meta, load_split
 
     meta = load_meta(data_dir)
     tokens = load_split(data_dir, "test")
     domains = meta["domains"]
     docs = [d for d in meta["splits"]["test"]["document_list"]
-            if domains.get(d["domain"], {}).get("kind") == kind and d["end"] - d["start"] - 1 >= PROMPT_MIN]
+            if kind in (d["domain"], domains.get(d["domain"], {}).get("kind"))
+            and d["end"] - d["start"] - 1 >= PROMPT_MIN]
     if not docs:
-        kinds = sorted({v.get("kind") for v in domains.values()})
-        raise ValueError(f"{data_dir}: no test document of kind {kind!r} with at least {PROMPT_MIN} tokens "
-                         f"(kinds here: {', '.join(map(str, kinds))})")
+        kinds = sorted({str(v.get("kind")) for v in domains.values()})
+        raise ValueError(f"{data_dir}: no test document of kind or domain {kind!r} with at least {PROMPT_MIN} "
+                         f"tokens (kinds here: {', '.join(kinds)}; domains: {', '.join(sorted(domains))})")
     rng = random.Random(f"treespec-bench:{kind}")
     docs = sorted(docs, key=lambda d: d["id"])
     rng.shuffle(docs)
@@ -291,7 +296,10 @@ def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="benchmark drafters against vanilla decoding (Spec-Bench style)",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", default="models/default", help="model bundle (default: %(default)s)")
-    p.add_argument("--suite", default="code", help="code, prose, or a FILE.jsonl of {\"prompt\": ...} lines")
+    p.add_argument("--suite", default="code",
+                   help="prompts from the --data-dir corpus's test split, by kind (code, prose, or text for a "
+                        "files: corpus) or by domain (stdlib, files, ...); or a FILE.jsonl of {\"prompt\": ...} "
+                        "lines (default: %(default)s)")
     p.add_argument("--drafters", default="none,ngram,tree",
                    help=f"comma-separated, from {', '.join(DRAFTERS)}, each optionally NAME@K to cap its draft "
                         f"length at K (default: %(default)s; none is always run)")
@@ -341,7 +349,7 @@ def run(args) -> int:
         if max_prompt < 1:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
                              f"model's context of {bundle.config.block_size}")
-        if args.suite in ("code", "prose"):
+        if not (args.suite.endswith(".jsonl") or Path(args.suite).is_file()):
             prompts = corpus_suite(args.suite, args.data_dir, args.n, bundle.tokenizer, max_prompt)
             suite_name = args.suite
         else:
