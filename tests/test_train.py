@@ -317,7 +317,7 @@ def test_without_a_progress_bar_a_line_says_where_the_run_is(data_dir, tmp_path,
     Run(cfg).train()
     first = capsys.readouterr().out.splitlines()
     assert first[0].startswith(f"training {tmp_path / 'r'} at step 0 of 2 (128 tokens a step): ")
-    assert "2 layers x 32, on cpu (1 threads, 1 process(es))" in first[0]
+    assert "2 layers x 32, on cpu (1 thread, 1 process)" in first[0]
     cfg = tiny_cfg(data_dir, tmp_path / "r", "--max_steps=4", "--log_interval=2", "--eval_interval=100")
     Run(cfg, resume=True).train()
     out = capsys.readouterr().out.splitlines()

@@ -425,7 +425,8 @@ class Run:
             print(f"{'resuming' if self.step else 'training'} {self.out} at step {self.step} of {cfg.max_steps} "
                   f"({cfg.tokens_per_step(self.world):,} tokens a step): "
                   f"{self.model.num_params(non_embedding=False) / 1e6:.1f}M parameters, {c.n_layer} layers x "
-                  f"{c.n_embd}, on {self.device} ({torch.get_num_threads()} threads, {self.world} process(es))",
+                  f"{c.n_embd}, on {self.device} ({_count(torch.get_num_threads(), 'thread')}, "
+                  f"{_count(self.world, 'process', 'processes')})",
                   flush=True)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.master),
                    desc="train", unit="step", dynamic_ncols=True)
@@ -492,6 +493,9 @@ class Run:
         return summary
 
 
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 def progress_line(step: int, max_steps: int, rec: dict, tokens_per_step: float) -> str:
     """What ``--progress=false`` prints every ``log_interval`` steps, as nanoGPT
