@@ -36,6 +36,22 @@ CKPT_FILE = "ckpt.pt"
 CKPT_VERSION = 1
 
 
+def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
+    """A run's ``ckpt.pt``, checked: our own file, but still loaded as tensors and
+    plain containers only (``weights_only``), never arbitrary pickles."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a foreign pickle, a truncated file: say which, never run it
+        raise TrainConfigError(f"{path}: not a readable treespec checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(ck, dict) or "model_config" not in ck or "model" not in ck:
+        hint = "; for nanoGPT's ckpt.pt use --from nanogpt" if isinstance(ck, dict) and "model_args" in ck else ""
+        raise TrainConfigError(f"{path}: not a treespec training checkpoint{hint}")
+    if ck.get("version") != CKPT_VERSION:
+        raise TrainConfigError(f"{path}: checkpoint version {ck.get('version')} is not {CKPT_VERSION}, "
+                               f"which this treespec reads")
+    return ck
+
+
 # --- data --------------------------------------------------------------------
 
 class Batcher:
@@ -290,10 +306,7 @@ class Run:
         path = self.out / CKPT_FILE
         if not path.exists():
             raise TrainConfigError(f"--resume: no checkpoint at {path}")
-        # Our own file, but still: tensors and plain containers only, never arbitrary pickles.
-        ck = torch.load(path, map_location=self.device, weights_only=True)
-        if ck.get("version") != CKPT_VERSION:
-            raise TrainConfigError(f"{path}: checkpoint version {ck.get('version')} is not {CKPT_VERSION}")
+        ck = read_checkpoint(path, self.device)
         if ck["model_config"] != self.gpt_config.to_dict():
             raise TrainConfigError(f"{path}: the checkpoint's model config differs from this run's; "
                                    f"resume with the same preset and --model.* overrides")
@@ -493,9 +506,9 @@ class Run:
         return summary
 
 
-
 def _count(n: int, one: str, many: str | None = None) -> str:
     return f"{n} {one if n == 1 else many or one + 's'}"
+
 
 def progress_line(step: int, max_steps: int, rec: dict, tokens_per_step: float) -> str:
     """What ``--progress=false`` prints every ``log_interval`` steps, as nanoGPT
@@ -505,6 +518,7 @@ def progress_line(step: int, max_steps: int, rec: dict, tokens_per_step: float) 
     h, m = divmod(round(left_s / 60), 60)
     return (f"step {step}/{max_steps}: loss {rec['loss']:.3f}, lr {rec['lr']:.2e}, "
             f"{rec['tokens_per_s']:.0f} tokens/s, {f'{h}h{m:02d}m' if h else f'{m}m'} left")
+
 
 # --- a bundle from a run in progress ---------------------------------------------------
 
@@ -526,15 +540,9 @@ def bundle_from_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, fo
         raise InteropError(f"{src}: no training checkpoint there; --from checkpoint takes a run's "
                            f"folder (treespec train --out_dir) or its {CKPT_FILE}")
     try:
-        ck = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:  # a foreign pickle, a truncated file: say which, never run it
-        raise InteropError(f"{ckpt}: not a readable treespec checkpoint ({str(e).splitlines()[0]})") from None
-    if not isinstance(ck, dict) or "model_config" not in ck or "model" not in ck:
-        hint = "; for nanoGPT's ckpt.pt use --from nanogpt" if isinstance(ck, dict) and "model_args" in ck else ""
-        raise InteropError(f"{ckpt}: not a treespec training checkpoint{hint}")
-    if ck.get("version") != CKPT_VERSION:
-        raise InteropError(f"{ckpt}: checkpoint version {ck.get('version')} is not {CKPT_VERSION}, "
-                           f"which this treespec reads")
+        ck = read_checkpoint(ckpt)
+    except TrainConfigError as e:
+        raise InteropError(str(e)) from None
     try:
         config = GPTConfig.from_dict(ck["model_config"])
     except (ConfigError, TypeError, ValueError) as e:
