@@ -9,7 +9,7 @@ make up for it, keep the baseline's held-out loss while decoding faster?
 Rows (docs/training.md, "Compressed width"), all 6 blocks with the seed's exits (after
 blocks 4, 5, 6; loss weights 0.05/0.15/0.8), the same token budget and seed:
 
-  w384           the shipped shape: 6 x 384
+  w384           the default's shape before the retrain: 6 x 384
   w256           compressed width 256, no skips
   w256_embed     w256 + the embedding mixed into every block's input (embed_skip)
   w256_unet      w256 + U-Net skips, block i -> block 7 - i (unet_skip)
@@ -54,7 +54,7 @@ from ablation import train_row  # noqa: E402
 from treespec.model.config import default_exit_weights, seed_exit_layers  # noqa: E402
 
 ROWS = {
-    "w384": "6 × 384 (shipped shape)",
+    "w384": "6 × 384 (the default's shape before the retrain)",
     "w256": "6 × 256, no skips",
     "w256_embed": "6 × 256 + embedding skip",
     "w256_unet": "6 × 256 + U-Net skips",

@@ -294,7 +294,7 @@ def test_config_json_round_trip_and_unknown_fields():
 
 def test_presets():
     cpu = preset("cpu-default")
-    assert (cpu.n_layer, cpu.n_embd) == (6, 384)
+    assert (cpu.n_layer, cpu.n_head, cpu.n_embd) == (6, 4, 256)
     g2 = preset("gpt2-small")
     assert (g2.n_layer, g2.n_embd, g2.exit_layers) == (12, 768, (8, 10, 12))
     with pytest.raises(ConfigError, match="unknown model preset"):

@@ -101,7 +101,7 @@ def test_overrides_are_type_checked():
     assert (cfg.lr, cfg.batch_size, cfg.autocast_bf16, cfg.lr_schedule) == (2e-3, 3, "off", "hypergradient")
     assert cfg.seq_len == 512 and cfg.threads == 2  # the rest comes from the preset
     g = cfg.gpt_config()
-    assert (g.n_layer, g.dwa, g.exit_layers, g.n_embd) == (3, True, (2, 3), 384)
+    assert (g.n_layer, g.dwa, g.exit_layers, g.n_embd) == (3, True, (2, 3), 256)
 
     for bad, msg in [("--batch_size=2.5", "batch_size.*expected int"),
                      ("--lr=fast", "lr.*expected float"),

@@ -182,10 +182,11 @@ def config_help() -> str:
 
 # A run is a preset of TrainConfig plus overrides.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    # The shipped models/default's budget: 4,400 steps = 18.0M tokens, about
-    # 3.9 h at the 1,275 tokens/s (median) its last 1,560 steps logged on
-    # this 2-core CPU with intermediate-exit losses on 10% of positions (with
-    # 25%, bench/train_throughput.py had measured 1,071 tokens/s).
+    # The shipped models/default's budget: 4,400 steps = 18.0M tokens. Its
+    # 6 x 256 run logged 564 tokens/s (median) in fp32 on a 2-core Zen 3
+    # EPYC, about 9 h; the 6 x 384 model before it logged 1,275 in
+    # its last 1,560 steps, on an earlier session's CPU. Intermediate-exit
+    # losses on 10% of positions.
     "cpu-default": dict(model="cpu-default", batch_size=4, seq_len=512, grad_accum=2, max_steps=4400,
                         lr=1.2e-3, min_lr=1.2e-4, warmup_steps=60, eval_interval=100, ckpt_interval=25,
                         exit_sample_frac=0.1, threads=2),
