@@ -172,7 +172,7 @@ def unet_pairs(n_layer: int) -> list[tuple[int, int]]:
 
 
 # Named sizes. "cpu-default" is the shipped model's shape: small enough to
-# train from scratch on a 2-core CPU in a few hours. Its 256-wide stream (not
+# train from scratch on a 2-core CPU in a night (TRAIN_PRESETS in training/config.py). Its 256-wide stream (not
 # nanoGPT's 384) is the compressed width that the ablation in
 # docs/training.md, section 4, measured as lower loss at the same tokens and a
 # faster one-token forward. "gpt2-small" is the seed design itself, for a GPU.
