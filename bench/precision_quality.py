@@ -7,6 +7,8 @@ chosen kernels), over windows of the test split fed through the KV cache in chun
 ``--chunk`` tokens: the row count of a verify step, so the kernels measured are the ones a
 decode step uses. Every precision scores the same tokens, so the differences are paired.
 Bounds (issue #16): bfloat16 at most +0.005 nats/token, int8 at most +0.02, on every domain.
+It also reports each precision's mean KL divergence from float32's predictions on the same
+tokens: the statistic ``auto`` checks at load on two short texts (``model.kernels.quality_cost``).
 Writes bench/results/precision-quality-<cpu>.json.
 """
 
@@ -42,17 +44,21 @@ def windows(data_dir: str, per_domain: int, length: int) -> dict[str, list[np.nd
 
 
 @torch.no_grad()
-def mean_loss(model, wins: list[np.ndarray], chunk: int) -> float:
-    cache, total, n = model.new_cache(), 0.0, 0
-    for w in wins:
+def score(model, wins: list[np.ndarray], chunk: int, base: list[torch.Tensor] | None = None):
+    """Mean loss over the windows and, against ``base`` (float32's log-probabilities per
+    window), the mean KL(float32 || this) per token; returns (loss, kl, log-probabilities)."""
+    cache, total, kl, n, logps = model.new_cache(), 0.0, 0.0, 0, []
+    for i, w in enumerate(wins):
         ids = torch.from_numpy(w)
         cache.reset()
-        for s in range(0, len(w) - 1, chunk):
-            x = ids[s:min(s + chunk, len(w) - 1)][None]
-            logits = model.forward_step(x, s, cache).logits[0, :, :50257].float()
-            total += F.cross_entropy(logits, ids[s + 1:s + 1 + x.shape[1]], reduction="sum").item()
-            n += x.shape[1]
-    return total / n
+        lp = torch.cat([model.forward_step(ids[s:min(s + chunk, len(w) - 1)][None], s, cache).logits[0, :, :50257]
+                        for s in range(0, len(w) - 1, chunk)]).float().log_softmax(-1)
+        total += F.nll_loss(lp, ids[1:], reduction="sum").item()
+        if base is not None:
+            kl += F.kl_div(lp, base[i], log_target=True, reduction="sum").item()
+        n += len(w) - 1
+        logps.append(lp)
+    return total / n, kl / n if base is not None else 0.0, logps
 
 
 def main(argv=None) -> int:
@@ -73,19 +79,26 @@ def main(argv=None) -> int:
 
     bundle = load_bundle(args.bundle)
     wins = windows(args.data_dir, args.windows, args.length)
-    losses, plans, secs = {}, {}, {}
-    for p in PRECISIONS:
-        plans[p] = plan(bundle.model, p).to_dict()["choices"]
-        t = time.perf_counter()
-        losses[p] = {d: mean_loss(bundle.model, w, args.chunk) for d, w in wins.items()}
-        secs[p] = time.perf_counter() - t
-        print(f"{p:9} " + "  ".join(f"{d} {v:.4f}" for d, v in losses[p].items()) + f"  ({secs[p]:.0f} s)",
-              file=sys.stderr)
+    losses, kls, plans, secs = {p: {} for p in PRECISIONS}, {p: {} for p in PRECISIONS if p != "float32"}, {}, {}
+    for d, w in wins.items():  # one domain at a time: float32's log-probabilities are held for the KL
+        base = None
+        for p in PRECISIONS:
+            plans[p] = plan(bundle.model, p).to_dict()["choices"]
+            t = time.perf_counter()
+            losses[p][d], kl, logps = score(bundle.model, w, args.chunk, base)
+            base = base or logps
+            if p != "float32":
+                kls[p][d] = kl
+            secs[p] = secs.get(p, 0.0) + time.perf_counter() - t
+            print(f"{d:12} {p:9} loss {losses[p][d]:.4f}" + (f"  KL {kl:.5f}" if p != "float32" else "")
+                  + f"  ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+        del base, logps
     delta = {p: {d: losses[p][d] - losses["float32"][d] for d in wins} for p in PRECISIONS if p != "float32"}
     within = {p: all(v <= BOUNDS[p] for v in delta[p].values()) for p in delta}
     report = {"bundle": args.bundle, "weights_sha256": bundle.weights_sha256, "cpu": cpu_summary(),
               "windows_per_domain": args.windows, "window_tokens": args.length, "chunk": args.chunk,
               "tokens_per_domain": args.windows * args.length, "loss": losses, "delta_vs_float32": delta,
+              "kl_from_float32": kls,
               "bounds": BOUNDS, "within_bounds": within, "kernel_choices": plans,
               "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv}
     slug = cpu_slug()
@@ -93,8 +106,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     for p, d in delta.items():
-        print(f"{p}: " + ", ".join(f"{k} {v:+.4f} nats/token" for k, v in d.items())
-              + f" (bound {BOUNDS[p]}: {'within' if within[p] else 'EXCEEDED'})")
+        print(f"{p}: " + ", ".join(f"{k} {v:+.4f} nats/token (KL {kls[p][k]:.4f})" for k, v in d.items())
+              + f" (bound {BOUNDS[p]} on the loss: {'within' if within[p] else 'EXCEEDED'})")
     print(f"wrote {out}")
     return 0
 

@@ -241,38 +241,58 @@ def test_auto_takes_the_faster_precision_on_a_stub_timing(monkeypatch):
 
 
 def test_auto_checks_each_faster_precision_s_quality_on_the_model(monkeypatch):
-    """auto walks the precisions from the fastest and takes the first whose loss on the
-    samples is within QUALITY_BOUNDS of float32's; the losses are the model's own, measured
-    with each precision's kernels installed."""
+    """auto walks the precisions from the fastest and takes the first whose KL from float32's
+    predictions on the samples is within QUALITY_BOUNDS; the predictions are the model's own,
+    computed with each precision's kernels installed."""
     m = tiny_model()
     samples = {"code": list(range(5, 40)), "prose": list(range(100, 130))}
     speed = {"w8a8": 0.5, "int8": 1.0, "bfloat16": 2.0, "float32": 3.0}
     seen = []
-    real_loss = kernels.sample_loss
+    real_logprobs, real_cost = kernels.sample_logprobs, kernels.quality_cost
 
-    def loss(model, smp, over=None):
-        out = real_loss(model, smp)  # the real thing runs, through the installed kernels
-        p = "float32" if model.head_kernel is None else model.head_kernel.packed.precision
-        seen.append(p)
-        return {d: v + (over or {}).get(p, 0.0) for d, v in out.items()}
+    def logprobs(model, smp):
+        seen.append("float32" if model.head_kernel is None else model.head_kernel.packed.precision)
+        return real_logprobs(model, smp)  # the real thing runs, through the installed kernels
 
-    monkeypatch.setattr(kernels, "sample_loss", lambda model, smp: loss(model, smp, {"int8": 0.03, "w8a8": 0.05}))
+    def cost(over):
+        return lambda base, other: {d: v + over.get(seen[-1], 0.0) for d, v in real_cost(base, other).items()}
+
+    monkeypatch.setattr(kernels, "sample_logprobs", logprobs)
+    monkeypatch.setattr(kernels, "quality_cost", cost({"int8": 0.03, "w8a8": 0.05}))
     kp = plan(m, "auto", samples=samples, measure=lambda g, r, c, w: speed[w[0].precision])
     assert seen == ["float32", "w8a8", "int8", "bfloat16"] and kp.precision == "bfloat16"
     assert "int8 costs" in kp.reason and "(over 0.02)" in kp.reason and "(within 0.005)" in kp.reason
     assert m.head_kernel.packed.precision == "bfloat16"
     seen.clear()
-    monkeypatch.setattr(kernels, "sample_loss", lambda model, smp: loss(model, smp, {"w8a8": 0.05}))
+    monkeypatch.setattr(kernels, "quality_cost", cost({"w8a8": 0.05}))
     kp = plan(m, "auto", samples=samples, measure=lambda g, r, c, w: speed[w[0].precision])
     assert seen == ["float32", "w8a8", "int8"] and kp.precision == "int8"
     seen.clear()
-    monkeypatch.setattr(kernels, "sample_loss", lambda model, smp: loss(model, smp))
+    monkeypatch.setattr(kernels, "quality_cost", cost({}))
     kp = plan(m, "auto", samples=samples, measure=lambda g, r, c, w: speed[w[0].precision])
     assert seen == ["float32", "w8a8"] and kp.precision == "w8a8"
     seen.clear()
     speed["float32"] = 0.5  # fastest: nothing to check
     kp = plan(m, "auto", samples=samples, measure=lambda g, r, c, w: speed[w[0].precision])
     assert seen == [] and kp.precision == "float32"
+
+
+def test_quality_cost_is_kl_from_float32_and_ignores_the_far_tail():
+    """The load-time cost is KL(float32 || precision) per token: zero for the same predictions,
+    the textbook sum for a small case, and blind to a token float32 gives 1e-7. The loss on a
+    sample whose next token is that one moves by nats, which is what made auto refuse w8a8 on
+    the 6 x 256 default although its held-out loss rose 0.0015 nats."""
+    import math
+    p = torch.tensor([[0.7, 0.2, 0.1 - 1e-7, 1e-7]]).log()
+    q = torch.tensor([[0.6, 0.3, 0.1 - 1e-7, 1e-7]]).log()
+    want = 0.7 * math.log(0.7 / 0.6) + 0.2 * math.log(0.2 / 0.3)
+    assert kernels.quality_cost({"d": p}, {"d": p}) == {"d": 0.0}
+    assert kernels.quality_cost({"d": p}, {"d": q})["d"] == pytest.approx(want, rel=1e-4)
+    tail = p.clone()
+    tail[0, 3] += 3.0  # the far tail's logit moves by 3 nats
+    tail = tail.log_softmax(-1)
+    assert kernels.quality_cost({"d": p}, {"d": tail})["d"] < 1e-5
+    assert abs(F.nll_loss(tail, torch.tensor([3])) - F.nll_loss(p, torch.tensor([3]))) > 2.9
 
 
 def test_quality_samples_and_their_loss_are_real():
