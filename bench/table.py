@@ -7,13 +7,17 @@ Prints one row per drafter per file, in the files' order, so the docs quote
 what the benchmark wrote rather than numbers copied by hand. ``--versus``
 lines also give the modelled ratio where the JSON has one: the runs' steps
 priced on one verify curve (``treespec.cli.bench.modelled_s``), free of the
-machine's drift between runs.
+machine's drift between runs. The intervals are recomputed from the per-prompt
+runs each file holds (``treespec.cli.bench.ratio_ci``), so a file written
+before a fix to that statistic prints the fixed interval.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from treespec.cli.bench import ratio_ci
 
 HEAD = ("suite", "T", "drafter", "tok/s", "speedup", "95% CI", "τ", "acc@1", "acc@2", "acc@3", "draft%", "ms/draft",
         "ms/verify", "identical to vanilla")
@@ -53,11 +57,13 @@ def main() -> None:
         for result in results:
             d = result["drafters"]
             if a in d and b in d and b in d[a].get("ratio_ci95", {}):
-                lo, hi = d[a]["ratio_ci95"][b]
+                runs = result.get("runs", {})
+                lo, hi = ratio_ci(runs[a], runs[b]) if a in runs and b in runs else d[a]["ratio_ci95"][b]
                 line = (f"- {result['suite']}, T = {result['temperature']:g}: {a} / {b} = "
                         f"{d[a]['tokens_per_s'] / d[b]['tokens_per_s']:.2f}× (95% interval {lo:.2f}–{hi:.2f})")
                 if "modelled_speedup" in d[a] and b in d[a].get("modelled_ratio_ci95", {}):
-                    mlo, mhi = d[a]["modelled_ratio_ci95"][b]
+                    mlo, mhi = (ratio_ci(runs[a], runs[b], time_key="modelled_s") if a in runs and b in runs
+                                else d[a]["modelled_ratio_ci95"][b])
                     line += (f"; modelled {d[a]['modelled_speedup'] / d[b]['modelled_speedup']:.2f}× "
                              f"({mlo:.2f}–{mhi:.2f})")
                 lines.append(line)

@@ -302,6 +302,13 @@ def test_ratio_ci_brackets_the_ratio_and_widens_with_disagreeing_prompts():
     pooled = (800 / (4 / 3 + 4)) / 100
     assert lo < pooled < hi and lo < 1.3 and hi > 1.8
     assert ratio_ci(runs([1 / 3, 1.0] * 4), ref) == [lo, hi]  # seeded: the same interval every time
+    # A prompt that ended at its first token ran no decode step: no modelled time on either
+    # side, left out instead of turning the interval into NaN.
+    ended = {"tokens": 1, "modelled_s": 0.0}
+    timed = [{"tokens": 100, "modelled_s": w} for w in [0.5, 0.25] * 4]
+    want = ratio_ci(timed, [{"tokens": 100, "modelled_s": 1.0}] * 8, time_key="modelled_s")
+    assert want[0] < want[1] and want == ratio_ci(timed + [ended], [{"tokens": 100, "modelled_s": 1.0}] * 8 + [ended],
+                                                  time_key="modelled_s")
 
 
 def test_modelled_time_prices_each_step_by_its_length():

@@ -163,11 +163,15 @@ def ratio_ci(runs: list[dict], reference: list[dict], n_boot: int = 2000, level:
     ``reference``) over the same prompts: the prompts are resampled with
     replacement, in pairs, so the interval says how much the ratio depends on
     which prompts the suite happened to hold (not on the machine's drift,
-    which interleaving spreads over every drafter alike)."""
+    which interleaving spreads over every drafter alike). A prompt that
+    took no time on either side is left out: one whose first token ended it
+    ran no decode step, so its modelled time is 0 and it says nothing about
+    the drafters (it made every modelled interval NaN)."""
     import numpy as np
 
-    tok = np.asarray([[r["tokens"], v["tokens"]] for r, v in zip(runs, reference)], dtype=np.float64)
-    wall = np.asarray([[r[time_key], v[time_key]] for r, v in zip(runs, reference)], dtype=np.float64)
+    pairs = [(r, v) for r, v in zip(runs, reference) if r[time_key] > 0 or v[time_key] > 0]
+    tok = np.asarray([[r["tokens"], v["tokens"]] for r, v in pairs], dtype=np.float64)
+    wall = np.asarray([[r[time_key], v[time_key]] for r, v in pairs], dtype=np.float64)
     if len(tok) == 0 or (wall <= 0).any():
         return [float("nan"), float("nan")]
     idx = np.random.default_rng(seed).integers(0, len(tok), size=(n_boot, len(tok)))
