@@ -121,7 +121,9 @@ def render(bundle, summary: dict, samples: dict[str, tuple[str, str]], history: 
     lines += ["", "![loss curves](loss.png)", "", "## Samples", ""]
     for (name, mode), (prompt, text) in samples.items():
         n = sample_length(bundle, prompt)
-        how = {"greedy": f"greedy (`treespec generate --drafter none --max-new-tokens {n}`)",
+        # The samples run torch's fp32 forward; --dtype auto may serve w8a8, whose
+        # rounding can change a greedy continuation, so the command names fp32.
+        how = {"greedy": f"greedy (`treespec generate --drafter none --dtype float32 --max-new-tokens {n}`)",
                "penalised": f"greedy with a repetition penalty (`--repetition-penalty {REPETITION_PENALTY}`)",
                "sampled": "sampled (`--temperature 0.8 --top-k 40 --seed 0`)"}[mode]
         lines += [f"{name} prompt, {n} new tokens, {how}:", "", "```", prompt + text, "```", ""]
