@@ -46,7 +46,8 @@ def windows(data_dir: str, per_domain: int, length: int) -> dict[str, list[np.nd
 @torch.no_grad()
 def score(model, wins: list[np.ndarray], chunk: int, base: list[torch.Tensor] | None = None):
     """Mean loss over the windows and, against ``base`` (float32's log-probabilities per
-    window), the mean KL(float32 || this) per token; returns (loss, kl, log-probabilities)."""
+    window), the mean KL(float32 || this) per token; returns (loss, kl, log-probabilities),
+    the last only without ``base`` (float32's run, kept for the others)."""
     cache, total, kl, n, logps = model.new_cache(), 0.0, 0.0, 0, []
     for i, w in enumerate(wins):
         ids = torch.from_numpy(w)
@@ -57,7 +58,8 @@ def score(model, wins: list[np.ndarray], chunk: int, base: list[torch.Tensor] | 
         if base is not None:
             kl += F.kl_div(lp, base[i], log_target=True, reduction="sum").item()
         n += len(w) - 1
-        logps.append(lp)
+        if base is None:
+            logps.append(lp)
     return total / n, kl / n if base is not None else 0.0, logps
 
 
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
             secs[p] = secs.get(p, 0.0) + time.perf_counter() - t
             print(f"{d:12} {p:9} loss {losses[p][d]:.4f}" + (f"  KL {kl:.5f}" if p != "float32" else "")
                   + f"  ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
-        del base, logps
+        del base
     delta = {p: {d: losses[p][d] - losses["float32"][d] for d in wins} for p in PRECISIONS if p != "float32"}
     within = {p: all(v <= BOUNDS[p] for v in delta[p].values()) for p in delta}
     report = {"bundle": args.bundle, "weights_sha256": bundle.weights_sha256, "cpu": cpu_summary(),

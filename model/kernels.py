@@ -874,9 +874,9 @@ def plan(model, precision: str = "auto", *, measure: Measure | None = None, samp
     """Choose and install the inference kernels of ``model`` on this machine.
 
     ``precision``: float32, bfloat16, int8, or auto: the fastest one-row pass
-    measured here among the precisions whose loss on ``samples`` (token ids
-    per domain, ``quality_samples``) is within QUALITY_BOUNDS of float32's
-    (``quality_cost``: KL from float32's predictions).
+    measured here among the precisions whose predictions on ``samples`` (token
+    ids per domain, ``quality_samples``) stay within QUALITY_BOUNDS of float32's
+    (``quality_cost``: the mean KL from float32's).
     Without samples auto chooses between float32 and bfloat16 by speed alone
     where bfloat16 is native, as its cost is far inside the bound on every
     model we measured. ``measure`` replaces the timer (tests use a stub).
