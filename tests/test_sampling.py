@@ -126,3 +126,51 @@ def test_position_draws_shrug_off_rounding_that_flips_inverse_cdf():
     race_flips = sum(draws.token(p, i) != draws.token(noisy, i) for i in range(2000))
     cdf_flips = sum(sample(p, make_generator(i)) != sample(noisy, make_generator(i)) for i in range(2000))
     assert race_flips == 0 and cdf_flips >= 4  # 8 of 2000 when written
+
+
+def _dense_penalties(logits, prompt, generated, drafts, params):
+    """The penalties written out over the whole vocabulary, row by row: the definition
+    ``Penalties`` computes sparsely (row j also sees drafts[:j])."""
+    V = logits.size(1)
+    out = logits.float().clone()
+    for j in range(logits.size(0)):
+        gen = generated + drafts[:j]
+        seen = torch.zeros(V, dtype=torch.bool)
+        seen[prompt + gen] = True
+        count = torch.zeros(V)
+        for t in gen:
+            count[t] += 1
+        z = out[j]
+        for t, b in (params.logit_bias or {}).items():
+            z[t] = z[t] + b
+        if params.repetition_penalty != 1.0:
+            r = params.repetition_penalty
+            z = torch.where(seen, torch.where(z > 0, z / r, z * r), z)
+        z = z - params.frequency_penalty * count - params.presence_penalty * (count > 0).float()
+        out[j] = z
+    return out
+
+
+@pytest.mark.parametrize("penalty", [dict(repetition_penalty=1.3), dict(frequency_penalty=0.5, presence_penalty=0.2),
+                                     dict(repetition_penalty=0.8, frequency_penalty=-0.4, presence_penalty=1.1,
+                                          logit_bias={7: -100.0, 31: 2.5, 400: 1.0})])
+def test_sparse_penalties_equal_the_dense_definition_bit_for_bit(penalty):
+    """Only the columns of tokens already there are touched, and each once: drafts that
+    repeat one another, repeat the prompt or the generated text, or are new, on every row."""
+    from treespec.draft.sampling import Penalties
+
+    g = torch.Generator().manual_seed(0)
+    V, prompt, generated = 500, [3, 5, 5, 31, 77], [5, 9, 9, 400]
+    params = SamplingParams(**penalty)
+    pen = Penalties(prompt, V, params)
+    for t in generated:
+        pen.push(t)
+    for drafts in ([], [9], [12, 12, 5, 77, 12, 400, 13], [499, 0, 499]):
+        logits = torch.randn(len(drafts) + 1, V, generator=g) * 5
+        before = logits.clone()
+        got = pen.apply(logits, drafts)
+        assert torch.equal(got, _dense_penalties(logits, prompt, generated, drafts, params)), drafts
+        assert torch.equal(logits, before)  # the model's logits are left as they were
+    # Fewer rows than drafts + 1: the drafts past the last row change nothing.
+    logits = torch.randn(2, V, generator=g)
+    assert torch.equal(pen.apply(logits, [12, 13, 14]), _dense_penalties(logits, prompt, generated, [12], params))
