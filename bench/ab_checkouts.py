@@ -24,7 +24,12 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH = ("import sys; from treespec.cli import main; sys.exit(main(sys.argv[1:]))")
+# The bench runs with the repository as its working directory (relative bundle
+# and data paths), and ``python -c`` puts that directory first on sys.path, where
+# its own treespec/ shadowed the --before view on PYTHONPATH: until December
+# 2026 both sides of every A/B ran this checkout's code. So the cwd entry goes.
+PRELUDE = "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+BENCH = PRELUDE + "from treespec.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def package_view(worktree: Path, into: Path) -> Path:

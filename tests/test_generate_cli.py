@@ -340,3 +340,33 @@ def test_generate_defaults_to_the_same_drafter_rule_as_serve(tiny_bundle, fitted
     out = capsys.readouterr()
     assert json.loads(out.out)["drafter"] == "ngram"
     assert "note: the bundle's tree drafter cannot be used" in out.err and "checksum" in out.err
+
+
+def test_ab_checkouts_runs_the_before_revision_s_code(tmp_path, monkeypatch):
+    """bench/ab_checkouts.py's --before side imports the worktree's code, and its other side
+    this checkout's. The bench runs with the repository as working directory, whose own
+    treespec/ once shadowed the view on PYTHONPATH, so both sides ran this checkout."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(repo / "bench"))
+    from ab_checkouts import PRELUDE, package_view
+
+    where = PRELUDE + "import treespec.draft.loop as m; print(m.__file__)"
+    wt = tmp_path / "wt"
+    subprocess.run(["git", "worktree", "add", "--detach", "-f", str(wt), "HEAD"], cwd=repo, check=True,
+                   capture_output=True)
+    try:
+        env = {**os.environ, "PYTHONPATH": str(package_view(wt, tmp_path / "view"))}
+        before = subprocess.run([sys.executable, "-c", where], cwd=repo, env=env, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        after = subprocess.run([sys.executable, "-c", where], cwd=repo, capture_output=True, text=True,
+                               check=True).stdout.strip()
+        assert Path(before).resolve() == (wt / "draft" / "loop.py").resolve()
+        assert Path(after).resolve() == repo / "draft" / "loop.py"
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=repo, capture_output=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=repo, capture_output=True)
