@@ -84,8 +84,9 @@ class Penalties:
     def __init__(self, prompt: list[int], n_vocab: int, params: SamplingParams, device: torch.device | str = "cpu"):
         self.params, self.device = params, torch.device(device)
         # Sparse: a context touches hundreds of the vocabulary's 50k ids, and
-        # penalising whole (rows, V) masks cost 0.3 ms a row, 3 ms for a
-        # nine-row verify step, more than the forward (bench/penalty_cost.py).
+        # penalising whole (rows, V) masks cost 0.25 ms a row and about 7 ms
+        # for a nine-row verify step on the Zen 3 EPYC, more than the forward
+        # (bench/penalty_cost.py, bench/results/penalty-cost-amd-avx2.json).
         self.seen: set[int] = {int(t) for t in prompt}
         self.count: dict[int, int] = {}  # generated tokens only: the prompt does not count
         self._ids: dict[str, torch.Tensor] = {}  # tensors of the above, rebuilt after a push changed them
