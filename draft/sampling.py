@@ -89,7 +89,8 @@ class Penalties:
         # (bench/penalty_cost.py, bench/results/penalty-cost-amd-avx2.json).
         self.seen: set[int] = {int(t) for t in prompt}
         self.count: dict[int, int] = {}  # generated tokens only: the prompt does not count
-        self._ids: dict[str, torch.Tensor] = {}  # tensors of the above, rebuilt after a push changed them
+        self._seen_ids: torch.Tensor | None = None  # self.seen as a tensor; None after a push changed it
+        self._counted: tuple[torch.Tensor, torch.Tensor, dict[int, int]] | None = None  # self.count's (ids, counts, column)
         self.bias = None
         if params.logit_bias:
             self.bias = (torch.tensor(list(params.logit_bias), dtype=torch.long, device=self.device),
@@ -99,18 +100,22 @@ class Penalties:
         token = int(token)
         if token not in self.seen:
             self.seen.add(token)
-            self._ids.pop("seen", None)
+            self._seen_ids = None
         self.count[token] = self.count.get(token, 0) + 1
-        self._ids.pop("count", None)
+        self._counted = None
 
-    def _tensor(self, name: str) -> torch.Tensor:
-        if name not in self._ids:
-            ids = sorted(self.seen) if name == "seen" else sorted(self.count)
-            self._ids[name] = torch.tensor(ids, dtype=torch.long, device=self.device)
-            if name == "count":
-                self._ids["counts"] = torch.tensor([self.count[t] for t in ids], dtype=torch.float32,
-                                                   device=self.device)
-        return self._ids[name]
+    def _seen(self) -> torch.Tensor:
+        if self._seen_ids is None:
+            self._seen_ids = torch.tensor(sorted(self.seen), dtype=torch.long, device=self.device)
+        return self._seen_ids
+
+    def _counts(self) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
+        if self._counted is None:
+            ids = sorted(self.count)
+            self._counted = (torch.tensor(ids, dtype=torch.long, device=self.device),
+                             torch.tensor([self.count[t] for t in ids], dtype=torch.float32, device=self.device),
+                             {t: i for i, t in enumerate(ids)})
+        return self._counted
 
     def apply(self, logits: torch.Tensor, drafts: list[int]) -> torch.Tensor:
         """Penalised copies of ``logits`` rows (len(drafts) + 1, V); only the
@@ -126,7 +131,7 @@ class Penalties:
             for j, d in enumerate(drafts, start=1):
                 if d not in self.seen:
                     first.setdefault(d, j)
-            ids = self._tensor("seen")
+            ids = self._seen()
             if len(ids):
                 cols = z[:, ids]
                 z[:, ids] = torch.where(cols > 0, cols / r, cols * r)
@@ -137,14 +142,13 @@ class Penalties:
         if f or a:
             # Each touched column's count in each row: the generated tokens' plus
             # the drafts before that row, subtracted once, as a dense count would be.
-            base = self._tensor("count")
+            base, counts, col = self._counts()
             new = sorted(set(drafts) - self.count.keys())
             ids = torch.cat([base, torch.tensor(new, dtype=torch.long, device=self.device)])
-            count = torch.cat([self._ids["counts"], torch.zeros(len(new), device=self.device)]).expand(T, -1).clone()
-            if drafts:
-                col = {t: i for i, t in enumerate(ids.tolist())}
-                for j, d in enumerate(drafts, start=1):
-                    count[j:, col[d]] += 1
+            count = torch.cat([counts, torch.zeros(len(new), device=self.device)]).expand(T, -1).clone()
+            at = {t: i for i, t in enumerate(new, start=len(base))}  # the new columns, after the counted ones
+            for j, d in enumerate(drafts, start=1):
+                count[j:, col[d] if d in col else at[d]] += 1
             if len(ids):
                 z[:, ids] = z[:, ids] - f * count - a * (count > 0).float()
         return z

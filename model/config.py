@@ -172,10 +172,11 @@ def unet_pairs(n_layer: int) -> list[tuple[int, int]]:
 
 
 # Named sizes. "cpu-default" is the shipped model's shape: small enough to
-# train from scratch on a 2-core CPU in a night (TRAIN_PRESETS in training/config.py). Its 256-wide stream (not
-# nanoGPT's 384) is the compressed width that the ablation in
-# docs/training.md, section 4, measured as lower loss at the same tokens and a
-# faster one-token forward. "gpt2-small" is the seed design itself, for a GPU.
+# train from scratch on a 2-core CPU in a night (TRAIN_PRESETS in
+# training/config.py). Its 256-wide stream (not nanoGPT's 384) is the
+# compressed width that the ablation in docs/training.md, section 4, measured
+# as lower loss at the same tokens and a faster one-token forward.
+# "gpt2-small" is the seed design itself, for a GPU.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-default": dict(n_layer=6, n_head=4, n_embd=256, block_size=512, dropout=0.0, bias=False),
     "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, bias=True,
